@@ -1,0 +1,87 @@
+"""YAML run configs loaded into dataclasses.
+
+Every stage keeps its run options in a dataclass; the YAML file is the single source of truth for a run and is
+stored next to every checkpoint. A ``model:`` section is passed unchanged to the model's constructor, so it stays a
+plain dict here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the project's ``configs/`` folder."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    in_configs = CONFIG_DIR / candidate
+    if in_configs.exists():
+        return in_configs
+    raise FileNotFoundError(f"config file not found: {path} (also looked in {CONFIG_DIR})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(resolve_config_path(path)) as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping at the top level, got {type(content).__name__}")
+    return content
+
+
+def _build(cls: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+        return from_dict(cls, value, where)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(cls):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return from_dict(option, value, where)
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are an error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+    kwargs = {key: _build(hints[key], value, f"{where}.{key}") for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Load YAML ``path`` into dataclass ``cls``; ``overrides`` (dotted keys) win over the file."""
+    values = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(cls, values, str(path))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain data, fit for YAML/JSON (stored beside every checkpoint)."""
+    return dataclasses.asdict(config)
+
+
+def save_yaml(values: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        yaml.safe_dump(values, handle, sort_keys=False)

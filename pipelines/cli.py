@@ -1,0 +1,52 @@
+"""The `dora` command: one subcommand per stage.
+
+Each subcommand lives with its stage and exposes ``main(argv: list[str] | None) -> int`` with its own argparse
+parser; this file only dispatches, importing the stage lazily so `dora --help` stays fast and a stage's heavy
+imports are paid only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, help). The data flow is data -> vae -> (cache) -> diffusion -> pipelines.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "build-dataset": ("data.procedural", "write the built-in procedural dataset (meshes + captions index)"),
+    "prepare": ("data.prepare", "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision"),
+    "train-vae": ("vae.train", "train the Dora VAE with accelerate (progressive token schedule)"),
+    "bench": ("vae.bench", "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling"),
+    "convert-dora-checkpoint": ("vae.convert_dora", "convert the released Dora-VAE v1.1 checkpoint"),
+    "cache-latents": ("vae.cache_latents", "encode a prepared dataset into WebDataset latent shards"),
+    "train-dit": ("diffusion.train", "train the text-conditioned DiT on cached latent shards"),
+    "assemble-pipeline": ("pipelines.assemble", "assemble VAE + DiT + text encoder into a diffusers pipeline"),
+    "generate": ("pipelines.generate", "text -> mesh file(s) + preview PNG"),
+    "quickstart": ("pipelines.quickstart", "the whole chain on the built-in dataset, offline, on a CPU"),
+    "demo": ("pipelines.demo", "Gradio web demo"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: dora <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `dora <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"dora: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
