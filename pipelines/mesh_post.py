@@ -1,38 +1,24 @@
-"""Mesh post-processing (floaters, face reduction, export) and offscreen preview renders.
+"""Mesh post-processing for generated shapes: floaters, face reduction, export; previews re-exported.
 
-Previews use a small numpy z-buffer rasteriser (orthographic camera, flat Lambert shading) instead of pyrender:
-pyrender needs an OpenGL context (OSMesa or EGL), which headless CI machines and this project's CPU boxes do not
-have, while matplotlib's Poly3DCollection sorts whole triangles by depth (wrong where parts interpenetrate) and
-is slow beyond ~20k faces. The rasteriser is vectorised per triangle bounding box: triangles are bucketed by
-box size and each bucket tests all of its candidate pixels at once, so 200k faces render in about a second.
-Meshes are shown Y-up (the glTF convention our datasets and exports use).
+The renderer lives in ``data.render`` so lower stages (the VAE's validation and benchmark) can draw too.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import trimesh
-from PIL import Image, ImageDraw, ImageFont
+
+from data.render import (  # noqa: F401  (re-exported: the pipeline's public preview API)
+    _as_trimesh,
+    render_grid_png,
+    render_mesh_image,
+    render_mesh_png,
+)
 
 EXPORT_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
-BACKGROUND = (255, 255, 255)
-MESH_COLOR = np.array([0.60, 0.70, 0.86])
-# Light direction in camera coordinates (right, up, toward the viewer): from the upper left, in front.
-_LIGHT = np.array([-0.4, 0.6, 0.7]) / np.linalg.norm([-0.4, 0.6, 0.7])
-_FRAGMENT_BUDGET = 1 << 21  # candidate pixels per vectorised chunk (bounds memory to ~100 MB)
 
-
-def _as_trimesh(mesh: trimesh.Trimesh | trimesh.Scene) -> trimesh.Trimesh:
-    if isinstance(mesh, trimesh.Scene):
-        geometries = [g for g in mesh.dump() if isinstance(g, trimesh.Trimesh)]
-        return trimesh.util.concatenate(geometries) if geometries else trimesh.Trimesh()
-    if not isinstance(mesh, trimesh.Trimesh):
-        raise TypeError(f"expected a trimesh.Trimesh, got {type(mesh).__name__}")
-    return mesh
 
 
 # ------------------------------------------------------------------------------------------ post-processing
@@ -89,186 +75,3 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ rasteriser
-def _camera_basis(elev: float, azim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(right, up, toward_viewer) unit vectors; Y is world up, azim 0 looks at the front (+Z) face."""
-    e, a = math.radians(elev), math.radians(azim)
-    toward = np.array([math.cos(e) * math.sin(a), math.sin(e), math.cos(e) * math.cos(a)])
-    right = np.array([math.cos(a), 0.0, -math.sin(a)])  # horizontal, so a top view (elev 90) stays defined
-    return right, np.cross(toward, right), toward
-
-
-def _rasterise(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> np.ndarray:
-    """Z-buffer triangles given per-corner screen coordinates (F, 3); returns the face id per pixel (-1 = none)."""
-    zbuffer = np.full(width * width, -np.inf)
-    face_buffer = np.full(width * width, -1, dtype=np.int64)
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])  # (F,)
-    # Integer pixel range whose centres (p + 0.5) fall inside each triangle's box.
-    x0 = np.clip(np.ceil(x.min(axis=1) - 0.5), 0, width).astype(np.int64)
-    x1 = np.clip(np.floor(x.max(axis=1) - 0.5), -1, width - 1).astype(np.int64)
-    y0 = np.clip(np.ceil(y.min(axis=1) - 0.5), 0, width).astype(np.int64)
-    y1 = np.clip(np.floor(y.max(axis=1) - 0.5), -1, width - 1).astype(np.int64)
-    visible = (x1 >= x0) & (y1 >= y0) & (np.abs(area) > 1e-12)
-    # Bucket by the box's power-of-two width and height separately, so long thin triangles (chair legs, poles)
-    # do not pay for a square box.
-    log_w = np.ceil(np.log2(np.maximum(x1 - x0 + 1, 1))).astype(np.int64)
-    log_h = np.ceil(np.log2(np.maximum(y1 - y0 + 1, 1))).astype(np.int64)
-    buckets = np.where(visible, log_w * 64 + log_h, -1)  # (F,)
-    for bucket in np.unique(buckets[visible]):
-        box_w, box_h = 1 << int(bucket // 64), 1 << int(bucket % 64)
-        offset_y, offset_x = np.divmod(np.arange(box_w * box_h), box_w)  # (S,) candidate offsets in the box
-        faces = np.flatnonzero(buckets == bucket)
-        chunk = max(1, _FRAGMENT_BUDGET // (box_w * box_h))
-        for start in range(0, len(faces), chunk):
-            f = faces[start:start + chunk]
-            px = x0[f, None] + offset_x[None]  # (n, S)
-            py = y0[f, None] + offset_y[None]  # (n, S)
-            cx, cy = px + 0.5, py + 0.5
-            fx, fy, fz, fa = x[f], y[f], z[f], area[f, None]
-            # Barycentric weights from the edge functions, normalised by the signed area (either winding).
-            w0 = ((fx[:, 2:3] - fx[:, 1:2]) * (cy - fy[:, 1:2]) - (fy[:, 2:3] - fy[:, 1:2]) * (cx - fx[:, 1:2])) / fa
-            w1 = ((fx[:, 0:1] - fx[:, 2:3]) * (cy - fy[:, 2:3]) - (fy[:, 0:1] - fy[:, 2:3]) * (cx - fx[:, 2:3])) / fa
-            w2 = 1.0 - w0 - w1
-            inside = (px <= x1[f, None]) & (py <= y1[f, None]) & (w0 >= -1e-7) & (w1 >= -1e-7) & (w2 >= -1e-7)
-            rows, cols = np.nonzero(inside)
-            if len(rows) == 0:
-                continue
-            depth = (w0 * fz[:, 0:1] + w1 * fz[:, 1:2] + w2 * fz[:, 2:3])[rows, cols]  # (K,) larger = nearer
-            pixel = py[rows, cols] * width + px[rows, cols]  # (K,)
-            order = np.lexsort((-depth, pixel))  # per pixel, nearest fragment first
-            pixel, depth, face = pixel[order], depth[order], f[rows[order]]
-            first = np.ones(len(pixel), dtype=bool)
-            first[1:] = pixel[1:] != pixel[:-1]
-            pixel, depth, face = pixel[first], depth[first], face[first]
-            nearer = depth > zbuffer[pixel]
-            zbuffer[pixel[nearer]] = depth[nearer]
-            face_buffer[pixel[nearer]] = face[nearer]
-    return face_buffer
-
-
-def render_mesh_image(mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 45.0, size: int = 256,
-                      supersample: int = 2) -> np.ndarray:
-    """(size, size, 3) uint8 view of ``mesh`` from (elev, azim) degrees, fitted to the frame; white background.
-
-    Flat Lambert shading, two-sided (generated meshes may have flipped faces), a slight depth cue so parts in
-    front separate from parts behind; rendered at ``supersample`` x the size and averaged for anti-aliasing.
-    """
-    mesh = _as_trimesh(mesh)
-    if len(mesh.faces) == 0 or not np.isfinite(mesh.vertices).all():
-        return np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
-    width = size * supersample
-    vertices = np.asarray(mesh.vertices, dtype=np.float64)
-    faces = np.asarray(mesh.faces, dtype=np.int64)
-    low, high = vertices.min(axis=0), vertices.max(axis=0)
-    radius = max(float(np.linalg.norm(high - low)) / 2, 1e-12)  # bounding sphere: same scale in every view
-    right, up, toward = _camera_basis(elev, azim)
-    relative = vertices - (low + high) / 2  # (V, 3)
-    scale = width / 2 * 0.94 / radius
-    screen_x = width / 2 + relative @ right * scale  # (V,)
-    screen_y = width / 2 - relative @ up * scale  # (V,) image rows grow downwards
-    depth = relative @ toward  # (V,)
-    face_ids = _rasterise(screen_x[faces], screen_y[faces], depth[faces], width)  # (W*W,)
-
-    corners = vertices[faces]  # (F, 3, 3)
-    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # (F, 3)
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-20)
-    camera_normals = np.stack([normals @ right, normals @ up, normals @ toward], axis=1)  # (F, 3)
-    camera_normals *= np.where(camera_normals[:, 2:3] < 0, -1.0, 1.0)  # two-sided
-    lambert = np.clip(camera_normals @ _LIGHT, 0.0, 1.0)  # (F,)
-    face_depth = depth[faces].mean(axis=1) / radius  # (F,) in [-1, 1]
-    intensity = (0.28 + 0.72 * lambert) * (0.88 + 0.12 * face_depth)  # (F,)
-    face_rgb = np.clip(intensity[:, None] * MESH_COLOR[None] * 255.0, 0, 255)  # (F, 3)
-
-    image = np.empty((width * width, 3), dtype=np.float64)
-    image[:] = BACKGROUND
-    covered = face_ids >= 0
-    image[covered] = face_rgb[face_ids[covered]]
-    image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # (size, size, 3)
-    return np.round(image).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------ PNG layouts
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1].rstrip(".") + "..."
-    return lines
-
-
-def _tile(mesh: trimesh.Trimesh, elev: float, azim: float, size: int) -> Image.Image:
-    tile = Image.fromarray(render_mesh_image(mesh, elev, azim, size))
-    mesh = _as_trimesh(mesh)
-    if len(mesh.faces) == 0:
-        draw = ImageDraw.Draw(tile)
-        draw.rectangle([0, 0, size - 1, size - 1], outline=(200, 200, 200))
-        draw.text((size / 2, size / 2), "empty mesh", fill=(150, 150, 150), font=_font(max(10, size // 14)),
-                  anchor="mm")
-    return tile
-
-
-def _caption_strip(text: str, width: int, font_size: int, max_lines: int) -> Image.Image:
-    font = _font(font_size)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = _wrap(probe, text, font, width - 8, max_lines)
-    line_height = int(font_size * 1.25)
-    strip = Image.new("RGB", (width, line_height * max_lines + 6), BACKGROUND)
-    draw = ImageDraw.Draw(strip)
-    for row, line in enumerate(lines):
-        draw.text((width / 2, 3 + row * line_height), line, fill=(30, 30, 30), font=font, anchor="ma")
-    return strip
-
-
-def render_mesh_png(mesh: trimesh.Trimesh, path: str | Path,
-                    views: Sequence[tuple[float, float]] = ((30, 45), (30, 135), (90, 0)), size: int = 256,
-                    title: str | None = None) -> Path:
-    """Several (elev, azim) views side by side, with an optional title above; returns the PNG path."""
-    if not views:
-        raise ValueError("render_mesh_png needs at least one (elev, azim) view")
-    tiles = [_tile(mesh, elev, azim, size) for elev, azim in views]
-    header = _caption_strip(title, size * len(tiles), max(11, size // 16), 2) if title else None
-    top = header.height if header else 0
-    canvas = Image.new("RGB", (size * len(tiles), top + size), BACKGROUND)
-    if header:
-        canvas.paste(header, (0, 0))
-    for column, tile in enumerate(tiles):
-        canvas.paste(tile, (column * size, top))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
-
-
-def render_grid_png(meshes: Sequence[trimesh.Trimesh], path: str | Path, titles: Sequence[str] | None = None,
-                    columns: int = 4, size: int = 256, view: tuple[float, float] = (25, 40)) -> Path:
-    """A grid of meshes, one view each, with each title wrapped under its tile; returns the PNG path."""
-    if len(meshes) == 0:
-        raise ValueError("render_grid_png needs at least one mesh")
-    if titles is not None and len(titles) != len(meshes):
-        raise ValueError(f"got {len(titles)} titles for {len(meshes)} meshes")
-    columns = max(1, min(columns, len(meshes)))
-    rows = math.ceil(len(meshes) / columns)
-    font_size = max(10, size // 18)
-    strip_height = _caption_strip("", size, font_size, 3).height if titles is not None else 0
-    cell_height = size + strip_height
-    canvas = Image.new("RGB", (columns * size, rows * cell_height), BACKGROUND)
-    for k, mesh in enumerate(meshes):
-        left, top = (k % columns) * size, (k // columns) * cell_height
-        canvas.paste(_tile(mesh, view[0], view[1], size), (left, top))
-        if titles is not None:
-            canvas.paste(_caption_strip(titles[k], size, font_size, 3), (left, top + size))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
