@@ -1,0 +1,314 @@
+"""ShapeDiT: a text-conditioned diffusion transformer over vecset shape latents.
+
+The latents of the shape VAE are an unordered set of tokens (B, N, C), and any prefix of them is a valid coarser
+shape, so the denoiser has no positional embedding at all: every layer is per-token or attention, which makes the
+model permutation-equivariant over tokens and lets it run on any N (Dora's README recommends exactly this for
+diffusion on its latents). Timesteps follow ``FlowMatchEulerDiscreteScheduler`` (float t in [0, 1000], t = 1000 *
+sigma) and the network predicts the rectified-flow velocity (noise - x0); see ``diffusion/flow_matching.py``.
+
+Conditioning:
+- timestep (+ optional pooled text vector) -> one embedding -> **adaLN-single** (PixArt-alpha): a single shared MLP
+  maps the embedding to 6 * width modulation values and every block adds its own learned (6, width) table. We use
+  it instead of DiT's per-block adaLN-Zero because a per-block adaLN MLP costs 6 * width^2 parameters per block
+  (+151M on top of 406M at width 1024 / 24 layers), which PixArt-alpha found unnecessary. The gate rows and the shared
+  MLP start at zero, so every block starts as the identity, which is what makes adaLN-Zero train stably.
+- text tokens -> cross-attention (keys/values straight from the encoder's hidden size) with the encoder's mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+TIME_PROJECTION_CHANNELS = 256  # sinusoidal features fed to the timestep MLP (DiT / SD3 use 256)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA with RMS QK-norm; self-attention when ``context_dim`` is None.
+
+    Written here rather than using ``diffusers.models.attention_processor.Attention`` because we want
+    ``torch.nn.RMSNorm`` QK-norm over the head dimension and a plain boolean SDPA mask, in ~30 readable lines.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        qk_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(context_dim or width, width)
+        self.to_v = nn.Linear(context_dim or width, width)
+        self.to_out = nn.Linear(width, width)
+        # QK-norm keeps attention logits bounded as weights grow (SD3, Hunyuan3D-2.1, TripoSG all use it).
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch_size, num_queries, width = hidden_states.shape
+        context = hidden_states if context is None else context
+        num_keys = context.shape[1]
+        query = self.to_q(hidden_states).view(
+            batch_size, num_queries, self.num_heads, self.head_dim
+        )  # (B,N,H,d)
+        key = self.to_k(context).view(batch_size, num_keys, self.num_heads, self.head_dim)  # (B,L,H,d)
+        value = self.to_v(context).view(batch_size, num_keys, self.num_heads, self.head_dim)  # (B,L,H,d)
+        query = self.norm_q(query).transpose(1, 2)  # (B,H,N,d)
+        key = self.norm_k(key).transpose(1, 2)  # (B,H,L,d)
+        value = value.transpose(1, 2)  # (B,H,L,d)
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout_p
+        )  # (B,H,N,d)
+        out = out.transpose(1, 2).reshape(batch_size, num_queries, width)  # (B,N,W)
+        return self.to_out(out)
+
+
+class ShapeDiTBlock(nn.Module):
+    """[long skip] -> modulated self-attention -> cross-attention to text -> modulated MLP (PixArt block layout)."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_ratio: float,
+        cross_attention_dim: int,
+        qk_norm: bool,
+        dropout: float,
+        long_skip: bool,
+    ) -> None:
+        super().__init__()
+        # U-ViT long skip (Hunyuan3D-2.1 / TripoSG): concat the mirrored first-half output, project back to width.
+        self.skip_linear = nn.Linear(2 * width, width) if long_skip else None
+        self.skip_norm = nn.LayerNorm(width, eps=1e-6) if long_skip else None
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(width, num_heads, qk_norm=qk_norm, dropout=dropout)
+        # Cross-attention is not modulated (as in PixArt): text conditioning must not depend on adaLN's state.
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.cross_attn = Attention(width, num_heads, cross_attention_dim, qk_norm=qk_norm, dropout=dropout)
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, width),
+        )
+        # Per-block part of adaLN-single: rows = shift/scale/gate (attention), shift/scale/gate (MLP).
+        self.scale_shift_table = nn.Parameter(torch.randn(6, width) / width**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        modulation: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        context_gate: torch.Tensor | None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.skip_linear is not None:
+            merged = torch.cat([hidden_states, skip], dim=-1)  # (B,N,2W)
+            hidden_states = self.skip_norm(self.skip_linear(merged))  # (B,N,W)
+        batch_size, _, width = hidden_states.shape
+        table = self.scale_shift_table[None] + modulation.view(batch_size, 6, width)  # (B,6,W)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table[:, :, None].unbind(
+            1
+        )  # (B,1,W)
+
+        attn_in = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa  # (B,N,W)
+        hidden_states = hidden_states + gate_msa * self.self_attn(attn_in)
+        text = self.cross_attn(self.norm2(hidden_states), context, context_mask)  # (B,N,W)
+        if context_gate is not None:
+            text = text * context_gate  # rows without any valid text token get no text contribution
+        hidden_states = hidden_states + text
+        mlp_in = self.norm3(hidden_states) * (1 + scale_mlp) + shift_mlp  # (B,N,W)
+        return hidden_states + gate_mlp * self.mlp(mlp_in)
+
+
+class ShapeDiT(ModelMixin, ConfigMixin):
+    """Rectified-flow velocity predictor for vecset latents, conditioned on text tokens (+ pooled text vector).
+
+    Args:
+        in_channels: latent channels C of the VAE (the latent cache manifest records it).
+        out_channels: predicted channels; defaults to ``in_channels``.
+        width / num_layers / num_heads / mlp_ratio: transformer size (width must divide by num_heads).
+        cross_attention_dim: hidden size D of the text encoder's token embeddings.
+        pooled_projection_dim: size of the pooled text vector added to the timestep embedding; None disables it.
+        use_long_skips: U-ViT skips from block i to block num_layers-1-i (second half concatenates first half).
+        qk_norm: RMS-normalise queries and keys in self- and cross-attention.
+        dropout: attention and MLP dropout (training only).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ShapeDiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 64,
+        out_channels: int | None = None,
+        width: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        cross_attention_dim: int = 384,
+        pooled_projection_dim: int | None = 384,
+        use_long_skips: bool = True,
+        qk_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if width % num_heads != 0:
+            raise ValueError(f"ShapeDiT: width={width} must be divisible by num_heads={num_heads}")
+        if num_layers < 1:
+            raise ValueError(f"ShapeDiT: num_layers must be >= 1, got {num_layers}")
+        out_channels = out_channels or in_channels
+        self.gradient_checkpointing = False  # flipped by ModelMixin.enable_gradient_checkpointing()
+        self.num_skip_layers = num_layers // 2 if use_long_skips else 0
+
+        self.proj_in = nn.Linear(in_channels, width)  # per-token: no positional embedding on purpose
+        self.time_proj = Timesteps(TIME_PROJECTION_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(TIME_PROJECTION_CHANNELS, width)
+        self.pooled_embedding = (
+            PixArtAlphaTextProjection(pooled_projection_dim, width, act_fn="silu")
+            if pooled_projection_dim is not None
+            else None
+        )
+        self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # shared by all blocks
+        self.blocks = nn.ModuleList(
+            ShapeDiTBlock(
+                width,
+                num_heads,
+                mlp_ratio,
+                cross_attention_dim,
+                qk_norm,
+                dropout,
+                long_skip=index >= num_layers - self.num_skip_layers,
+            )
+            for index in range(num_layers)
+        )
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.out_scale_shift_table = nn.Parameter(torch.randn(2, width) / width**0.5)
+        self.proj_out = nn.Linear(width, out_channels)
+        self._init_zero()
+
+    def _init_zero(self) -> None:
+        # adaLN-Zero-style start: gates at 0 (blocks = identity), text cross-attn output at 0 (as PixArt), and a
+        # zero output layer so the untrained model predicts zero velocity instead of random noise.
+        nn.init.zeros_(self.adaln_single[1].weight)
+        nn.init.zeros_(self.adaln_single[1].bias)
+        for block in self.blocks:
+            with torch.no_grad():
+                block.scale_shift_table[2].zero_()
+                block.scale_shift_table[5].zero_()
+            nn.init.zeros_(block.cross_attn.to_out.weight)
+            nn.init.zeros_(block.cross_attn.to_out.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _embed_time(
+        self, timestep: torch.Tensor | float, batch_size: int, pooled: torch.Tensor | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep, device=like.device, dtype=torch.float32)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch_size)
+        if timestep.shape != (batch_size,):
+            raise ValueError(
+                f"ShapeDiT: timestep must be a scalar or shape ({batch_size},), got {tuple(timestep.shape)}"
+            )
+        time_features = self.time_proj(timestep).to(like.dtype)  # (B,256)
+        embedding = self.time_embedding(time_features)  # (B,W)
+        if self.pooled_embedding is not None:
+            if pooled is None:
+                raise ValueError(
+                    "ShapeDiT: pooled_projections is required because the model was configured with "
+                    f"pooled_projection_dim={self.config.pooled_projection_dim} (pass the encoder's pooled vector)"
+                )
+            embedding = embedding + self.pooled_embedding(pooled.to(like.dtype))  # (B,W)
+        elif pooled is not None:
+            raise ValueError(
+                "ShapeDiT: pooled_projections given but the model has pooled_projection_dim=None"
+            )
+        return embedding
+
+    @staticmethod
+    def _context_mask(
+        encoder_attention_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if encoder_attention_mask is None:
+            return None, None
+        keep = encoder_attention_mask.bool()  # (B,L) True = attend
+        has_tokens = keep.any(dim=-1)  # (B,)
+        # A row with no valid key would give softmax over nothing = NaN; let it attend everywhere (finite) and
+        # zero its cross-attention output with the gate instead, so it behaves as "no text".
+        keep = keep | ~has_tokens[:, None]  # (B,L)
+        return keep[:, None, None, :], has_tokens.to(dtype)[:, None, None]  # (B,1,1,L), (B,1,1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow velocity for noisy latents ``hidden_states`` (B, N, C) at ``timestep`` (B,) in [0, 1000].
+
+        ``encoder_hidden_states`` (B, L, D) are text token embeddings with ``encoder_attention_mask`` (B, L)
+        (1/True = real token); ``pooled_projections`` (B, P) is the pooled text vector.
+        """
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"ShapeDiT: hidden_states must be (B, N, {self.config.in_channels}), got {tuple(hidden_states.shape)}"
+            )
+        batch_size = hidden_states.shape[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size:
+            raise ValueError(
+                f"ShapeDiT: encoder_hidden_states must be (B={batch_size}, L, D), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[1] == 0:
+            raise ValueError(
+                "ShapeDiT: encoder_hidden_states has no tokens; encode the empty prompt '' instead"
+            )
+
+        hidden = self.proj_in(hidden_states)  # (B,N,W)
+        context = encoder_hidden_states.to(hidden.dtype)  # (B,L,D)
+        context_mask, context_gate = self._context_mask(encoder_attention_mask, hidden.dtype)
+        conditioning = self._embed_time(timestep, batch_size, pooled_projections, hidden)  # (B,W)
+        modulation = self.adaln_single(conditioning)  # (B,6W)
+
+        skips: list[torch.Tensor] = []
+        for index, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip_linear is not None else None
+            args = (hidden, modulation, context, context_mask, context_gate, skip)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden = self._gradient_checkpointing_func(block, *args)
+            else:
+                hidden = block(*args)
+            if index < self.num_skip_layers:
+                skips.append(hidden)
+
+        shift, scale = (self.out_scale_shift_table[None] + conditioning[:, None]).unbind(1)  # (B,W) each
+        hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (B,N,W)
+        output = self.proj_out(hidden)  # (B,N,C)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
