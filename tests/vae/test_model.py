@@ -1,0 +1,257 @@
+"""DoraVAE behaviour on tiny configs: shapes, set semantics, prefixes, round trip, streams, warnings."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from vae import DecodedLatents, DoraVAE
+from vae.attention import FourierEmbedder
+from vae.fps import farthest_point_indices
+from vae.modeling_dora_vae import interleave_order
+
+TINY = dict(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=2, latent_channels=8,
+            default_num_tokens=32, max_train_tokens=32, n_uniform=400, n_salient=200)
+
+
+@dataclasses.dataclass
+class StandInPointCloud:
+    """Same fields as data.sampling.PointCloud (the model duck-types its input)."""
+
+    uniform_points: np.ndarray
+    uniform_normals: np.ndarray
+    salient_points: np.ndarray
+    salient_normals: np.ndarray
+    epsilon: float | None = None
+
+
+def make_point_cloud(n_uniform: int = 400, n_salient: int = 200, seed: int = 0, epsilon: float | None = 2 / 256):
+    rng = np.random.default_rng(seed)
+
+    def sphere(count: int) -> tuple[np.ndarray, np.ndarray]:
+        normals = rng.normal(size=(count, 3)).astype(np.float32)
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+        return (0.6 * normals).astype(np.float32), normals
+
+    (up, un), (sp, sn) = sphere(n_uniform), sphere(n_salient)
+    fields = dict(uniform_points=up, uniform_normals=un, salient_points=sp, salient_normals=sn, epsilon=epsilon)
+    try:
+        from data.sampling import PointCloud
+
+        return PointCloud(**fields)
+    except (ImportError, TypeError):
+        return StandInPointCloud(**fields)
+
+
+def make_model(**overrides) -> DoraVAE:
+    torch.manual_seed(0)
+    return DoraVAE(**{**TINY, **overrides}).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> DoraVAE:
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def queries() -> torch.Tensor:
+    return torch.rand(50, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_fourier_layout_matches_dora():
+    embedder = FourierEmbedder(num_freqs=8, include_pi=False)
+    point = torch.tensor([[0.3, -0.2, 0.7]])
+    out = embedder(point)[0]
+    assert out.shape == (51,) and embedder.output_dim(3) == 51
+    freqs = 2.0 ** torch.arange(8)
+    arguments = torch.cat([point[0, 0] * freqs, point[0, 1] * freqs, point[0, 2] * freqs])  # coordinate-major
+    torch.testing.assert_close(out[:3], point[0])
+    torch.testing.assert_close(out[3:27], arguments.sin())
+    torch.testing.assert_close(out[27:], arguments.cos())
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 64])
+def test_encode_decode_shapes(model, queries, num_tokens):
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=num_tokens)
+        assert latents.shape == (1, num_tokens, 8)
+        batch = model.encode([make_point_cloud(seed=1), make_point_cloud(seed=2)], num_tokens=num_tokens)
+        assert batch.shape == (2, num_tokens, 8)
+        decoded = model.decode(batch)
+        assert isinstance(decoded, DecodedLatents) and decoded.batch_size == 2 and decoded.device == latents.device
+        assert decoded.tokens.shape == (2, num_tokens, 32)
+        values = decoded(queries)
+    assert values.shape == (2, 50) and values.min() >= 0 and values.max() <= 1
+    assert decoded.field(1)(queries).shape == (50,)
+    assert model.decode_at_points(batch, queries[None].expand(2, -1, -1), output="raw").shape == (2, 50)
+
+
+def test_dict_input_and_unequal_point_counts(model):
+    clouds = [make_point_cloud(seed=3), make_point_cloud(n_uniform=300, n_salient=150, seed=4)]
+    with torch.no_grad():
+        mixed = model.encode(clouds, num_tokens=16)
+        alone = model.encode(clouds[1], num_tokens=16)
+        as_dict = model.encode({"uniform": torch.randn(3, 100, 6), "salient": torch.randn(3, 40, 6)}, num_tokens=20)
+    assert mixed.shape == (2, 16, 8)
+    torch.testing.assert_close(mixed[1:], alone)
+    assert as_dict.shape == (3, 20, 8)
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="uniform"):
+        model.encode({"uniform": torch.randn(1, 10, 5), "salient": torch.randn(1, 10, 6)})
+    with pytest.raises(ValueError, match="salient"):
+        model.encode({"uniform": torch.randn(1, 10, 6)}, num_tokens=4)
+    with pytest.raises(ValueError, match="NaN"):
+        model.encode({"uniform": torch.full((1, 10, 6), float("nan")), "salient": torch.randn(1, 10, 6)})
+    with pytest.raises(ValueError, match="query_points"):
+        model.decode_at_points(torch.zeros(1, 4, 8), torch.zeros(5, 2))
+
+
+def test_latent_set_is_permutation_invariant(model, queries):
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=32)
+        permutation = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(permutation, torch.arange(32))
+        reference = model.decode_at_points(latents, queries, output="raw")
+        shuffled = model.decode_at_points(latents[:, permutation], queries, output="raw")
+    torch.testing.assert_close(shuffled, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_decoding_and_token_order(model, queries):
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=32)
+        for k in (1, 5, 16):
+            values = model.decode(latents[:, :k])(queries)
+            assert values.shape == (1, 50) and torch.isfinite(values).all()
+    # Proportional interleave: every prefix holds about the same salient share, each stream in FPS order.
+    order = interleave_order(24, 8)
+    assert sorted(order.tolist()) == list(range(32))
+    salient = order >= 24
+    for k in range(1, 33):
+        assert abs(int(salient[:k].sum()) - k * 8 / 32) <= 1
+    assert order[~salient].tolist() == list(range(24)) and order[salient].tolist() == list(range(24, 32))
+    assert model.token_split(32) == (16, 16) and model.token_split(7) == (4, 3)
+
+
+def test_fps_is_exact_ordered_and_backends_agree():
+    points = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(0))
+    picked = farthest_point_indices(points, 20, backend="fpsample")
+    torch.testing.assert_close(picked, farthest_point_indices(points, 20, backend="torch"))
+    cloud = points[0]
+    distance = ((cloud - cloud[0]) ** 2).sum(-1)
+    expected = [0]
+    for _ in range(19):  # naive FPS from index 0
+        expected.append(int(distance.argmax()))
+        distance = torch.minimum(distance, ((cloud - cloud[expected[-1]]) ** 2).sum(-1))
+    assert picked[0].tolist() == expected
+    with pytest.raises(ValueError, match="301"):
+        farthest_point_indices(points, 301)
+
+
+def test_more_tokens_than_training_maximum(model):
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=4 * model.config.max_train_tokens)
+    assert latents.shape == (1, 128, 8) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="salient"):
+        model.encode(make_point_cloud(), num_tokens=420)  # 210 salient tokens from 200 salient points
+
+
+def test_deterministic_encode_and_sampled_posterior(model):
+    cloud = make_point_cloud()
+    with torch.no_grad():
+        first, second = model.encode(cloud, num_tokens=16), model.encode(cloud, num_tokens=16)
+        posterior = model.encode_posterior(cloud, num_tokens=16)
+        sample_a = model.encode(cloud, 16, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        sample_b = model.encode(cloud, 16, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        sample_c = model.encode(cloud, 16, sample_posterior=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, second) and torch.equal(first, posterior.mean)
+    assert posterior.logvar.min() >= -30 and posterior.logvar.max() <= 20
+    assert torch.equal(sample_a, sample_b) and not torch.equal(sample_a, sample_c)
+    assert not torch.allclose(sample_a, first)
+
+
+def test_save_load_round_trip(model, queries, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and list(tmp_path.glob("*.safetensors"))
+    loaded = DoraVAE.from_pretrained(tmp_path).eval()
+    assert loaded.config.epsilon == model.config.epsilon and loaded.config.n_salient == 200
+    cloud = make_point_cloud()
+    with torch.no_grad():
+        latents = model.encode(cloud, num_tokens=24)
+        assert torch.equal(loaded.encode(cloud, num_tokens=24), latents)
+        assert torch.equal(loaded.decode_at_points(latents, queries), model.decode_at_points(latents, queries))
+
+
+def test_chunked_decoding_matches_single_chunk(model, queries):
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=16)
+        small = model.decode_at_points(latents, queries, output="raw", chunk_size=7)
+        whole = model.decode_at_points(latents, queries, output="raw", chunk_size=1000)
+    torch.testing.assert_close(small, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_type", ["tsdf", "occupancy"])
+def test_occupancy_mapping(output_type, queries):
+    model = make_model(output_type=output_type)
+    with torch.no_grad():
+        latents = model.encode(make_point_cloud(), num_tokens=8)
+        raw = model.decode_at_points(latents, queries, output="raw")
+        occupancy = model.decode_at_points(latents, queries)
+    expected = raw.sigmoid() if output_type == "occupancy" else ((raw + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(occupancy, expected)
+
+
+def test_uniform_only_baseline():
+    model = make_model(use_salient=False)
+    assert not any("salient" in name for name in model.state_dict())
+    assert model.token_split(10) == (10, 0)
+    cloud = make_point_cloud(seed=5)
+    other = dataclasses.replace(cloud, salient_points=cloud.salient_points[::-1] * 0.5)  # must not matter
+    with torch.no_grad():
+        latents = model.encode(cloud, num_tokens=300)  # more than the salient stream has
+        assert torch.equal(latents, model.encode(other, num_tokens=300))
+        assert model.encode({"uniform": torch.randn(2, 50, 6)}, num_tokens=10).shape == (2, 10, 8)
+    assert latents.shape == (1, 300, 8)
+
+
+def test_dual_model_uses_salient_stream(model):
+    cloud = make_point_cloud(seed=6)
+    other = dataclasses.replace(cloud, salient_points=cloud.salient_points * 0.5)
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(cloud, num_tokens=16), model.encode(other, num_tokens=16))
+
+
+def test_epsilon_mismatch_warns(model):
+    with pytest.warns(UserWarning, match=r"trained at epsilon=0\.0078125.*holes"):
+        model.encode(make_point_cloud(epsilon=1 / 256), num_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.encode(make_point_cloud(epsilon=2 / 256), num_tokens=4)
+        model.encode(make_point_cloud(epsilon=None), num_tokens=4)
+
+
+def test_training_forward_and_gradient_checkpointing():
+    plain = make_model()
+    checkpointed = make_model(gradient_checkpointing=True)
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    uniform, salient = torch.randn(2, 60, 6), torch.randn(2, 30, 6)
+    query_points = torch.rand(2, 40, 3) * 2 - 1
+    losses = []
+    for vae in (plain, checkpointed):
+        vae.train()
+        out = vae(uniform=uniform, salient=salient, query_points=query_points, num_tokens=16,
+                  sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        assert out["raw"].shape == (2, 40) and out["kl"].shape == (2,) and out["latents"].shape == (2, 16, 8)
+        assert (out["kl"] >= 0).all()
+        loss = out["raw"].pow(2).mean() + 1e-3 * out["kl"].mean()
+        loss.backward()
+        assert vae.salient_proj.weight.grad.abs().sum() > 0
+        assert vae.cross_attn_salient.attn.to_k.weight.grad.abs().sum() > 0
+        losses.append((loss.detach(), vae.uniform_proj.weight.grad.clone()))
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)

@@ -1,0 +1,387 @@
+"""DoraVAE: a vecset shape VAE with dual cross-attention (Dora), or the uniform-only 3DShape2VecSet baseline.
+
+Encoder: Fourier(xyz) ++ normals -> one input projection per stream (uniform surface samples, salient/sharp-edge
+samples). The query tokens are farthest-point-sampled points of each stream, taken from the projected features.
+They attend to the whole uniform stream and to the whole salient stream in two cross-attention blocks whose
+outputs are summed, then pass self-attention layers, a LayerNorm and the KL bottleneck (mean/logvar per token).
+Decoder: a projection back to the width, self-attention layers over the tokens, and a query decoder that embeds
+query xyz, cross-attends into the tokens and predicts one value per point (occupancy logit or TSDF).
+
+Latent tokens carry no positional encoding: they are an unordered set, so the model accepts any number of them,
+including more than it was trained with. Token ORDER is still meaningful to the user: each stream's queries are
+in FPS order and the two streams are interleaved proportionally, so ``latents[:, :k]`` is a coarse cover of the
+shape for any ``k`` (a cheap low-resolution code). The default sizes are those of the released Dora-VAE v1.1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from vae.attention import CrossAttentionBlock, FourierEmbedder, SelfAttentionBlock
+from vae.fps import farthest_point_indices
+
+OUTPUT_TYPES = ("occupancy", "tsdf")
+
+
+@dataclass
+class LatentPosterior:
+    """Diagonal Gaussian over latent tokens. diffusers' DiagonalGaussianDistribution assumes channel-first
+    image tensors (B, 2C, H, W), so this token-last (B, N, C) version is written out here."""
+
+    mean: torch.Tensor  # (B, N, C)
+    logvar: torch.Tensor  # (B, N, C), already clamped to [-30, 20]
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise  # (B, N, C)
+
+    def kl(self) -> torch.Tensor:
+        """KL to N(0, I) per shape (B,), averaged over tokens and channels so it does not grow with the token
+        count (training mixes token counts)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(1, 2))
+
+
+def interleave_order(num_uniform: int, num_salient: int) -> torch.Tensor:
+    """Permutation of ``[uniform tokens ; salient tokens]`` merging the two FPS sequences proportionally.
+
+    Token i of a stream with k tokens gets the key (i + 0.5) / k; sorting by key (uniform first on ties) makes
+    every prefix hold about the same uniform:salient ratio as the whole set, each stream in its own FPS order.
+    """
+    keys = torch.cat(
+        [
+            (torch.arange(num_uniform, dtype=torch.float64) + 0.5) / max(num_uniform, 1),
+            (torch.arange(num_salient, dtype=torch.float64) + 0.5) / max(num_salient, 1),
+        ]
+    )
+    return torch.argsort(keys, stable=True)
+
+
+def _stream_array(point_cloud: Any, stream: str) -> np.ndarray:
+    """(N, 6) xyz+normal of one stream of a PointCloud-like object (duck-typed to keep data and vae decoupled)."""
+    points, normals = getattr(point_cloud, f"{stream}_points", None), getattr(point_cloud, f"{stream}_normals", None)
+    if points is None or normals is None:
+        raise ValueError(f"point cloud has no {stream}_points/{stream}_normals (got {type(point_cloud).__name__})")
+    return np.concatenate([np.asarray(points, np.float32), np.asarray(normals, np.float32)], axis=-1)
+
+
+class DecodedLatents:
+    """Decoded latent tokens as a field: call with query points (M, 3) or (B, M, 3) to get (B, M) values in
+    [0, 1] where 0.5 is the surface and > 0.5 is inside. Queries run in chunks to bound memory, without
+    gradients (this object is meant for mesh extraction and evaluation)."""
+
+    def __init__(self, model: DoraVAE, tokens: torch.Tensor, chunk_size: int | None = None) -> None:
+        self.model = model
+        self.tokens = tokens  # (B, N, W)
+        self.chunk_size = chunk_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def __call__(self, query_points: torch.Tensor | np.ndarray, output: str = "occupancy") -> torch.Tensor:
+        with torch.no_grad():
+            return self.model._query_tokens(self.tokens, query_points, output, self.chunk_size)  # (B, M)
+
+    def field(self, index: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The field of shape ``index`` alone: (M, 3) -> (M,), the signature mesh extraction expects."""
+        return lambda query_points: self(query_points)[index]
+
+
+class DoraVAE(ModelMixin, ConfigMixin):
+    """Dora shape VAE. ``use_salient=False`` gives the 3DShape2VecSet-style baseline (uniform points only, one
+    cross-attention) with the same code.
+
+    Config args: width, heads, num_encoder_layers (self-attention layers after the cross-attention),
+    num_decoder_layers, latent_channels, mlp_ratio, num_freqs / include_pi (Fourier features), point_feature_dim
+    (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
+    qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
+    max_train_tokens, and the preprocessing the weights were trained with: epsilon, tsdf_truncation, n_uniform,
+    n_salient. gradient_checkpointing switches activation checkpointing on for every block.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        width: int = 768,
+        heads: int = 12,
+        num_encoder_layers: int = 8,
+        num_decoder_layers: int = 16,
+        latent_channels: int = 64,
+        mlp_ratio: float = 4.0,
+        num_freqs: int = 8,
+        include_pi: bool = False,
+        point_feature_dim: int = 3,
+        use_salient: bool = True,
+        salient_token_fraction: float = 0.5,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        layer_norm_eps: float = 1e-5,
+        output_type: str = "tsdf",
+        default_num_tokens: int = 2048,
+        max_train_tokens: int = 4096,
+        epsilon: float = 2 / 256,
+        tsdf_truncation: float = 0.015,
+        n_uniform: int = 32768,
+        n_salient: int = 32768,
+        gradient_checkpointing: bool = False,
+        decode_chunk_size: int = 8192,
+    ) -> None:
+        super().__init__()
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not 0.0 <= salient_token_fraction <= 1.0:
+            raise ValueError(f"salient_token_fraction must lie in [0, 1], got {salient_token_fraction}")
+        blocks = {"mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "qk_norm": qk_norm, "layer_norm_eps": layer_norm_eps}
+        self.fourier = FourierEmbedder(num_freqs=num_freqs, include_input=True, include_pi=include_pi)
+        point_dim = self.fourier.output_dim(3) + point_feature_dim
+        # Encoder.
+        self.uniform_proj = nn.Linear(point_dim, width)
+        self.cross_attn_uniform = CrossAttentionBlock(width, heads, **blocks)
+        self.salient_proj = nn.Linear(point_dim, width) if use_salient else None
+        self.cross_attn_salient = CrossAttentionBlock(width, heads, **blocks) if use_salient else None
+        self.encoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_encoder_layers))
+        self.encoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.pre_kl = nn.Linear(width, 2 * latent_channels)
+        # Decoder.
+        self.post_kl = nn.Linear(latent_channels, width)
+        self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_decoder_layers))
+        self.query_proj = nn.Linear(self.fourier.output_dim(3), width)
+        self.cross_attn_decoder = CrossAttentionBlock(width, heads, **blocks)
+        self.decoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.output_proj = nn.Linear(width, 1)
+        self.gradient_checkpointing = False
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def _to_model(self, value: Any, name: str) -> torch.Tensor:
+        tensor = torch.as_tensor(value).to(device=self.device, dtype=self.dtype)
+        if tensor.dim() == 2:
+            tensor = tensor[None]
+        expected = 3 + self.config.point_feature_dim
+        if tensor.dim() != 3 or tensor.shape[-1] != expected:
+            raise ValueError(f"{name}: expected shape (B, N, {expected}) (xyz + normal), got {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name}: contains NaN or infinite values")
+        return tensor
+
+    def _warn_epsilon(self, epsilons: Sequence[float | None]) -> None:
+        trained = float(self.config.epsilon)
+        for epsilon in {float(e) for e in epsilons if e is not None}:
+            if not math.isclose(epsilon, trained, rel_tol=1e-6, abs_tol=1e-9):
+                warnings.warn(
+                    f"point cloud was prepared with epsilon={epsilon:.6g}, but this model was trained at "
+                    f"epsilon={trained:.6g}: thin structures below the trained scale come out with holes (or "
+                    f"vanish). Prepare meshes with MeshProcessor(epsilon={trained:.6g}) for this model.",
+                    UserWarning,
+                    stacklevel=5,  # the caller of encode()
+                )
+
+    def _streams(self, point_cloud: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Normalise the accepted inputs to groups of (uniform (B, Nu, 6), salient (B, Ns, 6) | None) tensors;
+        a list of PointClouds with different point counts becomes one group per shape."""
+        use_salient = self.config.use_salient
+        if isinstance(point_cloud, dict):
+            if "uniform" not in point_cloud:
+                raise ValueError("input dict needs a 'uniform' entry of shape (B, N_u, 6)")
+            self._warn_epsilon([point_cloud.get("epsilon")])
+            salient = point_cloud.get("salient") if use_salient else None
+            if use_salient and salient is None:
+                raise ValueError("this model uses the salient stream (use_salient=True): input dict needs 'salient'")
+            uniform = self._to_model(point_cloud["uniform"], "uniform")
+            salient = None if salient is None else self._to_model(salient, "salient")
+            if salient is not None and salient.shape[0] != uniform.shape[0]:
+                raise ValueError(f"uniform and salient batch sizes differ: {uniform.shape[0]} vs {salient.shape[0]}")
+            return [(uniform, salient)]
+        clouds = list(point_cloud) if isinstance(point_cloud, (list, tuple)) else [point_cloud]
+        if not clouds:
+            raise ValueError("encode got an empty list of point clouds")
+        self._warn_epsilon([getattr(cloud, "epsilon", None) for cloud in clouds])
+        arrays = []
+        for index, cloud in enumerate(clouds):
+            try:
+                arrays.append((_stream_array(cloud, "uniform"), _stream_array(cloud, "salient") if use_salient else None))
+            except ValueError as error:
+                raise ValueError(f"point cloud {index}: {error}") from None
+        shapes = {(a.shape, None if b is None else b.shape) for a, b in arrays}
+        groups = [arrays] if len(shapes) == 1 else [[pair] for pair in arrays]
+        return [
+            (
+                self._to_model(np.stack([a for a, _ in group]), "uniform"),
+                None if group[0][1] is None else self._to_model(np.stack([b for _, b in group]), "salient"),
+            )
+            for group in groups
+        ]
+
+    # ----------------------------------------------------------------------------------------------- encoder
+    def token_split(self, num_tokens: int) -> tuple[int, int]:
+        """(uniform, salient) token counts for ``num_tokens`` (all uniform when use_salient is False)."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
+        num_salient = int(num_tokens * self.config.salient_token_fraction) if self.config.use_salient else 0
+        return num_tokens - num_salient, num_salient
+
+    def _embed_points(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.fourier(points[..., :3]), points[..., 3:]], dim=-1)  # (B, N, 51 + 3)
+
+    def _queries(self, features: torch.Tensor, points: torch.Tensor, count: int, stream: str) -> torch.Tensor:
+        if count > points.shape[1]:
+            raise ValueError(
+                f"{count} {stream}-stream tokens requested but the point cloud has only {points.shape[1]} {stream} "
+                f"points; sample more points or ask for fewer tokens"
+            )
+        indices = farthest_point_indices(points[..., :3], count)  # (B, K)
+        return torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[-1]))  # (B, K, W)
+
+    def _encode_group(self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int) -> LatentPosterior:
+        num_uniform, num_salient = self.token_split(num_tokens)
+        uniform_features = self.uniform_proj(self._embed_points(uniform))  # (B, Nu, W)
+        queries = [self._queries(uniform_features, uniform, num_uniform, "uniform")]
+        if self.config.use_salient:
+            salient_features = self.salient_proj(self._embed_points(salient))  # (B, Ns, W)
+            queries.append(self._queries(salient_features, salient, num_salient, "salient"))
+        order = interleave_order(num_uniform, num_salient if self.config.use_salient else 0).to(self.device)
+        queries = torch.cat(queries, dim=1)[:, order]  # (B, N, W), FPS-interleaved
+        tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features)  # (B, N, W)
+        if self.config.use_salient:
+            # As in Dora: both blocks keep their residual, so the sum holds the queries twice. Kept on purpose,
+            # the released weights were trained that way.
+            tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features)  # (B, N, W)
+        for block in self.encoder_blocks:
+            tokens = self._run_block(block, tokens)  # (B, N, W)
+        moments = self.pre_kl(self.encoder_norm_out(tokens))  # (B, N, 2C)
+        mean, logvar = moments.chunk(2, dim=-1)  # (B, N, C) each
+        return LatentPosterior(mean=mean, logvar=logvar.clamp(-30.0, 20.0))
+
+    def encode_posterior(self, point_cloud: Any, num_tokens: int | None = None) -> LatentPosterior:
+        """Posterior (mean, logvar) over ``num_tokens`` latent tokens; inputs as for :meth:`encode`."""
+        num_tokens = int(num_tokens or self.config.default_num_tokens)
+        posteriors = [self._encode_group(u, s, num_tokens) for u, s in self._streams(point_cloud)]
+        if len(posteriors) == 1:
+            return posteriors[0]
+        return LatentPosterior(
+            mean=torch.cat([p.mean for p in posteriors]), logvar=torch.cat([p.logvar for p in posteriors])
+        )
+
+    def encode(
+        self,
+        point_cloud: Any,
+        num_tokens: int | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Latent tokens (B, num_tokens, latent_channels) of a PointCloud, a list of them, or a dict with
+        "uniform" (B, N_u, 6) and "salient" (B, N_s, 6) xyz+normal tensors (optional "epsilon").
+
+        Deterministic (posterior mean) unless ``sample_posterior``. ``num_tokens`` may exceed the training
+        maximum (the set has no positions); it is limited only by the points available per stream. Tokens come
+        in interleaved FPS order, so ``latents[:, :k]`` is a coarse cover of the shape for any ``k``. Warns when
+        the input was prepared at another epsilon than the model's.
+        """
+        posterior = self.encode_posterior(point_cloud, num_tokens)
+        return posterior.sample(generator) if sample_posterior else posterior.mode()
+
+    # ----------------------------------------------------------------------------------------------- decoder
+    def decode(self, latents: torch.Tensor, chunk_size: int | None = None) -> DecodedLatents:
+        """Run the latent transformer once; the result is a field to query at any points (see DecodedLatents)."""
+        if latents.dim() != 3 or latents.shape[-1] != self.config.latent_channels:
+            raise ValueError(
+                f"latents must have shape (B, N, {self.config.latent_channels}), got {tuple(latents.shape)}"
+            )
+        tokens = self.post_kl(latents.to(device=self.device, dtype=self.dtype))  # (B, N, W)
+        for block in self.decoder_blocks:
+            tokens = self._run_block(block, tokens)  # (B, N, W)
+        return DecodedLatents(self, tokens, chunk_size)
+
+    def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor) -> torch.Tensor:
+        queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
+        hidden = self._run_block(self.cross_attn_decoder, queries, tokens)  # (B, M, W)
+        return self.output_proj(self.decoder_norm_out(hidden)).squeeze(-1)  # (B, M)
+
+    def raw_to_occupancy(self, raw: torch.Tensor) -> torch.Tensor:
+        """Map the raw output to [0, 1], 0.5 at the surface, larger inside (TSDF is positive inside)."""
+        if self.config.output_type == "occupancy":
+            return torch.sigmoid(raw)
+        return ((raw + 1.0) * 0.5).clamp(0.0, 1.0)
+
+    def _query_tokens(
+        self, tokens: torch.Tensor, query_points: Any, output: str = "occupancy", chunk_size: int | None = None
+    ) -> torch.Tensor:
+        if output not in ("occupancy", "raw"):
+            raise ValueError(f"output must be 'occupancy' or 'raw', got {output!r}")
+        points = torch.as_tensor(query_points).to(device=self.device, dtype=self.dtype)
+        if points.dim() == 2:
+            points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
+        if points.dim() != 3 or points.shape[-1] != 3 or points.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"query_points must be (M, 3) or ({tokens.shape[0]}, M, 3), got {tuple(torch.as_tensor(query_points).shape)}"
+            )
+        chunk_size = int(chunk_size or self.config.decode_chunk_size)
+        # Chunks over M bound the (B, heads, chunk, N) attention and (B, chunk, 4W) MLP activations.
+        chunks = [self._query_raw(tokens, chunk) for chunk in points.split(chunk_size, dim=1)]
+        raw = torch.cat(chunks, dim=1) if chunks else points.new_zeros(points.shape[:2])  # (B, M)
+        return raw if output == "raw" else self.raw_to_occupancy(raw)
+
+    def decode_at_points(
+        self,
+        latents: torch.Tensor,
+        query_points: torch.Tensor | np.ndarray,
+        output: str = "occupancy",
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Values (B, M) at query points (M, 3) or (B, M, 3): "occupancy" in [0, 1] or the "raw" logit/TSDF."""
+        return self._query_tokens(self.decode(latents).tokens, query_points, output, chunk_size)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def forward(
+        self,
+        uniform: torch.Tensor,
+        salient: torch.Tensor | None = None,
+        query_points: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training pass: dict(raw=(B, M) logits or TSDF at query_points (B, M, 3), kl=(B,), latents=(B, N, C),
+        mean, logvar). No chunking: the whole query set takes part in the backward pass."""
+        if query_points is None:
+            raise ValueError("forward needs query_points (B, M, 3)")
+        posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
+        latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
+        tokens = self.post_kl(latents)  # (B, N, W)
+        for block in self.decoder_blocks:
+            tokens = self._run_block(block, tokens)  # (B, N, W)
+        points = query_points.to(device=self.device, dtype=self.dtype)
+        if points.dim() == 2:
+            points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
+        raw = self._query_raw(tokens, points)  # (B, M)
+        return {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
