@@ -18,6 +18,10 @@ _EXPORTS = {
     "extract_mesh": "data.marching",
     "LatentShardWriter": "data.latent_shards",
     "LatentShardDataset": "data.latent_shards",
+    "LatentStats": "data.latent_shards",
+    "CorruptShardError": "data.latent_shards",
+    "latent_shard_pipeline": "data.latent_shards",
+    "load_manifest": "data.latent_shards",
 }
 
 __all__ = sorted(_EXPORTS)
