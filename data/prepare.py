@@ -1,0 +1,304 @@
+"""`dora prepare`: meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision, at dataset scale.
+
+Input: a folder of meshes, an index file (JSONL or CSV rows: ``path``, ``caption``, optional ``category``/``id``),
+or ``--builtin N`` (the procedural dataset). Output under ``PREPARED/``:
+``samples/<shape_id>.npz`` (one compressed npz per shape), ``failures.jsonl``, ``summary.json``, ``config.yaml``.
+
+Why one npz per shape rather than WebDataset shards: resume is "skip the file if it exists", a killed run loses
+only the shape in flight (each file is written to a temporary name and renamed atomically), ``--num-shards`` /
+``--shard-index`` jobs never contend for an output file, and VAE training needs random access with a fresh random
+subset of points per epoch, which a map-style dataset over files gives directly. Prepared samples are small
+(~1-2 MB); the latent cache (a later stage, streamed sequentially) is where tar shards pay off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.config import load_config, save_yaml, to_dict
+from data.prepare_worker import PrepareConfig, init_worker, process_item
+
+MESH_SUFFIXES = {".obj", ".ply", ".stl", ".off", ".glb", ".gltf"}
+ARRAY_KEYS = ("uniform_points", "uniform_normals", "salient_points", "salient_normals")
+SUPERVISION_KEYS = ("sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
+DEFAULT_CONFIG = "prepare/default.yaml"
+
+
+class PreparedSampleError(ValueError):
+    """A prepared npz that cannot be read (truncated, corrupt, missing keys); the message names the file."""
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "shape"
+
+
+def read_index(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL or CSV index: ``path`` (relative to the index's folder), ``caption``, ``category``, ``id``."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as handle:
+            rows = [dict(row) for row in csv.DictReader(handle)]
+    else:
+        with open(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+    items = []
+    for number, row in enumerate(rows, 1):
+        if not row.get("path"):
+            raise ValueError(f"{path}: row {number} has no 'path'")
+        mesh_path = Path(row["path"])
+        if not mesh_path.is_absolute():
+            mesh_path = path.parent / mesh_path
+        shape_id = _safe_id(str(row.get("id") or row.get("shape_id") or mesh_path.stem))
+        items.append(
+            {
+                "path": str(mesh_path),
+                "shape_id": shape_id,
+                "caption": str(row.get("caption") or ""),
+                "category": str(row.get("category") or ""),
+            }
+        )
+    return _check_unique(items, str(path))
+
+
+def scan_folder(folder: str | Path) -> list[dict[str, Any]]:
+    """Every mesh file under ``folder`` (recursive); the id is the relative path without suffix."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
+    items = [
+        {
+            "path": str(p),
+            "shape_id": _safe_id(str(p.relative_to(folder).with_suffix("")).replace(os.sep, "__")),
+            "caption": "",
+            "category": p.parent.name if p.parent != folder else "",
+        }
+        for p in files
+    ]
+    return _check_unique(items, str(folder))
+
+
+def _check_unique(items: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item["shape_id"] in seen:
+            raise ValueError(f"{where}: duplicate shape id {item['shape_id']!r} ({seen[item['shape_id']]}, {item['path']})")
+        seen[item["shape_id"]] = item["path"]
+    return items
+
+
+def load_prepared(path: str | Path) -> dict[str, Any]:
+    """One prepared sample: arrays (numpy) + ``meta`` (dict). Raises :class:`PreparedSampleError` naming the file."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in (*ARRAY_KEYS, *SUPERVISION_KEYS, "meta") if key not in archive.files]
+            if missing:
+                raise PreparedSampleError(f"{path}: not a prepared sample, missing key(s) {missing}")
+            sample: dict[str, Any] = {key: archive[key] for key in (*ARRAY_KEYS, *SUPERVISION_KEYS)}
+            sample["meta"] = json.loads(str(archive["meta"]))
+    except PreparedSampleError:
+        raise
+    except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError, OSError, JSONDecodeError ...
+        raise PreparedSampleError(f"{path}: corrupt or unreadable prepared sample ({type(error).__name__}: {error})") from error
+    return sample
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """Prepared samples as tensors: ``uniform`` (N_u, 6), ``salient`` (N_s, 6), ``sup_points`` (M, 3),
+    ``sup_occupancy`` / ``sup_tsdf`` (M,), ``sup_group`` (M,) long, and ``meta`` (dict).
+
+    With counts given, each call draws a fresh random subset (different every epoch; DataLoader workers differ
+    because the draw is seeded from torch's per-worker RNG, itself seeded by ``torch.manual_seed``).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        n_uniform: int | None = None,
+        n_salient: int | None = None,
+        n_supervision: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        root = Path(root)
+        folder = root / "samples" if (root / "samples").is_dir() else root
+        self.files = sorted(folder.glob("*.npz"))
+        if not self.files:
+            raise FileNotFoundError(f"no prepared samples (*.npz) in {folder}")
+        self.n_uniform, self.n_salient, self.n_supervision = n_uniform, n_salient, n_supervision
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @staticmethod
+    def _pick(rng: np.random.Generator, total: int, count: int | None) -> np.ndarray | slice:
+        if count is None or count >= total:
+            return slice(None)
+        return rng.choice(total, size=count, replace=False)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = load_prepared(self.files[index])
+        draw = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        rng = np.random.default_rng([self.seed, index, draw])
+        pick_u = self._pick(rng, len(sample["uniform_points"]), self.n_uniform)
+        pick_s = self._pick(rng, len(sample["salient_points"]), self.n_salient)
+        pick_q = self._pick(rng, len(sample["sup_points"]), self.n_supervision)
+        uniform = np.concatenate([sample["uniform_points"][pick_u], sample["uniform_normals"][pick_u]], axis=1)
+        salient = np.concatenate([sample["salient_points"][pick_s], sample["salient_normals"][pick_s]], axis=1)
+        return {
+            "uniform": torch.from_numpy(uniform.astype(np.float32)),  # (N_u, 6)
+            "salient": torch.from_numpy(salient.astype(np.float32)),  # (N_s, 6)
+            "sup_points": torch.from_numpy(sample["sup_points"][pick_q].astype(np.float32)),  # (M, 3)
+            "sup_occupancy": torch.from_numpy(sample["sup_occupancy"][pick_q].astype(np.float32)),  # (M,)
+            "sup_tsdf": torch.from_numpy(sample["sup_tsdf"][pick_q].astype(np.float32)),  # (M,)
+            "sup_group": torch.from_numpy(sample["sup_group"][pick_q].astype(np.int64)),  # (M,)
+            "meta": sample["meta"],
+        }
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dora prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", help="folder of meshes, or an index file (.jsonl / .csv)")
+    parser.add_argument("--builtin", type=int, metavar="N", help="prepare N shapes of the built-in procedural dataset")
+    parser.add_argument("--out", required=True, help="output folder PREPARED/")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="worker processes")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epsilon", type=float)
+    parser.add_argument("--n-uniform", type=int)
+    parser.add_argument("--n-salient", type=int)
+    parser.add_argument("--n-volume", type=int)
+    parser.add_argument("--n-near", type=int)
+    parser.add_argument("--n-sharp", type=int)
+    parser.add_argument("--sharp-angle-deg", type=float)
+    parser.add_argument("--num-shards", type=int, default=1, help="split the input into this many shards")
+    parser.add_argument("--shard-index", type=int, default=0, help="the shard this job runs (0-based)")
+    parser.add_argument("--limit", type=int, help="only the first N shapes (after sharding)")
+    parser.add_argument("--overwrite", action="store_true", help="redo shapes whose npz exists")
+    return parser
+
+
+def _collect_items(args: argparse.Namespace, config: PrepareConfig, out: Path) -> list[dict[str, Any]]:
+    if args.builtin is not None:
+        from data.procedural import write_dataset
+
+        return read_index(write_dataset(out / "builtin_meshes", args.builtin, config.seed))
+    if not args.source:
+        raise ValueError("give a folder or index file, or --builtin N")
+    source = Path(args.source)
+    if source.is_dir():
+        return scan_folder(source)
+    if source.is_file():
+        return read_index(source)
+    raise ValueError(f"{source}: no such folder or index file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        key: getattr(args, key)
+        for key in ("workers", "seed", "epsilon", "n_uniform", "n_salient", "n_volume", "n_near", "n_sharp")
+        + ("sharp_angle_deg",)
+        if getattr(args, key) is not None
+    }
+    config = load_config(PrepareConfig, args.config, overrides)
+    if not 0 <= args.shard_index < args.num_shards:
+        print(f"dora prepare: --shard-index must be in [0, {args.num_shards})", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    try:
+        items = _collect_items(args, config, out)
+    except (ValueError, OSError) as error:
+        print(f"dora prepare: {error}", file=sys.stderr)
+        return 2
+    items = items[args.shard_index :: args.num_shards]
+    if args.limit is not None:
+        items = items[: args.limit]
+    suffix = f".shard{args.shard_index:04d}-of-{args.num_shards:04d}" if args.num_shards > 1 else ""
+    save_yaml({"config": to_dict(config), "args": vars(args)}, out / f"config{suffix}.yaml")
+
+    todo, skipped = [], 0
+    for item in items:
+        target = samples / f"{item['shape_id']}.npz"
+        if target.exists() and not args.overwrite:
+            skipped += 1
+        else:
+            todo.append((item, str(target)))
+
+    start = time.perf_counter()
+    done, failed = 0, 0
+    failures_path = out / f"failures{suffix}.jsonl"
+    with open(failures_path, "a") as failures:
+        for result in _run(todo, config):
+            if result["status"] == "done":
+                done += 1
+            else:
+                failed += 1
+                failures.write(json.dumps({k: result[k] for k in ("shape_id", "path", "reason")}) + "\n")
+                failures.flush()
+    elapsed = time.perf_counter() - start
+    summary = {
+        "total": len(items),
+        "done": done,
+        "skipped": skipped,
+        "failed": failed,
+        "seconds": round(elapsed, 3),
+        "shapes_per_second": round(done / elapsed, 4) if elapsed > 0 and done else 0.0,
+        "workers": config.workers,
+        "shard_index": args.shard_index,
+        "num_shards": args.num_shards,
+        "failures": str(failures_path),
+    }
+    with open(out / f"summary{suffix}.json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(
+        f"dora prepare: {done} done, {skipped} skipped, {failed} failed in {elapsed:.1f}s "
+        f"({summary['shapes_per_second']} shapes/s); failures in {failures_path}"
+    )
+    return 0
+
+
+def _run(todo: list[tuple[dict[str, Any], str]], config: PrepareConfig):
+    """Yield one result per job, in-process for one worker, else from a process pool (unordered)."""
+    values = dataclasses.asdict(config)
+    progress = tqdm(total=len(todo), desc="prepare", unit="shape", dynamic_ncols=True)
+    try:
+        if config.workers <= 1 or len(todo) <= 1:
+            init_worker(values)
+            for job in todo:
+                yield process_item(job)
+                progress.update()
+            return
+        context = multiprocessing.get_context(config.start_method)
+        with context.Pool(config.workers, initializer=init_worker, initargs=(values,)) as pool:
+            for result in pool.imap_unordered(process_item, todo, chunksize=1):
+                yield result
+                progress.update()
+    finally:
+        progress.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
