@@ -1,0 +1,179 @@
+"""`dora assemble-pipeline`: a trained VAE + DiT + the text encoder + the cache statistics -> one pipeline folder.
+
+The folder is a standard diffusers pipeline (model_index.json + vae/ transformer/ scheduler/ text_encoder/
+tokenizer/), loadable offline with ``DoraTextTo3DPipeline.from_pretrained(DIR)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TEXT_ENCODER = "builtin:all-MiniLM-L6-v2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dora assemble-pipeline",
+        description="Assemble a trained Dora VAE, a trained ShapeDiT and their text encoder into a diffusers pipeline.",
+    )
+    parser.add_argument("--vae", required=True, help="DoraVAE folder (save_pretrained / train-vae output)")
+    parser.add_argument("--transformer", required=True, help="ShapeDiT folder (save_pretrained / train-dit output)")
+    parser.add_argument("--manifest", required=True, help="latent cache manifest.json (or its folder): latent statistics")
+    parser.add_argument(
+        "--text-encoder", default=None,
+        help=f"text encoder the DiT was trained with (default: the one in the run_config.yaml beside the DiT, "
+        f"else {DEFAULT_TEXT_ENCODER})",
+    )
+    parser.add_argument("--scheduler-shift", type=float, default=None,
+                        help="FlowMatchEulerDiscreteScheduler shift (default: the DiT's recorded scheduler, else 1.0)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="largest num_tokens the pipeline accepts (default: the VAE's recorded maximum)")
+    parser.add_argument("--num-tokens", type=int, default=None,
+                        help="default num_tokens at generation (default: the DiT run's sampling/schedule token "
+                             "count, else the token count of the cached latents)")
+    parser.add_argument("--allow-vae-mismatch", action="store_true",
+                        help="accept a --vae whose weights differ from the VAE the manifest's latents came from")
+    parser.add_argument("--out", required=True, help="output pipeline folder")
+    return parser
+
+
+# The run config `dora train-dit` writes beside its exported weights (final/run_config.yaml; checkpoints hold a
+# config.yaml): it records the text encoder, its max_length and the token schedule the DiT was trained with.
+RUN_RECORDS = ("run_config.yaml", "config.yaml")
+
+
+def _run_record(transformer_dir: Path) -> dict[str, Any]:
+    """The DiT's training run config from beside (or one level above) its folder; {} if there is none."""
+    for folder in (transformer_dir, transformer_dir.parent):
+        for name in RUN_RECORDS:
+            path = folder / name
+            if path.is_file():
+                values = yaml.safe_load(path.read_text())
+                if isinstance(values, dict) and "text_encoder" in values:
+                    return values
+    return {}
+
+
+def _trained_num_tokens(record: dict[str, Any]) -> int | None:
+    """Token count the DiT run sampled its previews with: sampling.num_tokens, else the schedule's largest."""
+    sampled = (record.get("sampling") or {}).get("num_tokens")
+    if sampled:
+        return int(sampled)
+    if record.get("schedule"):
+        from data.config import from_dict
+        from vae.schedules import ScheduleConfig, TokenSchedule
+
+        return TokenSchedule(from_dict(ScheduleConfig, record["schedule"], "run config schedule")).max_tokens
+    return None
+
+
+def _scheduler(transformer_dir: Path, shift: float | None) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for candidate in (transformer_dir / "scheduler", transformer_dir.parent / "scheduler"):
+        if (candidate / "scheduler_config.json").is_file():
+            overrides = {} if shift is None else {"shift": shift}
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(candidate, **overrides)
+    return FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift)
+
+
+def assemble(
+    vae_dir: str | Path,
+    transformer_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    text_encoder: str | None = None,
+    scheduler_shift: float | None = None,
+    max_tokens: int | None = None,
+    num_tokens: int | None = None,
+    allow_vae_mismatch: bool = False,
+) -> Any:
+    """Build, check and save the pipeline; returns it."""
+    from data.latent_shards import LatentStats, load_manifest
+    from diffusion import ShapeDiT
+    from diffusion.text_encoder import TextEncoder
+    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from vae import DoraVAE
+
+    transformer_dir = Path(transformer_dir)
+    manifest_path = Path(manifest)
+    info = load_manifest(manifest_path)  # cheap checks first
+    stats = LatentStats.from_manifest(info)
+    vae = DoraVAE.from_pretrained(vae_dir)
+    recorded = (info.get("vae") or {}).get("weights_sha256")
+    if recorded and not allow_vae_mismatch:
+        from vae.cache_latents import vae_identity
+
+        actual = vae_identity(Path(vae_dir), vae)["weights_sha256"]
+        if actual != recorded:
+            raise ValueError(
+                f"{manifest_path}: the cached latents (and the DiT trained on them) come from a VAE with weights "
+                f"{recorded}, but --vae {vae_dir} has {actual}; pass the same VAE (or --allow-vae-mismatch)"
+            )
+    transformer = ShapeDiT.from_pretrained(transformer_dir)
+    record = _run_record(transformer_dir)
+    name = text_encoder or record.get("text_encoder") or DEFAULT_TEXT_ENCODER
+    max_length = int((record.get("training") or {}).get("text_max_length", 77))
+    encoder = TextEncoder.from_name(name, max_length=max_length)
+
+    channels = transformer.config.in_channels
+    if len(stats.mean) != channels:
+        raise ValueError(
+            f"{manifest_path}: the cached latents have {len(stats.mean)} channels but the DiT expects {channels}"
+        )
+    if encoder.hidden_size != transformer.config.cross_attention_dim:
+        raise ValueError(
+            f"text encoder {name!r} gives {encoder.hidden_size}-d tokens but the DiT's cross_attention_dim is "
+            f"{transformer.config.cross_attention_dim}; pass the --text-encoder the DiT was trained with"
+        )
+    pooled_dim = transformer.config.pooled_projection_dim
+    if pooled_dim is not None and encoder.pooled_size != pooled_dim:
+        raise ValueError(
+            f"text encoder {name!r} gives a {encoder.pooled_size}-d pooled vector but the DiT's "
+            f"pooled_projection_dim is {pooled_dim}; pass the --text-encoder the DiT was trained with"
+        )
+    if vae.config.latent_channels != channels:
+        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the DiT expects {channels}")
+    pipe = DoraTextTo3DPipeline(
+        vae=vae,
+        transformer=transformer,
+        scheduler=_scheduler(transformer_dir, scheduler_shift),
+        text_encoder=encoder.model,
+        tokenizer=encoder.tokenizer,
+        latent_mean=[float(value) for value in stats.mean],
+        latent_std=[float(value) for value in stats.std],
+        max_tokens=max_tokens,
+        default_num_tokens=num_tokens or _trained_num_tokens(record) or info.get("num_tokens"),
+        text_max_length=encoder.max_length,
+        text_encoder_kind=encoder.kind,
+    )
+    pipe.save_pretrained(out_dir)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, path in (("--vae", args.vae), ("--transformer", args.transformer), ("--manifest", args.manifest)):
+        if not Path(path).exists():
+            print(f"dora assemble-pipeline: {flag} {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        assemble(
+            args.vae, args.transformer, args.manifest, args.out,
+            text_encoder=args.text_encoder, scheduler_shift=args.scheduler_shift,
+            max_tokens=args.max_tokens, num_tokens=args.num_tokens, allow_vae_mismatch=args.allow_vae_mismatch,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"dora assemble-pipeline: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote pipeline to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

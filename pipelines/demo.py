@@ -1,0 +1,146 @@
+"""`dora demo --pipeline DIR`: a Gradio app around DoraTextTo3DPipeline (prompt -> 3D viewer + download).
+
+``build_demo(pipeline)`` returns the ``gr.Blocks`` without launching it, so tests and other apps can mount it.
+Analytics are switched off and nothing is shared unless asked, so the demo works on an offline machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+# Before gradio is imported (lazily, in build_demo): no telemetry and no version check from the server.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_SEED = 0
+EXAMPLE_PROMPTS = ["a round table with one central leg", "a chair with four legs", "a tall cylindrical vase"]
+
+
+def _str_to_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def build_demo(
+    pipeline: Any,
+    output_dir: str | Path | None = None,
+    mesh_resolution: int = 128,
+    mesh_threshold: float = 0.5,
+    max_steps: int = 100,
+    max_tokens: int | None = None,
+) -> Any:
+    """The Gradio UI for ``pipeline`` (a DoraTextTo3DPipeline), not launched.
+
+    Generated .glb files go to ``output_dir`` (default: a fresh folder in the system temp dir, which Gradio may
+    serve; pass ``allowed_paths=[output_dir]`` to ``launch`` for a folder elsewhere). ``mesh_resolution`` and
+    ``mesh_threshold`` are server-side extraction settings; the token slider goes up to ``max_tokens`` (default:
+    the pipeline's ``token_limit``, else 4x its default token count).
+    """
+    import gradio as gr
+    import torch
+
+    from pipelines.mesh_post import export_mesh
+
+    output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dora_demo_"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    token_limit = max_tokens or pipeline.token_limit or 4 * pipeline.default_num_tokens
+    default_tokens = min(pipeline.default_num_tokens, token_limit)
+    lock = threading.Lock()  # one generation at a time: the pipeline's scheduler holds per-call state
+    counter = itertools.count()
+
+    def generate(
+        prompt: str, steps: float, guidance: float, tokens: float, seed: float | None
+    ) -> tuple[str, str]:
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise gr.Error("Type a prompt first.")
+        seed = int(seed or 0)
+        with lock:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            try:
+                result = pipeline(
+                    prompt,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance),
+                    num_tokens=int(tokens),
+                    generator=generator,
+                    mesh_resolution=mesh_resolution,
+                    mesh_threshold=mesh_threshold,
+                )
+            except ValueError as error:
+                raise gr.Error(str(error)) from error
+            mesh = result.meshes[0]
+            if len(mesh.faces) == 0:
+                raise gr.Error("The generated field has no surface at this threshold; try another seed or prompt.")
+            path = output_dir / f"shape_{next(counter):05d}_seed{seed}.glb"
+            export_mesh(mesh, path)
+        return str(path), str(path)
+
+    with gr.Blocks(title="Dora text-to-3D", analytics_enabled=False) as demo:
+        gr.Markdown("# Dora text-to-3D\nType a description, press **Generate**, inspect and download the mesh.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPTS[0], lines=2, elem_id="prompt")
+                steps = gr.Slider(
+                    1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
+                )
+                guidance = gr.Slider(
+                    1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+                )
+                tokens = gr.Slider(
+                    1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
+                )
+                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
+            with gr.Column(scale=2):
+                viewer = gr.Model3D(label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer")
+                download = gr.DownloadButton("Download .glb", elem_id="download")
+        inputs = [prompt, steps, guidance, tokens, seed]
+        button.click(generate, inputs=inputs, outputs=[viewer, download], api_name="generate")
+        prompt.submit(generate, inputs=inputs, outputs=[viewer, download])
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dora demo", description="Gradio web demo for a saved text-to-3D pipeline.")
+    parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", type=_str_to_bool, default=False, help="create a public gradio.live link")
+    parser.add_argument("--resolution", type=int, default=128, help="mesh extraction resolution")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved local pipeline needs nothing from the Hub
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        print(f"dora demo: {args.pipeline} is not a saved pipeline (no model_index.json)", file=sys.stderr)
+        return 2
+    import torch
+
+    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DoraTextTo3DPipeline.from_pretrained(args.pipeline).to(device)
+    demo = build_demo(pipe, mesh_resolution=args.resolution)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`dora generate "prompt" --pipeline DIR -o out.glb`: text -> mesh file(s) + a preview PNG beside them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MESH_SUFFIXES = (".glb", ".obj", ".ply", ".stl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dora generate", description="Generate mesh(es) from a text prompt with a saved DoraTextTo3DPipeline."
+    )
+    parser.add_argument("prompt", help="what to generate, e.g. 'a round table with one central leg'")
+    parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
+    parser.add_argument("-o", "--output", required=True, help="mesh path; the extension picks the format (.glb/.obj/.ply/.stl)")
+    parser.add_argument("--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)")
+    parser.add_argument("--steps", type=int, default=30, help="Euler steps of the flow ODE (default 30)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<=1 disables)")
+    parser.add_argument("--tokens", type=int, default=None, help="latent tokens per shape (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same shapes)")
+    parser.add_argument("--num", type=int, default=1, help="number of shapes; several are written as NAME_<i>.EXT")
+    parser.add_argument("--resolution", type=int, default=256, help="finest grid resolution of mesh extraction")
+    parser.add_argument("--threshold", type=float, default=0.5, help="iso-level of the occupancy field")
+    parser.add_argument("--faces", type=int, default=None, help="reduce each mesh to about this many faces")
+    parser.add_argument("--keep-floaters", action="store_true", help="keep small disconnected components")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """One path per shape: ``output`` itself for one shape, ``stem_<i>.ext`` beside it for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix}") for index in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    output = Path(args.output)
+    if output.suffix.lower() not in MESH_SUFFIXES:
+        print(f"dora generate: --output {output} must end with one of {', '.join(MESH_SUFFIXES)}", file=sys.stderr)
+        return 2
+    if args.num <= 0:
+        print(f"dora generate: --num must be positive, got {args.num}", file=sys.stderr)
+        return 2
+    if args.faces is not None and args.faces < 4:
+        print(f"dora generate: --faces must be at least 4, got {args.faces}", file=sys.stderr)
+        return 2
+    pipeline_dir = Path(args.pipeline)
+    if not (pipeline_dir / "model_index.json").is_file():
+        print(f"dora generate: {pipeline_dir} is not a saved pipeline (no model_index.json)", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png, simplify
+    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    try:
+        result = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_tokens=args.tokens,
+            num_shapes_per_prompt=args.num,
+            generator=generator,
+            mesh_resolution=args.resolution,
+            mesh_threshold=args.threshold,
+            remove_floaters=not args.keep_floaters,
+        )
+    except ValueError as error:
+        print(f"dora generate: {error}", file=sys.stderr)
+        return 2
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    meshes = []
+    written = 0
+    for index, (mesh, path) in enumerate(zip(result.meshes, output_paths(output, len(result.meshes)))):
+        if len(mesh.faces) == 0:
+            # An empty mesh is no valid file in any of the formats: report it, keep going with the others.
+            logger.warning("shape %d: the field never crosses %.3f, so its mesh is empty; %s not written",
+                           index, args.threshold, path)
+            meshes.append(mesh)
+            continue
+        if args.faces is not None and len(mesh.faces) > args.faces:
+            mesh = simplify(mesh, args.faces)
+        export_mesh(mesh, path)
+        meshes.append(mesh)
+        written += 1
+        print(f"wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)")
+
+    preview = output.with_suffix(".png")
+    if len(meshes) == 1:
+        render_mesh_png(meshes[0], preview, title=args.prompt)
+    else:
+        render_grid_png(meshes, preview, titles=[f"{args.prompt} #{index}" for index in range(len(meshes))])
+    print(f"wrote {preview}")
+    if written == 0:
+        print("dora generate: every generated mesh was empty (try another --seed or --threshold)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""DoraTextTo3DPipeline: text -> vecset latents (ShapeDiT, flow matching) -> Dora VAE field -> mesh.
+
+Follows the diffusers pipeline layout (see StableDiffusion3Pipeline): ``check_inputs``, ``encode_prompt``,
+``prepare_latents``, a denoising loop with a progress bar and ``callback_on_step_end``, ``decode_latents``.
+Components are registered with ``register_modules`` so ``save_pretrained`` / ``from_pretrained`` write and read
+the standard layout (model_index.json + one folder per component). The latent statistics of the cache manifest
+(the DiT was trained on normalised latents) are optional ``__init__`` arguments registered to the config, so they
+land in model_index.json and ``from_pretrained`` passes them back.
+
+Importing this module also imports ``vae.modeling_dora_vae`` and ``diffusion.modeling_shape_dit``: diffusers 0.42
+loads a component from a non-diffusers library only when its module is already imported (it will not import code
+named by a model_index.json), so ``DoraTextTo3DPipeline.from_pretrained`` works in a fresh process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from data.latent_shards import LatentStats
+from data.marching import extract_mesh
+from diffusion.modeling_shape_dit import ShapeDiT
+from diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
+from diffusion.text_encoder import TextEncoder, _detect_kind
+from vae.modeling_dora_vae import DoraVAE
+
+OUTPUT_TYPES = ("trimesh", "latent", "np")
+
+
+@dataclass
+class DoraTextTo3DPipelineOutput(BaseOutput):
+    """Output of :class:`DoraTextTo3DPipeline`.
+
+    meshes: one entry per generated shape (prompt-major: all shapes of prompt 0, then prompt 1, ...):
+        ``trimesh.Trimesh`` for ``output_type="trimesh"``, ``(vertices (V,3) float32, faces (F,3) int64)`` numpy
+        tuples for ``"np"``, None for ``"latent"``.
+    latents: the generated latents in VAE space (un-normalised with the cache statistics, ready for
+        ``pipe.vae.decode``), (B*num_shapes, N, C); a torch tensor, or a numpy array for ``"np"``.
+    """
+
+    meshes: list[Any] | None
+    latents: torch.Tensor | np.ndarray
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    """A prompt argument as a non-empty list of strings, or a ValueError naming the argument and the bad item."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"`{name}` is an empty list: give at least one prompt")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"`{name}` items must be strings; item {index} is a {type(item).__name__}")
+    return list(value)
+
+
+class DoraTextTo3DPipeline(DiffusionPipeline):
+    r"""Text-to-3D with a flow-matching ShapeDiT over Dora VAE vecset latents.
+
+    Args:
+        vae: ``vae.DoraVAE``; decodes (B, N, C) latents into an occupancy-like field.
+        transformer: ``diffusion.ShapeDiT``; predicts the flow-matching velocity ``noise - x0``.
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` (x_t = (1 - sigma) x0 + sigma noise, t = 1000 sigma).
+        text_encoder, tokenizer: the frozen transformers encoder and its tokenizer that the DiT was trained with.
+        latent_mean, latent_std: per-channel statistics (length C) of the cached latents the DiT was trained on;
+            generated latents are mapped back with ``x * std + mean`` before decoding. None = identity.
+        max_tokens: the largest ``num_tokens`` accepted. None = the VAE's recorded maximum (its config), if any.
+        default_num_tokens: ``num_tokens`` used when the call does not give one (the DiT's training length).
+        text_max_length: tokenizer truncation length, the one used in DiT training.
+        text_encoder_kind: how the pooled vector is made (``diffusion.text_encoder.KINDS``); recorded because a
+            saved transformers folder loses the sentence-transformers marker (L2-normalised mean pooling).
+            None = inferred from the model type ("clip", "t5", else "bert").
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: DoraVAE,
+        transformer: ShapeDiT,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        latent_mean: list[float] | None = None,
+        latent_std: list[float] | None = None,
+        max_tokens: int | None = None,
+        default_num_tokens: int | None = None,
+        text_max_length: int = 77,
+        text_encoder_kind: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        if text_encoder_kind is not None and text_encoder_kind not in TEXT_ENCODER_KINDS:
+            raise ValueError(f"text_encoder_kind must be one of {TEXT_ENCODER_KINDS}, got {text_encoder_kind!r}")
+        if (latent_mean is None) != (latent_std is None):
+            raise ValueError("latent_mean and latent_std must be given together (both from the cache manifest)")
+        if latent_mean is not None:
+            latent_mean = [float(value) for value in latent_mean]
+            latent_std = [float(value) for value in latent_std]
+            if len(latent_mean) != len(latent_std):
+                raise ValueError(f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}")
+            if len(latent_mean) != self.latent_channels:
+                raise ValueError(
+                    f"latent statistics have {len(latent_mean)} channels but the models use {self.latent_channels}"
+                )
+            if min(latent_std) < 0:
+                raise ValueError("latent_std must be non-negative in every channel")
+        # Plain config values (not modules): stored in model_index.json, passed back by from_pretrained.
+        self.register_to_config(
+            latent_mean=latent_mean,
+            latent_std=latent_std,
+            max_tokens=max_tokens,
+            default_num_tokens=default_num_tokens,
+            text_max_length=text_max_length,
+            text_encoder_kind=text_encoder_kind,
+        )
+
+    # ------------------------------------------------------------------ model facts
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def token_limit(self) -> int | None:
+        """Largest accepted ``num_tokens``: the pipeline's ``max_tokens`` if set, else the VAE's
+        ``max_train_tokens`` (the most tokens its decoder was trained on; neither model has a positional table,
+        so more would run, but nothing checked that they decode well)."""
+        limit = self.config.max_tokens or getattr(self.vae.config, "max_train_tokens", None)
+        return None if limit is None else int(limit)
+
+    @property
+    def default_num_tokens(self) -> int:
+        """The pipeline's ``default_num_tokens`` (the cached latents' count), else the VAE's default."""
+        return int(self.config.default_num_tokens or self.vae.config.default_num_tokens)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def text_encoder_wrapper(self) -> TextEncoder:
+        """The registered encoder + tokenizer behind the same ``encode`` the DiT was trained with (same padding,
+        truncation, pooling and empty-prompt unconditional embedding)."""
+        kind = self.config.text_encoder_kind or _detect_kind(self.text_encoder.config)
+        return TextEncoder(self.text_encoder, self.tokenizer, kind, max_length=self.config.text_max_length)
+
+    # ------------------------------------------------------------------ steps
+
+    def check_inputs(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        num_inference_steps: int,
+        num_tokens: int,
+        num_shapes_per_prompt: int,
+        mesh_resolution: int,
+        output_type: str,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> None:
+        prompts = _string_list(prompt, "prompt")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negatives = _string_list(negative_prompt, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} items but `prompt` has {len(prompts)}; "
+                    "give one negative prompt per prompt or a single string"
+                )
+        for name, value in (("num_inference_steps", num_inference_steps), ("num_tokens", num_tokens),
+                            ("num_shapes_per_prompt", num_shapes_per_prompt), ("mesh_resolution", mesh_resolution)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        limit = self.token_limit
+        if limit is not None and num_tokens > limit:
+            raise ValueError(f"`num_tokens`={num_tokens} is beyond what the models support (at most {limit})")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if latents is not None:
+            expected = (len(prompts) * num_shapes_per_prompt, num_tokens, self.latent_channels)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"`latents` must have shape (batch*num_shapes_per_prompt, num_tokens, channels) = {expected}, "
+                    f"got {got}"
+                )
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                    f"but found {unknown}"
+                )
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_shapes_per_prompt: int = 1,
+        device: torch.device | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text embeddings for the DiT, repeated per shape; with CFG the batch is ``[uncond, cond]``.
+
+        The unconditional branch uses the negative prompt, or "" (the prompt the DiT saw on CFG dropout).
+        Returns ``(hidden (B',L,D), attention_mask (B',L), pooled (B',D))`` with B' = (2 if CFG else 1) * B * S.
+        """
+        device = device or self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = prompts
+        if do_classifier_free_guidance:
+            if negative_prompt is None:
+                negatives = [""] * len(prompts)
+            elif isinstance(negative_prompt, str):
+                negatives = [negative_prompt] * len(prompts)
+            else:
+                negatives = list(negative_prompt)
+            # One tokenizer call for both halves, so they share a padded length and can be concatenated.
+            texts = negatives + prompts
+        hidden, mask, pooled = self.text_encoder_wrapper().encode(texts, device=device)
+        # (B', L, D), (B', L), (B', D); each prompt's rows stay together: shape s of prompt p is row p*S + s.
+        hidden = hidden.repeat_interleave(num_shapes_per_prompt, dim=0)
+        mask = mask.repeat_interleave(num_shapes_per_prompt, dim=0)
+        pooled = pooled.repeat_interleave(num_shapes_per_prompt, dim=0)
+        return hidden, mask, pooled
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got a list of {len(generator)} generators but the effective batch size is {batch_size}"
+            )
+        shape = (batch_size, num_tokens, self.latent_channels)  # (B, N, C) pure noise at sigma = 1
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def unnormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """DiT space -> VAE space with the cache manifest's per-channel statistics."""
+        if self.config.latent_mean is None:
+            return latents
+        # The cache's own inverse, so a dead channel gets the same std floor as in training.
+        stats = LatentStats(mean=np.asarray(self.config.latent_mean), std=np.asarray(self.config.latent_std))
+        return stats.denormalize(latents)  # (B, N, C)
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        mesh_resolution: int = 256,
+        mesh_threshold: float = 0.5,
+        remove_floaters: bool = True,
+    ) -> list[Any]:
+        """VAE-space latents (B, N, C) -> one trimesh per item, by coarse-to-fine extraction of the VAE field.
+
+        A shape whose field never crosses ``mesh_threshold`` gives an empty ``trimesh.Trimesh``.
+        """
+        vae_parameter = next(self.vae.parameters())
+        vae_dtype, vae_device = vae_parameter.dtype, vae_parameter.device
+        meshes = []
+        for index in range(latents.shape[0]):
+            # One item at a time: the field is queried in chunks, so peak memory stays that of one shape.
+            decoded = self.vae.decode(latents[index : index + 1].to(device=vae_device, dtype=vae_dtype))
+
+            def field(query_points: torch.Tensor, decoded=decoded) -> torch.Tensor:
+                return decoded(query_points.to(vae_dtype))[0].float()  # (M, 3) -> (M,)
+
+            meshes.append(extract_mesh(
+                field, resolution=int(mesh_resolution), threshold=float(mesh_threshold), method="hierarchical",
+                remove_floaters=remove_floaters, device=vae_device,
+            ))  # fmt: skip
+        return meshes
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        num_tokens: int | None = None,
+        num_shapes_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "trimesh",
+        mesh_resolution: int = 256,
+        mesh_threshold: float = 0.5,
+        remove_floaters: bool = True,
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> DoraTextTo3DPipelineOutput | tuple:
+        r"""Generate shapes from text.
+
+        Args:
+            prompt: one prompt or a list of prompts.
+            negative_prompt: the unconditional branch of CFG (default ""); a string or one per prompt.
+            num_inference_steps: Euler steps of the flow-matching ODE.
+            guidance_scale: CFG weight ``w`` (``v = v_u + w (v_c - v_u)``); <= 1 disables CFG.
+            num_tokens: latent tokens per shape (default: ``pipe.default_num_tokens``); at most ``pipe.token_limit``.
+            num_shapes_per_prompt: shapes per prompt.
+            generator: torch generator(s) for the initial noise; same seed -> same result.
+            latents: initial noise in DiT space, (B*num_shapes_per_prompt, num_tokens, C).
+            output_type: "trimesh" (meshes), "latent" (latents only, no mesh extraction) or "np" (numpy arrays).
+            mesh_resolution: finest grid resolution of the mesh extraction.
+            mesh_threshold: iso-level of the VAE's occupancy-like field (0.5 = surface).
+            remove_floaters: drop small disconnected components after extraction.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called after each step;
+                returned "latents" / "prompt_embeds" / ... replace the pipeline's.
+            callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (default ["latents"]).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        num_tokens = self.default_num_tokens if num_tokens is None else num_tokens
+        self.check_inputs(
+            prompt, negative_prompt, num_inference_steps, num_tokens, num_shapes_per_prompt, mesh_resolution,
+            output_type, latents=latents, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        device = self._execution_device
+
+        # 1. Text conditioning
+        prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance, num_shapes_per_prompt, device
+        )  # (B', L, D), (B', L), (B', D)
+        dtype = next(self.transformer.parameters()).dtype
+        prompt_embeds = prompt_embeds.to(dtype)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(dtype)
+
+        # 2. Initial noise
+        latents = self.prepare_latents(
+            batch_size * num_shapes_per_prompt, num_tokens, dtype, device, generator, latents
+        )  # (B*S, N, C)
+
+        # 3. Timesteps (sigma * 1000, from 1 down); dynamic shifting keys the shift on the token count, as Flux
+        #    does on the image sequence length.
+        scheduler_kwargs = {}
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            scheduler_kwargs["mu"] = calculate_shift(
+                num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            )  # fmt: skip
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **scheduler_kwargs)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        step_generator = generator if isinstance(generator, torch.Generator) else None
+
+        # 4. Denoising loop: Euler steps along the predicted velocity (noise - x0).
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                timestep = t.expand(latent_model_input.shape[0]).to(dtype)  # (B',)
+                velocity = self.transformer(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=prompt_attention_mask,
+                    pooled_projections=pooled_prompt_embeds,
+                    return_dict=False,
+                )[0]  # (B', N, C)
+                if self.do_classifier_free_guidance:
+                    velocity_uncond, velocity_text = velocity.chunk(2)
+                    velocity = velocity_uncond + self.guidance_scale * (velocity_text - velocity_uncond)
+                latents = self.scheduler.step(velocity, t, latents, generator=step_generator, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    prompt_attention_mask = callback_outputs.pop("prompt_attention_mask", prompt_attention_mask)
+                    pooled_prompt_embeds = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+                progress_bar.update()
+
+        # 5. Back to VAE space, then the field -> meshes.
+        vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)
+        meshes = None
+        if output_type != "latent":
+            meshes = self.decode_latents(
+                vae_latents, mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold,
+                remove_floaters=remove_floaters,
+            )
+        if output_type == "np":
+            meshes = [
+                (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)) for mesh in meshes
+            ]
+            vae_latents = vae_latents.cpu().numpy()
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (meshes, vae_latents)
+        return DoraTextTo3DPipelineOutput(meshes=meshes, latents=vae_latents)

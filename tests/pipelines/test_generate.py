@@ -1,0 +1,96 @@
+"""`dora generate` on a tiny saved pipeline: mesh files trimesh reloads + a preview PNG beside them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from pipelines.generate import main as generate
+from tests.pipelines._tiny_pipeline import MAX_TRAIN_TOKENS, center_surface_on, make_tiny_pipeline
+
+PROMPT = "a round table with one central leg"
+SEED = 3
+STEPS = 2
+GUIDANCE = 5.0  # `dora generate`'s default --guidance
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    """A saved tiny pipeline whose VAE field has a surface for the shape (PROMPT, SEED, STEPS) generates."""
+    pipe = make_tiny_pipeline()
+    center_surface_on(
+        pipe, PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(SEED),
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _is_rendered_png(path: Path) -> bool:
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return image.format == "PNG" and pixels.std() > 1.0  # not a blank canvas
+
+
+def test_generate_writes_glb_and_preview(pipeline_dir, tmp_path):
+    # A fresh interpreter, as a user runs it: the saved pipeline must load without the test's imports.
+    output = tmp_path / "out" / "table.glb"
+    command = [sys.executable, "-m", "pipelines.cli", "generate", PROMPT, "--pipeline", str(pipeline_dir),
+               "-o", str(output), "--steps", str(STEPS), "--seed", str(SEED), "--resolution", "32"]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mesh = trimesh.load(output, force="mesh")
+    assert isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0
+    assert np.abs(mesh.vertices).max() <= 1.05 + 1e-5
+    assert _is_rendered_png(output.with_suffix(".png"))
+    assert f"wrote {output}" in done.stdout
+
+
+def test_generate_several_shapes_with_face_budget(pipeline_dir, tmp_path, capsys):
+    output = tmp_path / "table.obj"
+    code = generate([PROMPT, "--pipeline", str(pipeline_dir), "-o", str(output), "--steps", str(STEPS),
+                     "--seed", str(SEED), "--resolution", "32", "--num", "2", "--faces", "200"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert not output.exists()  # several shapes are numbered
+    written = [path for path in (tmp_path / "table_0.obj", tmp_path / "table_1.obj") if path.exists()]
+    # The first shape is the calibrated one; an empty second shape is reported instead of written.
+    assert tmp_path / "table_0.obj" in written
+    for path in written:
+        mesh = trimesh.load(path, force="mesh")
+        assert 0 < len(mesh.faces) <= 200 * 1.1
+        assert f"wrote {path}" in out
+    assert _is_rendered_png(tmp_path / "table.png")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-o", "shape.fbx"], "must end with one of"),
+        (["-o", "shape.glb", "--tokens", "0"], "`num_tokens` must be a positive integer"),
+        (["-o", "shape.glb", "--tokens", str(MAX_TRAIN_TOKENS + 8)], "beyond what the models support"),
+        (["-o", "shape.glb", "--num", "0"], "--num must be positive"),
+        (["-o", "shape.glb", "--steps", "0"], "`num_inference_steps` must be a positive integer"),
+    ],
+)
+def test_generate_rejects_bad_arguments(pipeline_dir, tmp_path, capsys, extra, message):
+    extra = [str(tmp_path / value) if value.startswith("shape.") else value for value in extra]
+    assert generate([PROMPT, "--pipeline", str(pipeline_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("shape*"))
+
+
+def test_generate_needs_a_saved_pipeline(tmp_path, capsys):
+    assert generate([PROMPT, "--pipeline", str(tmp_path), "-o", str(tmp_path / "x.glb")]) == 2
+    assert "no model_index.json" in capsys.readouterr().err

@@ -1,0 +1,222 @@
+"""DoraTextTo3DPipeline with tiny random real components: flow, outputs, save/load, determinism, input checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from pipelines import DoraTextTo3DPipeline, DoraTextTo3DPipelineOutput
+from tests.pipelines._tiny_pipeline import (
+    LATENT_CHANNELS,
+    MAX_TRAIN_TOKENS,
+    NUM_TOKENS,
+    center_surface_on,
+    make_tiny_pipeline,
+)
+
+PROMPT = "a round table with one central leg"
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DoraTextTo3DPipeline:
+    return make_tiny_pipeline()
+
+
+def test_two_steps_give_a_surface_mesh():
+    pipe = make_tiny_pipeline()
+    center_surface_on(pipe, PROMPT, num_inference_steps=2, generator=seeded(0))
+    out = pipe(PROMPT, num_inference_steps=2, generator=seeded(0), mesh_resolution=32)
+    assert isinstance(out, DoraTextTo3DPipelineOutput)
+    assert len(out.meshes) == 1 and isinstance(out.meshes[0], trimesh.Trimesh)
+    mesh = out.meshes[0]
+    assert len(mesh.faces) > 0
+    assert np.abs(mesh.vertices).max() <= 1.05 + 1e-6
+    # The vertices lie on the iso-surface of the VAE field of the returned latents (marching cubes interpolates
+    # linearly along a grid edge, so allow for the field's curvature within one 32^3 cell).
+    values = pipe.vae.decode(out.latents)(torch.as_tensor(mesh.vertices, dtype=torch.float32))[0]
+    assert (values - 0.5).abs().median() < 0.02
+    assert (values - 0.5).abs().max() < 0.1
+
+
+def test_batch_of_prompts_with_several_shapes_and_np_output(pipe):
+    out = pipe(
+        ["a chair", "a table"], num_shapes_per_prompt=2, num_inference_steps=2, generator=seeded(1),
+        output_type="np", mesh_resolution=16,
+    )  # fmt: skip
+    assert isinstance(out.latents, np.ndarray) and out.latents.shape == (4, NUM_TOKENS, LATENT_CHANNELS)
+    assert len(out.meshes) == 4
+    for vertices, faces in out.meshes:
+        assert vertices.dtype == np.float32 and vertices.ndim == 2 and vertices.shape[1] == 3
+        assert faces.dtype == np.int64 and faces.ndim == 2 and faces.shape[1] == 3
+    # Every shape starts from its own noise.
+    flat = out.latents.reshape(4, -1)
+    assert all(not np.allclose(flat[i], flat[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_latent_output_shape_and_unnormalisation(pipe):
+    final = {}
+
+    def keep_last(pipeline, step, timestep, callback_kwargs):
+        final["latents"] = callback_kwargs["latents"].clone()
+        return {}
+
+    out = pipe(PROMPT, num_inference_steps=2, generator=seeded(0), output_type="latent", callback_on_step_end=keep_last)
+    assert out.meshes is None
+    assert isinstance(out.latents, torch.Tensor) and out.latents.shape == (1, NUM_TOKENS, LATENT_CHANNELS)
+    mean = torch.tensor(pipe.config.latent_mean)
+    std = torch.tensor(pipe.config.latent_std)
+    torch.testing.assert_close(out.latents, final["latents"] * std + mean)
+
+    fewer = pipe(PROMPT, num_inference_steps=2, num_tokens=16, generator=seeded(0), output_type="latent")
+    assert fewer.latents.shape == (1, 16, LATENT_CHANNELS)
+
+
+def test_callback_runs_every_step_and_can_replace_latents(pipe):
+    steps = []
+
+    def zero_at_last_step(pipeline, step, timestep, callback_kwargs):
+        steps.append((step, float(timestep)))
+        if step == pipeline.num_timesteps - 1:
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+        return {}
+
+    out = pipe(PROMPT, num_inference_steps=3, generator=seeded(0), output_type="latent",
+               callback_on_step_end=zero_at_last_step)  # fmt: skip
+    assert [step for step, _ in steps] == [0, 1, 2]
+    timesteps = [timestep for _, timestep in steps]
+    assert timesteps[0] == pytest.approx(1000.0) and timesteps == sorted(timesteps, reverse=True)
+    # Zero DiT-space latents un-normalise to the per-channel mean.
+    expected = torch.tensor(pipe.config.latent_mean).expand(1, NUM_TOKENS, LATENT_CHANNELS)
+    torch.testing.assert_close(out.latents, expected)
+
+
+def test_encode_prompt_puts_unconditional_first(pipe):
+    hidden, mask, pooled = pipe.encode_prompt(["a chair", "a lamp"], do_classifier_free_guidance=True,
+                                              num_shapes_per_prompt=3)  # fmt: skip
+    assert hidden.shape[0] == mask.shape[0] == pooled.shape[0] == 2 * 2 * 3
+    empty_hidden, _, empty_pooled = pipe.text_encoder_wrapper().encode([""])
+    torch.testing.assert_close(pooled[:6], empty_pooled.expand(6, -1))
+    torch.testing.assert_close(hidden[0, : empty_hidden.shape[1]], empty_hidden[0])
+    assert not torch.allclose(pooled[6], pooled[9])  # "a chair" vs "a lamp"
+    negative, _, negative_pooled = pipe.encode_prompt("a chair", negative_prompt="ugly", do_classifier_free_guidance=True)
+    torch.testing.assert_close(negative_pooled[0], pipe.text_encoder_wrapper().encode(["ugly"]).pooled[0])
+    conditional_only = pipe.encode_prompt("a chair", do_classifier_free_guidance=False)
+    assert conditional_only[0].shape[0] == 1
+
+
+def test_same_seed_same_result_and_each_input_matters(pipe):
+    def run(prompt=PROMPT, **overrides):
+        kwargs = dict(num_inference_steps=2, guidance_scale=4.0, generator=seeded(7), output_type="latent")
+        kwargs.update(overrides)
+        return pipe(prompt, **kwargs).latents
+
+    reference = run()
+    assert torch.equal(run(), reference)
+    assert not torch.allclose(run(generator=seeded(8)), reference)
+    assert not torch.allclose(run(prompt="a tall vase"), reference)
+    assert not torch.allclose(run(guidance_scale=1.0), reference)
+    assert not torch.allclose(run(negative_prompt="a chair"), reference)
+    assert not torch.allclose(run(num_inference_steps=3), reference)
+    # Given initial noise reproduces the seeded run.
+    noise = torch.randn(1, NUM_TOKENS, LATENT_CHANNELS, generator=seeded(7))
+    assert torch.equal(run(generator=None, latents=noise), reference)
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "DoraTextTo3DPipeline"
+    for component in ("vae", "transformer", "scheduler", "text_encoder", "tokenizer"):
+        assert (tmp_path / "pipe" / component).is_dir(), component
+    assert index["latent_mean"] == pytest.approx(pipe.config.latent_mean)
+    assert index["text_encoder_kind"] == "bert"
+
+    loaded = DoraTextTo3DPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.vae) is type(pipe.vae) and type(loaded.transformer) is type(pipe.transformer)
+    for key in ("latent_mean", "latent_std", "text_encoder_kind", "text_max_length", "max_tokens"):
+        assert loaded.config[key] == pipe.config[key], key
+    before = pipe(PROMPT, num_inference_steps=2, generator=seeded(3), output_type="latent").latents
+    after = loaded(PROMPT, num_inference_steps=2, generator=seeded(3), output_type="latent").latents
+    assert torch.equal(before, after)
+
+
+def test_to_moves_every_component_dtype():
+    pipe = make_tiny_pipeline().to("cpu", torch.float64)
+    assert pipe.vae.dtype == pipe.transformer.dtype == pipe.text_encoder.dtype == torch.float64
+    out = pipe(PROMPT, num_inference_steps=1, generator=seeded(0), output_type="latent")
+    assert torch.isfinite(out.latents).all()
+
+
+def test_token_limit_comes_from_vae_or_pipeline_config(pipe):
+    assert pipe.token_limit == MAX_TRAIN_TOKENS
+    assert pipe.default_num_tokens == NUM_TOKENS
+    capped = make_tiny_pipeline()
+    capped.register_to_config(max_tokens=16, default_num_tokens=8)
+    assert capped.token_limit == 16 and capped.default_num_tokens == 8
+    with pytest.raises(ValueError, match=r"num_tokens`=17 .*at most 16"):
+        capped(PROMPT, num_tokens=17, num_inference_steps=1, output_type="latent")
+
+
+BAD_INPUTS = [
+    (dict(prompt=123), r"`prompt` must be a string or a list of strings, got int"),
+    (dict(prompt=[]), r"`prompt` is an empty list"),
+    (dict(prompt=["a chair", 3]), r"`prompt` items must be strings; item 1 is a int"),
+    (dict(prompt=None), r"`prompt` must be a string or a list of strings, got NoneType"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), r"`negative_prompt` has 1 items but `prompt` has 2"),
+    (dict(negative_prompt=5), r"`negative_prompt` must be a string or a list of strings"),
+    (dict(num_tokens=0), r"`num_tokens` must be a positive integer, got 0"),
+    (dict(num_tokens=-4), r"`num_tokens` must be a positive integer, got -4"),
+    (dict(num_tokens=MAX_TRAIN_TOKENS + 1), rf"`num_tokens`={MAX_TRAIN_TOKENS + 1} is beyond .*at most {MAX_TRAIN_TOKENS}"),
+    (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive integer, got 0"),
+    (dict(num_inference_steps=-1), r"`num_inference_steps` must be a positive integer, got -1"),
+    (dict(mesh_resolution=0), r"`mesh_resolution` must be a positive integer, got 0"),
+    (dict(mesh_resolution=32.5), r"`mesh_resolution` must be a positive integer, got 32.5"),
+    (dict(mesh_resolution="64"), r"`mesh_resolution` must be a positive integer, got '64'"),
+    (dict(num_shapes_per_prompt=0), r"`num_shapes_per_prompt` must be a positive integer"),
+    (dict(output_type="mesh"), r"`output_type` must be one of"),
+    (dict(latents=torch.zeros(1, NUM_TOKENS + 1, LATENT_CHANNELS)), rf"`latents` must have shape .*\(1, {NUM_TOKENS}, {LATENT_CHANNELS}\), got \(1, {NUM_TOKENS + 1}, {LATENT_CHANNELS}\)"),
+    (dict(num_shapes_per_prompt=2, latents=torch.zeros(1, NUM_TOKENS, LATENT_CHANNELS)), r"`latents` must have shape .*\(2, "),
+    (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), r"`callback_on_step_end_tensor_inputs` has to be in"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_check_inputs_rejects(pipe, monkeypatch, overrides, message):
+    kwargs = dict(prompt=PROMPT, num_inference_steps=1, output_type="latent", mesh_resolution=32)
+    kwargs.update(overrides)
+
+    def fail(*args, **kwargs):  # nothing may run before the inputs are checked
+        raise AssertionError("the text encoder ran before check_inputs rejected the call")
+
+    monkeypatch.setattr(pipe, "encode_prompt", fail)
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+def test_dynamic_shifting_scheduler_gets_mu_from_the_token_count():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_tiny_pipeline()
+    timesteps = {}
+
+    def record(name):
+        def callback(pipeline, step, timestep, callback_kwargs):
+            timesteps.setdefault(name, []).append(float(timestep))
+            return {}
+
+        return callback
+
+    pipe(PROMPT, num_inference_steps=3, output_type="latent", callback_on_step_end=record("fixed"))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # needs `mu` in set_timesteps
+    pipe(PROMPT, num_inference_steps=3, output_type="latent", callback_on_step_end=record("dynamic"))
+    assert len(timesteps["dynamic"]) == 3 and timesteps["dynamic"] != pytest.approx(timesteps["fixed"])
