@@ -1,0 +1,87 @@
+"""Data side of `dora train-vae`: held-out split, resumable seeded data order, batching of prepared samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae.train_validation import split_indices
+
+# What data.prepare.PreparedDataset items hold: uniform/salient (N, 6) xyz+normal, supervision (M, ...).
+TENSOR_KEYS = ("uniform", "salient", "sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
+
+
+class EpochPermutationSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Yields ``(item, draw seed)`` pairs: a permutation seeded by (seed, epoch), identical on all ranks and
+    replayable on resume; the draw seed fixes the item's random point subsets (see :class:`SeededItems`)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return iter((item, (self.seed * 100_003 + self.epoch) * 1_000_003 + position)
+                    for position, item in enumerate(order))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[indices[i]]`` with torch's RNG seeded per draw.
+
+    PreparedDataset draws its point subsets from torch's global RNG; the DataLoader fetches one batch ahead, so
+    that draw would depend on when the loader was (re)started. Seeding each item from the sampler makes the
+    subsets a function of (seed, epoch, position): a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        position, draw_seed = key if isinstance(key, tuple) else (key, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed)
+            return self.dataset[self.indices[position]]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors; keep ``meta`` as a list (its nested JSON values do not collate)."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in TENSOR_KEYS}
+    batch["meta"] = [item.get("meta", {}) for item in items]
+    return batch
+
+
+def shape_ids_of(dataset: Any) -> list[str]:
+    """Shape ids in dataset order, from the dataset's file list when it has one (no need to load every item)."""
+    for attribute in ("shape_ids", "files", "paths"):
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return [Path(v).stem if attribute != "shape_ids" else str(v) for v in values]
+    return [str(dataset[i]["meta"].get("shape_id", i)) for i in range(len(dataset))]
+
+
+def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[int]]:
+    """(training dataset, validation dataset, train indices, held-out indices) from a prepared folder."""
+    from data.prepare import PreparedDataset
+
+    if not (Path(root) / "samples").is_dir():
+        raise FileNotFoundError(f"prepared data not found: {root}/samples (run `dora prepare --builtin 240 --out {root}`)")
+    data = config.data
+    train_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient,
+                                n_supervision=data.n_supervision, seed=config.training.seed)
+    # Validation uses all supervision points: a stable IoU estimate.
+    val_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient, seed=config.training.seed)
+    train_idx, val_idx = split_indices(shape_ids_of(train_set), data.val_fraction)
+    if not train_idx:
+        raise ValueError(f"{root}: no training shapes (found {len(train_set)} samples)")
+    return train_set, val_set, train_idx, val_idx
