@@ -1,0 +1,81 @@
+"""Periodic training previews: fixed prompts -> sampled latents -> (VAE decode -> meshes -> PNG grid).
+
+Uses only the lower stages (``data`` for meshing/rendering, ``vae`` for decoding) and the training-time sampler of
+``diffusion.flow_matching``; the full text-to-3D pipeline lives in ``pipelines/`` and is never imported here.
+Without a VAE the preview still samples and logs statistics of the generated latents (their std should approach
+1 in normalised space; a collapse towards 0 shows up here first).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from data.latent_shards import LatentStats
+from diffusion.flow_matching import sample_latents
+from diffusion.text_encoder import TextEncoder
+
+logger = logging.getLogger("dora.train_dit")
+
+
+def default_prompts(count: int) -> list[str]:
+    """One plain prompt for each of the first ``count`` procedural categories."""
+    from data.procedural import example_prompts
+
+    return [prompts[0] for prompts in example_prompts(per_category=1).values()][:count]
+
+
+@torch.no_grad()
+def render_preview(
+    model: torch.nn.Module,
+    text_encoder: TextEncoder,
+    prompts: list[str],
+    stats: LatentStats,
+    path: Path,
+    num_tokens: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    shift: float = 1.0,
+    seed: int = 0,
+    vae: Any | None = None,
+    mesh_resolution: int = 64,
+) -> dict[str, float]:
+    """Sample one shape per prompt (fixed seed), write ``path`` (PNG grid) when a VAE is given; return stats."""
+    device = next(model.parameters()).device
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    text = text_encoder.encode(prompts, device=device)
+    uncond = text_encoder.encode([""], device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    latents = sample_latents(model, scheduler, text, uncond, num_tokens, num_inference_steps, guidance_scale,
+                             generator=generator)  # (P,N,C) normalised
+    metrics = {"sample/latent_std": float(latents.float().std()), "sample/latent_mean": float(latents.float().mean())}
+    if vae is None:
+        return metrics
+    from data.marching import extract_mesh
+    from data.render import render_grid_png
+
+    vae_latents = stats.denormalize(latents.float()).to(vae.device, vae.dtype)  # (P,N,C) VAE space
+    meshes, titles = [], []
+    for index, prompt in enumerate(prompts):
+        try:
+            # one shape per decode: a DecodedLatents field queries every shape of its batch at each call
+            mesh = extract_mesh(vae.decode(vae_latents[index : index + 1]).field(0), resolution=mesh_resolution)
+        except Exception as error:  # a bad sample must not stop training: log it and leave the tile empty
+            logger.warning("preview %r: mesh extraction failed: %s", prompt, error)
+            mesh = None
+        if mesh is None or len(mesh.faces) == 0:
+            titles.append(f"{prompt} (empty)")
+            import trimesh
+
+            mesh = trimesh.creation.box(extents=(1e-3, 1e-3, 1e-3))  # a speck: keeps the grid layout
+        else:
+            titles.append(prompt)
+        meshes.append(mesh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_grid_png(meshes, path, titles=titles, columns=min(4, len(meshes)), size=192)
+    metrics["sample/empty_meshes"] = float(sum(title.endswith("(empty)") for title in titles))
+    return metrics

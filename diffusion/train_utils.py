@@ -1,0 +1,249 @@
+"""Pieces of `dora train-dit` that are not the loop: latent data, cached text embeddings, EMA checkpoint hooks.
+
+Data comes from the latent cache (WebDataset shards + manifest.json written by ``dora cache-latents``) through
+``data.latent_shards``, in one of two modes:
+
+- ``in_memory`` (default; small caches such as the CPU quickstart's ~280 shapes): every rank reads the whole cache
+  once into a tensor. Batches are then a pure function of (seed, micro-step, rank): a seeded per-epoch permutation
+  of the shapes, cut into global batches of ``batch_size * num_processes`` of which rank r takes slice r. A resumed
+  run therefore sees exactly the batches an uninterrupted run would, with no data-loader state to restore.
+- streaming (``in_memory: false``; caches too big for RAM): ``latent_shard_pipeline(resampled=True)`` where every
+  rank/worker draws shards with replacement (webdataset seeds the draw per rank and worker), read through a
+  DataLoader with workers. Resumed runs re-seed the stream with the resume step instead of replaying it.
+
+Text: the text encoder is frozen and a dataset has few distinct captions, so each unique caption is encoded once
+and its token states + pooled vector are kept in memory (:class:`CaptionEmbeddingCache`); a step then costs no
+text-encoder forward. Caption dropout maps a caption to ``""``, whose embedding is cached the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.latent_shards import LatentShardDataset, LatentStats, collate_latents, latent_shard_pipeline
+from diffusion.text_encoder import TextEmbeddings, TextEncoder
+
+logger = logging.getLogger("dora.train_dit")
+
+EMA_FOLDER = "ema"  # inside each accelerate checkpoint folder (save_pretrained layout, safetensors)
+
+
+# ------------------------------------------------------------------------------------------------ text embeddings
+class CaptionEmbeddingCache:
+    """Frozen text-encoder outputs per unique caption: (token states (L, D), pooled (P,)) on ``device``.
+
+    Each caption is encoded on its own padding-free slice (the mask selects its real tokens), so a cached entry
+    equals what the encoder gives for that prompt at inference. ``max_entries`` bounds memory when streaming a
+    cache with very many distinct captions (the cache is simply cleared when full).
+    """
+
+    def __init__(self, encoder: TextEncoder, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 64, max_entries: int = 200_000) -> None:
+        self.encoder, self.device, self.dtype = encoder, torch.device(device), dtype
+        self.batch_size, self.max_entries = batch_size, max_entries
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def precompute(self, captions: Iterable[str]) -> None:
+        missing = sorted(set(captions) - set(self.entries))
+        if len(self.entries) + len(missing) > self.max_entries:
+            self.entries.clear()
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            hidden, mask, pooled = self.encoder.encode(chunk)  # (b,L,D), (b,L), (b,P)
+            for index, caption in enumerate(chunk):
+                keep = mask[index].bool()  # (L,)
+                self.entries[caption] = (
+                    hidden[index][keep].to(self.device, self.dtype),  # (l,D)
+                    pooled[index].to(self.device, self.dtype),  # (P,)
+                )
+
+    def __call__(self, captions: list[str]) -> TextEmbeddings:
+        """Embeddings of a batch of captions, zero-padded to the longest (padding is masked out)."""
+        self.precompute(captions)
+        items = [self.entries[caption] for caption in captions]
+        length = max(hidden.shape[0] for hidden, _ in items)
+        width = items[0][0].shape[1]
+        hidden_states = torch.zeros(len(items), length, width, device=self.device, dtype=self.dtype)  # (B,L,D)
+        attention_mask = torch.zeros(len(items), length, device=self.device, dtype=torch.long)  # (B,L)
+        for index, (hidden, _) in enumerate(items):
+            hidden_states[index, : hidden.shape[0]] = hidden
+            attention_mask[index, : hidden.shape[0]] = 1
+        pooled = torch.stack([pooled for _, pooled in items])  # (B,P)
+        return TextEmbeddings(hidden_states, attention_mask, pooled)
+
+
+# ---------------------------------------------------------------------------------------------------- latent data
+@dataclass
+class LatentTable:
+    """The whole latent cache in memory: normalised latents (S, V, N, C) + per-shape captions and categories."""
+
+    latents: torch.Tensor  # (S,V,N,C) normalised with the manifest's statistics
+    captions: list[list[str]]
+    shape_ids: list[str]
+    categories: list[str | None]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -> LatentTable:
+    """Read every sample of a latent cache (all views) through the real shard reader, sorted by shape id."""
+    views: dict[str, dict[int, torch.Tensor]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    dataset = LatentShardDataset(source, num_tokens=num_tokens, stats=stats, shuffle_buffer=0,
+                                 shardshuffle=False, split_by_node=False, view=0)
+    num_views = int((dataset.manifest or {}).get("num_views", 1) or 1)
+    for view in range(num_views):
+        dataset.view = view
+        for sample in dataset:
+            views.setdefault(sample["shape_id"], {})[view] = sample["latents"]  # (N,C)
+            metas[sample["shape_id"]] = sample["meta"]
+    if not views:
+        raise ValueError(f"latent cache {source} holds no samples")
+    shape_ids = sorted(views)
+    latents = torch.stack([torch.stack([views[i][v] for v in range(num_views)]) for i in shape_ids])  # (S,V,N,C)
+    captions = []
+    for shape_id in shape_ids:
+        found = [c for c in (metas[shape_id].get("captions") or []) if isinstance(c, str) and c.strip()]
+        if not found:
+            logger.warning("latent cache %s: shape %s has no caption; it trains as unconditional", source, shape_id)
+        captions.append(found or [""])
+    categories = [metas[shape_id].get("category") for shape_id in shape_ids]
+    return LatentTable(latents, captions, shape_ids, categories)
+
+
+class InMemoryBatches:
+    """Deterministic batches from a :class:`LatentTable`: see the module docstring (resume-exact, rank-sliced)."""
+
+    def __init__(self, table: LatentTable, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.table, self.batch_size, self.seed = table, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self.table), generator=torch.Generator().manual_seed(
+                self.seed * 100_003 + epoch))}
+        return self._orders[epoch]
+
+    def epoch_of(self, micro_step: int) -> int:
+        return (micro_step * self.batch_size * self.world_size) // len(self.table)
+
+    def batch(self, micro_step: int, generator: torch.Generator) -> dict[str, Any]:
+        """Micro-batch ``micro_step`` of this rank; ``generator`` picks a view and a caption per sample."""
+        size = len(self.table)
+        first = (micro_step * self.world_size + self.rank) * self.batch_size
+        indices = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, size)
+            indices.append(int(self._order(epoch)[offset]))
+        num_views = self.table.latents.shape[1]
+        view = torch.randint(num_views, (len(indices),), generator=generator).tolist()
+        latents = torch.stack([self.table.latents[i, v] for i, v in zip(indices, view)])  # (B,N,C)
+        picks = torch.rand(len(indices), generator=generator).tolist()
+        captions = [self.table.captions[i][int(p * len(self.table.captions[i]))] for i, p in zip(indices, picks)]
+        return {"latents": latents, "caption": captions, "shape_id": [self.table.shape_ids[i] for i in indices]}
+
+
+def streaming_batches(source: str | Path, num_tokens: int, stats: LatentStats, batch_size: int, seed: int,
+                      shuffle_buffer: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    """Endless batches from resampled shards (each rank/worker draws its own shards with replacement)."""
+    pipeline = latent_shard_pipeline(source, num_tokens=num_tokens, stats=stats, shuffle_buffer=shuffle_buffer,
+                                     resampled=True, seed=seed)
+    pipeline = pipeline.batched(batch_size, collation_fn=collate_latents, partial=False)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0)
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------------------------------------- EMA checkpointing
+def register_ema_checkpointing(accelerator: Any, ema: Any, model_cls: type) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` include the EMA weights.
+
+    ``accelerator.register_for_checkpointing(ema)`` would do this, but accelerate 1.15 reloads registered objects
+    with ``torch.load(weights_only=False)`` (an unpickle; the project forbids it). Its save/load pre-hooks are the
+    sanctioned alternative (diffusers' example scripts use them the same way): EMAModel's own ``save_pretrained``
+    writes a config.json + safetensors folder, and ``EMAModel.from_pretrained`` reads it back.
+    """
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            ema.save_pretrained(str(Path(output_dir) / EMA_FOLDER))
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        folder = Path(input_dir) / EMA_FOLDER
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {input_dir} has no EMA weights ({folder}); was EMA off?")
+        from diffusers.utils import logging as diffusers_logging
+
+        # EMAModel.from_pretrained passes its own counters (decay, optimization_step...) through the model's
+        # from_pretrained, which warns that they are unexpected model config keys: expected here, so silenced.
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                loaded = type(ema).from_pretrained(str(folder), model_cls=model_cls)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+class ema_weights:  # noqa: N801 - a context manager
+    """Temporarily swap the EMA weights into the model (previews, export); no-op without EMA."""
+
+    def __init__(self, model: torch.nn.Module, ema: Any | None) -> None:
+        self.model, self.ema = model, ema
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """``latest`` -> the newest complete checkpoint under OUT/checkpoints (None if none); else the given folder."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "train_state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a train-dit checkpoint folder (no train_state.json)")
+        return path
+    found = [p for p in (output_dir / "checkpoints").glob("checkpoint-*") if (p / "train_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def read_train_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "train_state.json").read_text())
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A hash of a model's weights (names + bytes), to compare replicas across processes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
