@@ -1,0 +1,255 @@
+"""`dora quickstart`: the whole chain on the built-in procedural dataset, offline, on a CPU, in one command.
+
+Stages (each one is the same `dora <command>` a user would run by hand, with its YAML in configs/quickstart/):
+
+    1 build-dataset   procedural meshes + captions            OUT/dataset/index.jsonl
+    2 prepare         watertight + points + supervision        OUT/prepared/
+    3 train-vae       small Dora VAE                           OUT/vae/final/
+    4 bench           brief Dora-bench of that VAE             OUT/bench/results.md
+    5 cache-latents   frozen VAE -> WebDataset shards          OUT/latents/manifest.json
+    6 train-dit       small text-conditioned DiT               OUT/dit/final/
+    7 assemble        diffusers pipeline                       OUT/pipeline/
+    8 generate        meshes for a few prompts + PNG grid      OUT/samples/  and  OUT/report.md
+
+Each stage runs in its own process (exactly the command shown in the log, so it can be rerun or scaled up alone)
+and leaves a marker in OUT/.stages/ when it finishes: running the quickstart again skips finished stages and
+resumes an interrupted training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.config import CONFIG_DIR, from_dict, load_yaml
+
+QUICKSTART_CONFIGS = CONFIG_DIR / "quickstart"
+
+
+@dataclass
+class DatasetStage:
+    num_shapes: int = 168
+    seed: int = 0
+
+
+@dataclass
+class PrepareStage:
+    workers: int = 2
+
+
+@dataclass
+class TrainStage:
+    max_minutes: float = 6.0
+
+
+@dataclass
+class BenchStage:
+    limit: int = 6
+    tokens: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    resolution: int = 64
+
+
+@dataclass
+class GenerateStage:
+    prompts: list[str] = field(default_factory=list)
+    steps: int = 25
+    guidance: float = 4.0
+    resolution: int = 96
+    seed: int = 0
+
+
+@dataclass
+class QuickstartConfig:
+    dataset: DatasetStage = field(default_factory=DatasetStage)
+    prepare: PrepareStage = field(default_factory=PrepareStage)
+    vae: TrainStage = field(default_factory=TrainStage)
+    bench: BenchStage = field(default_factory=BenchStage)
+    dit: TrainStage = field(default_factory=TrainStage)
+    generate: GenerateStage = field(default_factory=GenerateStage)
+
+
+def _stage_yaml(config_dir: Path, name: str) -> Path:
+    path = config_dir / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"quickstart stage config missing: {path}")
+    return path
+
+
+def load_quickstart_config(config_dir: Path) -> QuickstartConfig:
+    """The orchestration knobs live in quickstart.yaml; each stage's own settings in its stage YAML."""
+    return from_dict(QuickstartConfig, load_yaml(_stage_yaml(config_dir, "quickstart")), "quickstart.yaml")
+
+
+class Quickstart:
+    def __init__(self, out_dir: Path, config_dir: Path, overrides: dict[str, float] | None = None) -> None:
+        self.out = out_dir
+        self.config_dir = config_dir
+        self.config = load_quickstart_config(config_dir)
+        for key, value in (overrides or {}).items():
+            section, name = key.split(".")
+            setattr(getattr(self.config, section), name, value)
+        self.marker_dir = out_dir / ".stages"
+        self.log_path = out_dir / "quickstart.log"
+        self.stage_times: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _done_marker(self, stage: str) -> Path:
+        return self.marker_dir / f"{stage}.json"
+
+    def _is_done(self, stage: str) -> bool:
+        return self._done_marker(stage).exists()
+
+    def _mark_done(self, stage: str, seconds: float, info: dict[str, Any] | None = None) -> None:
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        record = {"stage": stage, "seconds": round(seconds, 1), **(info or {})}
+        tmp = self._done_marker(stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self._done_marker(stage))
+
+    def _log(self, message: str) -> None:
+        print(message, flush=True)
+        with open(self.log_path, "a") as handle:
+            handle.write(message + "\n")
+
+    def _dora(self, *args: str) -> None:
+        """Run one `dora` subcommand in a child process; its progress bars go straight to the terminal."""
+        command = [sys.executable, "-m", "pipelines.cli", *args]
+        self._log("  $ dora " + " ".join(shlex.quote(a) for a in args))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        result = subprocess.run(command, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"stage command failed with exit code {result.returncode}: dora {' '.join(args)}\n"
+                f"Fix the cause and run the quickstart again: finished stages are kept and skipped."
+            )
+
+    def _run_stage(self, index: int, total: int, stage: str, action) -> None:
+        header = f"[{index}/{total}] {stage}"
+        if self._is_done(stage):
+            record = json.loads(self._done_marker(stage).read_text())
+            self.stage_times[stage] = record.get("seconds", 0.0)
+            self._log(f"{header}: already done ({record.get('seconds', '?')} s), skipped")
+            return
+        self._log(f"{header} ...")
+        start = time.perf_counter()
+        info = action() or {}
+        seconds = time.perf_counter() - start
+        self.stage_times[stage] = seconds
+        self._mark_done(stage, seconds, info)
+        self._log(f"{header}: done in {seconds:.0f} s")
+
+    # ------------------------------------------------------------------------------------------ stages
+    def build_dataset(self) -> dict[str, Any]:
+        cfg = self.config.dataset
+        self._dora("build-dataset", "--out", str(self.out / "dataset"), "--num-shapes", str(cfg.num_shapes),
+                   "--seed", str(cfg.seed))
+        return {"num_shapes": cfg.num_shapes}
+
+    def prepare(self) -> dict[str, Any]:
+        self._dora("prepare", str(self.out / "dataset" / "index.jsonl"), "--out", str(self.out / "prepared"),
+                   "--config", str(_stage_yaml(self.config_dir, "prepare")),
+                   "--workers", str(self.config.prepare.workers))
+        summary = self.out / "prepared" / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {}
+
+    def _train(self, command: str, config_name: str, run_dir: Path, minutes: float, *extra: str) -> None:
+        args = [command, "--config", str(_stage_yaml(self.config_dir, config_name)),
+                "--output-dir", str(run_dir), "--max-minutes", str(minutes), *extra]
+        # An interrupted training resumes from its last checkpoint instead of starting over.
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            args += ["--resume", "latest"]
+        self._dora(*args)
+
+    def train_vae(self) -> dict[str, Any]:
+        self._train("train-vae", "vae", self.out / "vae", self.config.vae.max_minutes,
+                    "--data", str(self.out / "prepared"))
+        return _read_json(self.out / "vae" / "final" / "metrics.json")
+
+    def bench(self) -> dict[str, Any]:
+        cfg = self.config.bench
+        self._dora("bench", "--vae", str(self.out / "vae" / "final"), "--names", "quickstart-vae",
+                   "--meshes", str(self.out / "dataset" / "index.jsonl"), "--out", str(self.out / "bench"),
+                   "--config", str(_stage_yaml(self.config_dir, "bench")), "--limit", str(cfg.limit),
+                   "--resolution", str(cfg.resolution), "--tokens", *[str(t) for t in cfg.tokens])
+        return {}
+
+    def cache_latents(self) -> dict[str, Any]:
+        self._dora("cache-latents", "--vae", str(self.out / "vae" / "final"), "--data", str(self.out / "prepared"),
+                   "--out", str(self.out / "latents"), "--config", str(_stage_yaml(self.config_dir, "cache")))
+        manifest = _read_json(self.out / "latents" / "manifest.json")
+        return {key: manifest.get(key) for key in ("num_samples", "num_tokens", "latent_channels", "dtype")}
+
+    def train_dit(self) -> dict[str, Any]:
+        self._train("train-dit", "dit", self.out / "dit", self.config.dit.max_minutes,
+                    "--shards", str(self.out / "latents"), "--vae", str(self.out / "vae" / "final"))
+        return {}
+
+    def assemble(self) -> dict[str, Any]:
+        self._dora("assemble-pipeline", "--vae", str(self.out / "vae" / "final"),
+                   "--transformer", str(self.out / "dit" / "final"),
+                   "--manifest", str(self.out / "latents" / "manifest.json"), "--out", str(self.out / "pipeline"))
+        return {}
+
+    def generate(self) -> dict[str, Any]:
+        # In-process: one pipeline load serves every prompt (a `dora generate` per prompt would reload it).
+        from pipelines.quickstart_report import generate_samples
+
+        return generate_samples(self.out / "pipeline", self.out / "samples", self.config.generate)
+
+    def run(self, stop_after: str | None = None) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        stages = [("build-dataset", self.build_dataset), ("prepare", self.prepare), ("train-vae", self.train_vae),
+                  ("bench", self.bench), ("cache-latents", self.cache_latents), ("train-dit", self.train_dit),
+                  ("assemble-pipeline", self.assemble), ("generate", self.generate)]
+        start = time.perf_counter()
+        self._log(f"dora quickstart -> {self.out} (configs: {self.config_dir})")
+        for index, (name, action) in enumerate(stages, start=1):
+            self._run_stage(index, len(stages), name, action)
+            if name == stop_after:
+                break
+        from pipelines.quickstart_report import write_report
+
+        report = write_report(self.out, self.stage_times)
+        self._log(f"quickstart finished in {time.perf_counter() - start:.0f} s this run; report: {report}")
+        return report
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dora quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/quickstart", help="output folder (default: %(default)s)")
+    parser.add_argument("--configs", default=str(QUICKSTART_CONFIGS),
+                        help="folder of the stage YAMLs (default: configs/quickstart)")
+    parser.add_argument("--vae-minutes", type=float, default=None, help="override the VAE training budget")
+    parser.add_argument("--dit-minutes", type=float, default=None, help="override the DiT training budget")
+    parser.add_argument("--num-shapes", type=int, default=None, help="override the dataset size")
+    parser.add_argument("--stop-after", default=None, help="stop after this stage (e.g. train-vae)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, float] = {}
+    if args.vae_minutes is not None:
+        overrides["vae.max_minutes"] = args.vae_minutes
+    if args.dit_minutes is not None:
+        overrides["dit.max_minutes"] = args.dit_minutes
+    if args.num_shapes is not None:
+        overrides["dataset.num_shapes"] = args.num_shapes
+    try:
+        Quickstart(Path(args.out), Path(args.configs), overrides).run(stop_after=args.stop_after)
+    except (RuntimeError, FileNotFoundError) as error:
+        print(f"dora quickstart: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,101 @@
+"""The quickstart's last stage (sample meshes + a PNG grid) and its short report of the figures measured on the way."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "shape"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def generate_samples(pipeline_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
+    """One mesh per prompt of ``cfg.prompts`` (a .glb each), a captioned PNG grid and a JSON index."""
+    from pipelines.mesh_post import export_mesh, render_grid_png
+    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+
+    if not cfg.prompts:
+        raise ValueError("configs/quickstart/quickstart.yaml: generate.prompts is empty")
+    pipeline = DoraTextTo3DPipeline.from_pretrained(str(pipeline_dir))
+    pipeline.set_progress_bar_config(desc="generate", leave=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    output = pipeline(prompt=list(cfg.prompts), num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                      generator=generator, mesh_resolution=cfg.resolution)
+    rows, meshes = [], []
+    for index, (prompt, mesh) in enumerate(zip(cfg.prompts, output.meshes)):
+        path = out_dir / f"{index:02d}-{_slug(prompt)}.glb"
+        empty = mesh is None or len(mesh.faces) == 0
+        if not empty:
+            export_mesh(mesh, path)
+        rows.append({"prompt": prompt, "path": None if empty else path.name,
+                     "faces": 0 if empty else int(len(mesh.faces)),
+                     "watertight": False if empty else bool(mesh.is_watertight)})
+        meshes.append(mesh)
+    render_grid_png(meshes, out_dir / "grid.png", titles=list(cfg.prompts), columns=4)
+    (out_dir / "samples.json").write_text(json.dumps(rows, indent=2))
+    return {"num_samples": len(rows), "non_empty": sum(1 for r in rows if r["path"])}
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    if not keys:
+        return "_not available_\n"
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {metrics[k]:.4g} |" for k in keys]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, stage_times: dict[str, float]) -> Path:
+    """``OUT/report.md``: timings per stage and the figures each stage measured, with links to its pictures."""
+    lines = ["# Quickstart report", ""]
+    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in stage_times.items()]
+    lines += [f"| **total** | **{sum(stage_times.values()):.0f}** |", ""]
+
+    prepared = _read_json(out / "prepared" / "summary.json")
+    if prepared:
+        lines += ["## Data", "", "```", json.dumps(prepared, indent=2), "```", ""]
+
+    vae = _read_json(out / "vae" / "summary.json")
+    if vae:
+        lines += ["## VAE (held-out reconstruction)", "",
+                  f"Steps: {vae.get('steps')}; held-out shapes: {vae.get('held_out_shapes')}. "
+                  "IoU is volume IoU of occupancy on uniform points; Chamfer in the [-1, 1] frame.", "",
+                  _format_metrics(vae.get("final", {})), "![VAE curves](vae/curves.png)", ""]
+
+    bench_md = out / "bench" / "results.md"
+    if bench_md.exists():
+        lines += ["## Dora-bench (brief)", "", "Full tables: [bench/results.md](bench/results.md)", ""]
+
+    manifest = _read_json(out / "latents" / "manifest.json")
+    if manifest:
+        keys = ("num_samples", "num_tokens", "latent_channels", "dtype")
+        lines += ["## Latent cache", "", ", ".join(f"{k}: {manifest.get(k)}" for k in keys), ""]
+
+    dit = _read_json(out / "dit" / "summary.json")
+    if dit:
+        lines += ["## DiT", "", f"Steps: {dit.get('steps')}; final loss: {dit.get('final_loss')}", ""]
+
+    samples = out / "samples" / "samples.json"
+    if samples.exists():
+        rows = json.loads(samples.read_text())
+        lines += ["## Samples", "", "![samples](samples/grid.png)", "", "| prompt | mesh | faces | watertight |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['prompt']} | {r['path'] or '(empty)'} | {r['faces']} | {r['watertight']} |" for r in rows]
+        lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
