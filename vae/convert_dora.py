@@ -13,11 +13,11 @@ non-tensor objects (hyper-parameter containers); those are replaced by plain dic
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from pickle import UnpicklingError  # only the exception type: loading is torch.load(weights_only=True)
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
         # Lightning extras (e.g. hyper-parameter containers) are not allowlisted: map each to a placeholder
         # and load again, still with weights_only=True.
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = convert_checkpoint(args.checkpoint, args.out_dir, heads=args.heads, epsilon=args.epsilon)
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError, RuntimeError) as error:
+    except (FileNotFoundError, ValueError, UnpicklingError, RuntimeError) as error:
         print(f"convert-dora-checkpoint: {error}", file=sys.stderr)
         return 1
     count = sum(p.numel() for p in model.parameters())
