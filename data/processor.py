@@ -167,6 +167,10 @@ class MeshProcessor:
 
         if batch_size == 1:
             return run(lambda query_points: _first_item(field(query_points)))
+        # A field that can hand out one item (vae.DecodedLatents.field) is queried per item: B evaluations
+        # of one shape each, instead of B evaluations of the whole batch.
+        if callable(getattr(field, "field", None)):
+            return [run(field.field(index)) for index in range(batch_size)]
         return [run(_ItemField(field, index)) for index in range(batch_size)]
 
 

@@ -105,8 +105,10 @@ class DecodedLatents:
             return self.model._query_tokens(self.tokens, query_points, output, self.chunk_size)  # (B, M)
 
     def field(self, index: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The field of shape ``index`` alone: (M, 3) -> (M,), the signature mesh extraction expects."""
-        return lambda query_points: self(query_points)[index]
+        """The field of shape ``index`` alone: (M, 3) -> (M,), the signature mesh extraction expects. Only that
+        shape's tokens are queried, so meshing a batch item by item costs B single-shape evaluations."""
+        single = DecodedLatents(self.model, self.tokens[index : index + 1], self.chunk_size)
+        return lambda query_points: single(query_points)[0]
 
 
 class DoraVAE(ModelMixin, ConfigMixin):

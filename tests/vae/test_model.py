@@ -255,3 +255,12 @@ def test_training_forward_and_gradient_checkpointing():
         losses.append((loss.detach(), vae.uniform_proj.weight.grad.clone()))
     torch.testing.assert_close(losses[0][0], losses[1][0])
     torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)
+
+
+def test_item_field_queries_only_its_own_shape(model, queries):
+    latents = model.encode([make_point_cloud(seed=0), make_point_cloud(seed=1)], num_tokens=32)  # (2, 32, C)
+    decoded = model.decode(latents)
+    both = decoded(queries)  # (2, M)
+    for index in range(2):
+        torch.testing.assert_close(decoded.field(index)(queries), both[index])
+    assert not torch.allclose(both[0], both[1])  # the two items are different shapes
