@@ -76,9 +76,17 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
                   "IoU is volume IoU of occupancy on uniform points; Chamfer in the [-1, 1] frame.", "",
                   _format_metrics(vae.get("final", {})), "![VAE curves](vae/curves.png)", ""]
 
-    bench_md = out / "bench" / "results.md"
-    if bench_md.exists():
-        lines += ["## Dora-bench (brief)", "", "Full tables: [bench/results.md](bench/results.md)", ""]
+    bench = _read_json(out / "bench" / "results.json")
+    if bench.get("aggregates"):
+        lines += ["## Dora-bench (brief, overall)", "", "| model | tokens | shapes | CD-L1 | F@0.01 | volume IoU (field) |",
+                  "|---|---|---|---|---|---|"]
+        for model, per_tokens in bench["aggregates"].items():
+            for tokens, groups in per_tokens.items():
+                row = groups.get("overall", {})
+                cells = [row.get(key) for key in ("chamfer_l1", "f_score@0.01", "volume_iou")]
+                text = ["-" if value is None else f"{value:.4f}" for value in cells]
+                lines.append(f"| {model} | {tokens} | {row.get('num_shapes', 0)} | " + " | ".join(text) + " |")
+        lines += ["", "Per level, latent quality and plots: [bench/results.md](bench/results.md)", ""]
 
     manifest = _read_json(out / "latents" / "manifest.json")
     if manifest:
