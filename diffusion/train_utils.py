@@ -30,6 +30,7 @@ import torch
 
 from data.latent_shards import LatentShardDataset, LatentStats, collate_latents, latent_shard_pipeline
 from diffusion.text_encoder import TextEmbeddings, TextEncoder
+from vae.train import ema_weights  # noqa: F401  (shared with the VAE loop; re-exported for diffusion.train)
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -207,20 +208,6 @@ def register_ema_checkpointing(accelerator: Any, ema: Any, model_cls: type) -> N
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-class ema_weights:  # noqa: N801 - a context manager
-    """Temporarily swap the EMA weights into the model (previews, export); no-op without EMA."""
-
-    def __init__(self, model: torch.nn.Module, ema: Any | None) -> None:
-        self.model, self.ema = model, ema
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
