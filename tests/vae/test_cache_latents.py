@@ -160,7 +160,7 @@ def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tm
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vae.cache_latents", *run_args(workspace, double, "--dtype", "fp32", "--max-samples", "4")]
     result = subprocess.run(command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=120)
+                            timeout=300)  # two cold torch imports on a loaded 2-core CI box
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = load_manifest(double)
     assert manifest["world_size"] == 2 and manifest["num_samples"] == 30
@@ -174,8 +174,9 @@ def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tm
     ids = [sample["shape_id"] for sample in read_raw(double)]
     assert sorted(ids) == shape_ids(workspace)
     reference = load_manifest(single)["stats"]
-    np.testing.assert_allclose(manifest["stats"]["mean"], reference["mean"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(manifest["stats"]["std"], reference["std"], rtol=1e-5)
+    # Different batch compositions per rank change float32 summation order inside the encoder: equal to ~1e-6.
+    np.testing.assert_allclose(manifest["stats"]["mean"], reference["mean"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(manifest["stats"]["std"], reference["std"], rtol=1e-4)
     assert manifest["stats"]["count"] == reference["count"]
     # rerun with 1 process (world size changed): nothing left to encode, rank 1's shards and sums still count
     assert main(run_args(workspace, double, "--dtype", "fp32", "--max-samples", "4")) == 0
@@ -191,7 +192,7 @@ def test_sigkill_mid_run_then_resume_caches_every_shape_exactly_once(workspace, 
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     log = out / "progress" / "rank-00000.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a cold start on a loaded CI box
     while time.monotonic() < deadline and process.poll() is None:
         if log.exists() and log.read_text().count("\n") >= 1:
             break
