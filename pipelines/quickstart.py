@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data.config import CONFIG_DIR, from_dict, load_yaml
+from pipelines.quickstart_report import _read_json
 
 QUICKSTART_CONFIGS = CONFIG_DIR / "quickstart"
 
@@ -220,13 +221,6 @@ class Quickstart:
         report = write_report(self.out, self.stage_times)
         self._log(f"quickstart finished in {time.perf_counter() - start:.0f} s this run; report: {report}")
         return report
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
