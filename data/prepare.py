@@ -128,6 +128,9 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     With counts given, each call draws a fresh random subset (different every epoch; DataLoader workers differ
     because the draw is seeded from torch's per-worker RNG, itself seeded by ``torch.manual_seed``).
+    ``cache_in_memory`` keeps every decoded sample after its first read (each DataLoader worker holds its own
+    copy): for data sets that fit in RAM it removes the npz decompression from every step, which at CPU scale is
+    a large share of the step time.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         n_salient: int | None = None,
         n_supervision: int | None = None,
         seed: int = 0,
+        cache_in_memory: bool = False,
     ) -> None:
         root = Path(root)
         folder = root / "samples" if (root / "samples").is_dir() else root
@@ -145,6 +149,8 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no prepared samples (*.npz) in {folder}")
         self.n_uniform, self.n_salient, self.n_supervision = n_uniform, n_salient, n_supervision
         self.seed = seed
+        self.cache_in_memory = cache_in_memory
+        self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -156,7 +162,11 @@ class PreparedDataset(torch.utils.data.Dataset):
         return rng.choice(total, size=count, replace=False)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = load_prepared(self.files[index])
+        sample = self._cache.get(index) if self.cache_in_memory else None
+        if sample is None:
+            sample = load_prepared(self.files[index])
+            if self.cache_in_memory:
+                self._cache[index] = sample
         draw = int(torch.randint(0, 2**31 - 1, (1,)).item())
         rng = np.random.default_rng([self.seed, index, draw])
         pick_u = self._pick(rng, len(sample["uniform_points"]), self.n_uniform)

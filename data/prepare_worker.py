@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.config import from_dict
+from data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
 
 
 @dataclass
@@ -32,6 +33,10 @@ class PrepareConfig:
     n_volume: int = 16384
     n_near: int = 16384
     n_sharp: int = 8192
+    # Gaussian sigmas of the near-surface and sharp-near query groups (Dora's values by default); a model that
+    # cannot resolve the surface that finely learns faster from a wider band (configs/quickstart/prepare.yaml).
+    near_noise_scales: list[float] = field(default_factory=lambda: list(UNIFORM_NOISE_SCALES))
+    sharp_noise_scales: list[float] = field(default_factory=lambda: list(SALIENT_NOISE_SCALES))
     seed: int = 0
     workers: int = 1
     start_method: str = "spawn"
@@ -68,6 +73,8 @@ def init_worker(config_values: dict[str, Any]) -> None:
         min_sharp_edges=_CONFIG.min_sharp_edges,
         max_faces=_CONFIG.max_faces,
         bounds=_CONFIG.bounds,
+        near_noise_scales=_CONFIG.near_noise_scales,
+        sharp_noise_scales=_CONFIG.sharp_noise_scales,
     )
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,15 @@ import trimesh
 
 from data.mesh_io import MeshError, MeshSource, load_mesh
 from data.sampling import PointCloud, sample_point_cloud
-from data.supervision import Supervision, sample_supervision
+from data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES, Supervision, sample_supervision
 from data.watertight import make_watertight
+
+
+def _positive_scales(values: Sequence[float], name: str) -> tuple[float, ...]:
+    scales = tuple(float(v) for v in values)
+    if not scales or any(not np.isfinite(v) or v <= 0 for v in scales):
+        raise ValueError(f"{name} must be a non-empty list of positive noise sigmas, got {list(values)}")
+    return scales
 
 
 class MeshProcessor:
@@ -34,6 +42,8 @@ class MeshProcessor:
         min_sharp_edges: int = 8,
         max_faces: int | None = 2_000_000,
         bounds: float = 1.05,
+        near_noise_scales: Sequence[float] = UNIFORM_NOISE_SCALES,
+        sharp_noise_scales: Sequence[float] = SALIENT_NOISE_SCALES,
     ) -> None:
         self.epsilon = float(epsilon)
         self.sharp_angle_deg = float(sharp_angle_deg)
@@ -43,6 +53,8 @@ class MeshProcessor:
         self.min_sharp_edges = int(min_sharp_edges)
         self.max_faces = max_faces
         self.bounds = float(bounds)
+        self.near_noise_scales = _positive_scales(near_noise_scales, "near_noise_scales")
+        self.sharp_noise_scales = _positive_scales(sharp_noise_scales, "sharp_noise_scales")
 
     def load_mesh(self, source: MeshSource) -> trimesh.Trimesh:
         """Load, merge, clean, normalise into [-1, 1]^3 (``margin``); decimate above ``max_faces``."""
@@ -96,6 +108,8 @@ class MeshProcessor:
             truncation=self.tsdf_truncation,
             bounds=self.bounds,
             seed=seed + 1,
+            near_noise_scales=self.near_noise_scales,
+            sharp_noise_scales=self.sharp_noise_scales,
         )
 
     def process(
@@ -124,6 +138,8 @@ class MeshProcessor:
             "epsilon": self.epsilon,
             "tsdf_truncation": self.tsdf_truncation,
             "sharp_angle_deg": self.sharp_angle_deg,
+            "near_noise_scales": list(self.near_noise_scales),
+            "sharp_noise_scales": list(self.sharp_noise_scales),
             "normalization": mesh.metadata["normalization"],
             "seed": int(seed),
             "num_input_faces": int(len(mesh.faces)),

@@ -106,9 +106,15 @@ def sample_supervision(
     truncation: float = 0.015,
     bounds: float = 1.05,
     seed: int = 0,
+    near_noise_scales: Sequence[float] = UNIFORM_NOISE_SCALES,
+    sharp_noise_scales: Sequence[float] = SALIENT_NOISE_SCALES,
 ) -> Supervision:
-    """Query points around ``point_cloud`` and in the volume, labelled against ``mesh`` (ideally watertight)."""
+    """Query points around ``point_cloud`` and in the volume, labelled against ``mesh`` (ideally watertight).
+    ``near_noise_scales`` / ``sharp_noise_scales``: Gaussian noise sigmas of the two near-surface groups."""
     rng = np.random.default_rng(seed)
-    points, group = sample_query_points(point_cloud, n_volume, n_near, n_sharp, rng, bounds=bounds)
+    points, group = sample_query_points(
+        point_cloud, n_volume, n_near, n_sharp, rng, bounds=bounds,
+        uniform_scales=near_noise_scales, salient_scales=sharp_noise_scales,
+    )
     occupancy, tsdf, _ = label_points(mesh, points, truncation)
     return Supervision(points=points, occupancy=occupancy, tsdf=tsdf, group=group)

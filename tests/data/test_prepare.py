@@ -110,6 +110,19 @@ def test_prepared_dataset_subsamples(index_file, tmp_path):
     assert full["uniform"].shape == (256, 6)
 
 
+def test_prepared_dataset_cache_in_memory(index_file, tmp_path):
+    out = tmp_path / "prepared"
+    main([str(index_file), "--out", str(out), *SMALL])
+    cached, uncached = PreparedDataset(out, cache_in_memory=True), PreparedDataset(out)
+    first = cached[0]
+    cached.files[0].unlink()  # a second read must come from memory, not from disk
+    again = cached[0]
+    for key in ("uniform", "salient", "sup_points", "sup_occupancy"):
+        assert torch.equal(first[key], again[key])
+    with pytest.raises(PreparedSampleError):
+        uncached[0]  # without the cache the file is read every time
+
+
 def test_corrupt_sample_is_named(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 truncated")

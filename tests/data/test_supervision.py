@@ -65,3 +65,21 @@ def test_sharp_group_is_near_salient_points(seed):
     # Within 5 sigma of the largest scale (0.01) of a cube edge.
     gaps = np.sort(np.abs(0.95 - np.abs(sharp)), axis=1)
     assert (gaps[:, 1] < 0.05 * np.sqrt(2)).all()
+
+
+def test_near_noise_scales_are_configurable():
+    """A wider near-surface band (what a coarse CPU model learns from faster) reaches further from the surface."""
+    cube = trimesh.creation.box()
+    spreads = {}
+    for scales in ((0.001, 0.005), (0.02, 0.04)):
+        processor = MeshProcessor(near_noise_scales=scales, sharp_noise_scales=scales)
+        mesh = processor.load_mesh(cube)
+        pc = processor.sample_points(mesh, n_uniform=500, n_salient=100)
+        sup = processor.sample_supervision(mesh, pc, n_volume=10, n_near=600, n_sharp=300, seed=0)
+        near = sup.points[sup.group == GROUP_NEAR]
+        spreads[scales] = np.abs(np.abs(near).max(axis=1) - 0.95).mean()  # distance to the cube's faces
+    assert spreads[(0.02, 0.04)] > 5 * spreads[(0.001, 0.005)]
+    with pytest.raises(ValueError, match="near_noise_scales"):
+        MeshProcessor(near_noise_scales=[])
+    with pytest.raises(ValueError, match="sharp_noise_scales"):
+        MeshProcessor(sharp_noise_scales=[0.01, -1.0])
