@@ -8,7 +8,6 @@ Tensors on an accelerator use a batched torch loop that never syncs with the hos
 
 from __future__ import annotations
 
-import fpsample
 import numpy as np
 import torch
 
@@ -47,6 +46,8 @@ def farthest_point_indices(points: torch.Tensor, num_samples: int, backend: str 
         return _fps_torch(points.detach(), num_samples)
     if backend != "fpsample":
         raise ValueError(f"unknown FPS backend {backend!r} (expected 'auto', 'fpsample' or 'torch')")
+    import fpsample  # imported here: accelerator-only runs never need it
+
     clouds = points.detach().to("cpu", torch.float32).numpy()
     # fpsample works on one cloud at a time, so the batch is a loop.
     picked = [

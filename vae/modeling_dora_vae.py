@@ -41,6 +41,7 @@ class LatentPosterior:
 
     mean: torch.Tensor  # (B, N, C)
     logvar: torch.Tensor  # (B, N, C), already clamped to [-30, 20]
+    positions: torch.Tensor | None = None  # (B, N, 6): xyz + normal of the FPS point each token was taken from
 
     @property
     def std(self) -> torch.Tensor:
@@ -119,8 +120,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
     num_decoder_layers, latent_channels, mlp_ratio, num_freqs / include_pi (Fourier features), point_feature_dim
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
     qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
-    max_train_tokens, and the preprocessing the weights were trained with: epsilon, tsdf_truncation, n_uniform,
-    n_salient. gradient_checkpointing switches activation checkpointing on for every block.
+    max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
+    locality_sigmas (distance-aware cross-attention, see attention.py; off in Dora), and the preprocessing the
+    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient. gradient_checkpointing switches activation checkpointing on for every block.
     """
 
     _supports_gradient_checkpointing = True
@@ -151,20 +153,37 @@ class DoraVAE(ModelMixin, ConfigMixin):
         n_salient: int = 32768,
         gradient_checkpointing: bool = False,
         decode_chunk_size: int = 8192,
+        num_query_layers: int = 1,
+        local_attention: bool = False,
+        locality_sigmas: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if num_query_layers < 1:
+            raise ValueError(f"num_query_layers must be at least 1, got {num_query_layers}")
         if not 0.0 <= salient_token_fraction <= 1.0:
             raise ValueError(f"salient_token_fraction must lie in [0, 1], got {salient_token_fraction}")
         blocks = {"mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "qk_norm": qk_norm, "layer_norm_eps": layer_norm_eps}
+        # Local attention (off in Dora): the cross-attentions get a per-head distance term (see MultiHeadAttention),
+        # with encoder queries at their FPS points and decoder keys at positions each token predicts (anchor_head).
+        # The latent set stays unordered: positions are read from token content, never attached to an index.
+        local = {}
+        if local_attention:
+            if locality_sigmas is None:  # one scale per head, geometric from fine (0.04) to coarse (0.5)
+                locality_sigmas = np.geomspace(0.04, 0.5, heads).tolist() if heads > 1 else [0.1]
+            local = {"locality_sigmas": [float(sigma) for sigma in locality_sigmas]}
+            # Distance terms drive most attention weights far below 1e-38: x86 handles such denormal floats in
+            # microcode, which made the attention backward ~6x slower on CPU. Flushing them to zero (process-wide,
+            # a no-op where unsupported) changes no result that matters.
+            torch.set_flush_denormal(True)
         self.fourier = FourierEmbedder(num_freqs=num_freqs, include_input=True, include_pi=include_pi)
         point_dim = self.fourier.output_dim(3) + point_feature_dim
         # Encoder.
         self.uniform_proj = nn.Linear(point_dim, width)
-        self.cross_attn_uniform = CrossAttentionBlock(width, heads, **blocks)
+        self.cross_attn_uniform = CrossAttentionBlock(width, heads, **blocks, **local)
         self.salient_proj = nn.Linear(point_dim, width) if use_salient else None
-        self.cross_attn_salient = CrossAttentionBlock(width, heads, **blocks) if use_salient else None
+        self.cross_attn_salient = CrossAttentionBlock(width, heads, **blocks, **local) if use_salient else None
         self.encoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_encoder_layers))
         self.encoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
         self.pre_kl = nn.Linear(width, 2 * latent_channels)
@@ -172,7 +191,14 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self.post_kl = nn.Linear(latent_channels, width)
         self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_decoder_layers))
         self.query_proj = nn.Linear(self.fourier.output_dim(3), width)
-        self.cross_attn_decoder = CrossAttentionBlock(width, heads, **blocks)
+        self.cross_attn_decoder = CrossAttentionBlock(width, heads, **blocks, **local)
+        # Dora has one query cross-attention; more let a query refine where it looks (a coarse pass, then a local
+        # one). A separate list keeps the official parameter names of the first block.
+        self.extra_query_blocks = nn.ModuleList(
+            CrossAttentionBlock(width, heads, **blocks, **local) for _ in range(num_query_layers - 1)
+        )
+        # Where each decoded token sits and which way the surface faces there (xyz + normal, from content).
+        self.anchor_head = nn.Linear(width, 6) if local_attention else None
         self.decoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
         self.output_proj = nn.Linear(width, 1)
         self.gradient_checkpointing = False
@@ -255,34 +281,49 @@ class DoraVAE(ModelMixin, ConfigMixin):
     def _embed_points(self, points: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.fourier(points[..., :3]), points[..., 3:]], dim=-1)  # (B, N, 51 + 3)
 
-    def _queries(self, features: torch.Tensor, points: torch.Tensor, count: int, stream: str) -> torch.Tensor:
+    def _queries(
+        self, features: torch.Tensor, points: torch.Tensor, count: int, stream: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if count > points.shape[1]:
             raise ValueError(
                 f"{count} {stream}-stream tokens requested but the point cloud has only {points.shape[1]} {stream} "
                 f"points; sample more points or ask for fewer tokens"
             )
         indices = farthest_point_indices(points[..., :3], count)  # (B, K)
-        return torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[-1]))  # (B, K, W)
+        picked = torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[-1]))  # (B, K, W)
+        return picked, torch.gather(points, 1, indices[..., None].expand(-1, -1, points.shape[-1]))  # (B, K, 6)
+
+    @staticmethod
+    def _key_geometry(query_positions: tuple[torch.Tensor | None], points: torch.Tensor) -> tuple[Any, Any, Any]:
+        """(query positions, key positions, key normals) for an encoder cross-attention, or Nones without local
+        attention (then the block ignores them)."""
+        if query_positions[0] is None:
+            return None, None, None
+        return query_positions[0], points[..., :3], points[..., 3:6] if points.shape[-1] >= 6 else None
 
     def _encode_group(self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int) -> LatentPosterior:
         num_uniform, num_salient = self.token_split(num_tokens)
         uniform_features = self.uniform_proj(self._embed_points(uniform))  # (B, Nu, W)
-        queries = [self._queries(uniform_features, uniform, num_uniform, "uniform")]
+        picked = [self._queries(uniform_features, uniform, num_uniform, "uniform")]
         if self.config.use_salient:
             salient_features = self.salient_proj(self._embed_points(salient))  # (B, Ns, W)
-            queries.append(self._queries(salient_features, salient, num_salient, "salient"))
+            picked.append(self._queries(salient_features, salient, num_salient, "salient"))
         order = interleave_order(num_uniform, num_salient if self.config.use_salient else 0).to(self.device)
-        queries = torch.cat(queries, dim=1)[:, order]  # (B, N, W), FPS-interleaved
-        tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features)  # (B, N, W)
+        queries = torch.cat([features for features, _ in picked], dim=1)[:, order]  # (B, N, W), FPS-interleaved
+        positions = torch.cat([point for _, point in picked], dim=1)[:, order]  # (B, N, 6) xyz + normal
+        geometry = (positions[..., :3],) if self.config.local_attention else (None,)
+        tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features,
+                                 *self._key_geometry(geometry, uniform))  # (B, N, W)
         if self.config.use_salient:
             # As in Dora: both blocks keep their residual, so the sum holds the queries twice. Kept on purpose,
             # the released weights were trained that way.
-            tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features)  # (B, N, W)
+            tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features,
+                                              *self._key_geometry(geometry, salient))  # (B, N, W)
         for block in self.encoder_blocks:
             tokens = self._run_block(block, tokens)  # (B, N, W)
         moments = self.pre_kl(self.encoder_norm_out(tokens))  # (B, N, 2C)
         mean, logvar = moments.chunk(2, dim=-1)  # (B, N, C) each
-        return LatentPosterior(mean=mean, logvar=logvar.clamp(-30.0, 20.0))
+        return LatentPosterior(mean=mean, logvar=logvar.clamp(-30.0, 20.0), positions=positions)
 
     def encode_posterior(self, point_cloud: Any, num_tokens: int | None = None) -> LatentPosterior:
         """Posterior (mean, logvar) over ``num_tokens`` latent tokens; inputs as for :meth:`encode`."""
@@ -291,7 +332,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         if len(posteriors) == 1:
             return posteriors[0]
         return LatentPosterior(
-            mean=torch.cat([p.mean for p in posteriors]), logvar=torch.cat([p.logvar for p in posteriors])
+            mean=torch.cat([p.mean for p in posteriors]),
+            logvar=torch.cat([p.logvar for p in posteriors]),
+            positions=torch.cat([p.positions for p in posteriors]),
         )
 
     def encode(
@@ -324,9 +367,17 @@ class DoraVAE(ModelMixin, ConfigMixin):
             tokens = self._run_block(block, tokens)  # (B, N, W)
         return DecodedLatents(self, tokens, chunk_size)
 
+    def token_anchors(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, 6) xyz + normal the decoded tokens place themselves at (local attention only, else None)."""
+        return None if self.anchor_head is None else self.anchor_head(tokens)
+
     def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor) -> torch.Tensor:
         queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
-        hidden = self._run_block(self.cross_attn_decoder, queries, tokens)  # (B, M, W)
+        anchors = self.token_anchors(tokens)  # (B, N, 6) or None
+        geometry = (None, None, None) if anchors is None else (query_points, anchors[..., :3], anchors[..., 3:])
+        hidden = self._run_block(self.cross_attn_decoder, queries, tokens, *geometry)  # (B, M, W)
+        for block in self.extra_query_blocks:
+            hidden = self._run_block(block, hidden, tokens, *geometry)  # (B, M, W)
         return self.output_proj(self.decoder_norm_out(hidden)).squeeze(-1)  # (B, M)
 
     def raw_to_occupancy(self, raw: torch.Tensor) -> torch.Tensor:
@@ -374,7 +425,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training pass: dict(raw=(B, M) logits or TSDF at query_points (B, M, 3), kl=(B,), latents=(B, N, C),
-        mean, logvar). No chunking: the whole query set takes part in the backward pass."""
+        mean, logvar, and with local attention anchor_loss=(B,), the squared error of each token's predicted
+        xyz + normal against its FPS point's). No chunking: the whole query set takes part in the backward pass."""
         if query_points is None:
             raise ValueError("forward needs query_points (B, M, 3)")
         posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
@@ -386,4 +438,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         if points.dim() == 2:
             points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
         raw = self._query_raw(tokens, points)  # (B, M)
-        return {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
+        out = {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
+        anchors = self.token_anchors(tokens)  # (B, N, 6) or None
+        if anchors is not None:
+            known = min(anchors.shape[-1], posterior.positions.shape[-1])  # xyz alone for inputs without normals
+            out["anchor_loss"] = (anchors[..., :known] - posterior.positions[..., :known]).pow(2).sum(-1).mean(-1)  # (B,)
+        return out

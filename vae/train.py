@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class DataConfig:
     val_fraction: float = 0.1            # held-out split by shape-id hash (fixed across runs)
     batch_size: int = 8                  # per process
     num_workers: int = 0
+    cache_in_memory: bool = False        # keep decoded samples in RAM (small data sets: no npz decode per step)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainingConfig:
     near_weight: float = 1.0
     sharp_weight: float = 2.0            # Dora weights the sharp-near term 2x
     kl_weight: float = 1e-3
+    anchor_weight: float = 1.0           # models with local_attention: token position regression (squared distance)
     sample_posterior: bool = True        # False: decode the posterior mean (KL still regularises it); see small.yaml
     use_ema: bool = False
     ema_decay: float = 0.999
@@ -100,7 +103,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type: str,
                  training: TrainingConfig, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL."""
+    """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
+    anchor term of models with local attention)."""
     out = model(uniform=batch["uniform"], salient=batch["salient"], query_points=batch["sup_points"], num_tokens=num_tokens,
                 sample_posterior=training.sample_posterior, generator=generator)
     raw = out["raw"].float()  # (B, M)
@@ -115,6 +119,9 @@ def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type
              "sharp": masked_mean(per_point, group == 2), "kl": out["kl"].float().mean()}
     loss = (training.volume_weight * parts["volume"] + training.near_weight * parts["near"]
             + training.sharp_weight * parts["sharp"] + training.kl_weight * parts["kl"])
+    if "anchor_loss" in out:  # local attention: each token learns where it sits (its FPS point)
+        parts["anchor"] = out["anchor_loss"].float().mean()
+        loss = loss + training.anchor_weight * parts["anchor"]
     return loss, {f"loss/{k}": v.item() for k, v in parts.items()} | {"loss/total": loss.item()}
 
 
@@ -195,8 +202,11 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     precision = tcfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
+    # torchrun on a machine without GPUs: accelerate sets up gloo multi-CPU training only when told `cpu`
+    # (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -359,11 +369,12 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
         save_curves_png(state["history"], output_dir / "curves.png")
         summary = {"steps": state["global_step"], "minutes": (time.monotonic() - started) / 60.0,
                    "stopped_by_time": out_of_time, "final": final_metrics, "best_step": state["best_step"],
-                   "best_metric": state["best_metric"], "train_shapes": len(train_idx), "held_out_shapes": len(val_idx)}
+                   "best_metric": state["best_metric"], "train_shapes": len(train_idx), "held_out_shapes": len(val_idx),
+                   "num_processes": accelerator.num_processes}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return {"steps": state["global_step"], "final": final_metrics, "output_dir": str(output_dir),
-            "stopped_by_time": out_of_time}
+            "stopped_by_time": out_of_time, "num_processes": accelerator.num_processes}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,9 +78,11 @@ def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[in
         raise FileNotFoundError(f"prepared data not found: {root}/samples (run `dora prepare --builtin 240 --out {root}`)")
     data = config.data
     train_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient,
-                                n_supervision=data.n_supervision, seed=config.training.seed)
+                                n_supervision=data.n_supervision, seed=config.training.seed,
+                                cache_in_memory=data.cache_in_memory)
     # Validation uses all supervision points: a stable IoU estimate.
-    val_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient, seed=config.training.seed)
+    val_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient, seed=config.training.seed,
+                              cache_in_memory=data.cache_in_memory)
     train_idx, val_idx = split_indices(shape_ids_of(train_set), data.val_fraction)
     if not train_idx:
         raise ValueError(f"{root}: no training shapes (found {len(train_set)} samples)")

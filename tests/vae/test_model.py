@@ -264,3 +264,79 @@ def test_item_field_queries_only_its_own_shape(model, queries):
     for index in range(2):
         torch.testing.assert_close(decoded.field(index)(queries), both[index])
     assert not torch.allclose(both[0], both[1])  # the two items are different shapes
+
+
+def test_extra_query_layers_keep_set_semantics(queries, tmp_path):
+    """num_query_layers > 1 (queries cross-attend to the tokens again): still order-free, saved and reloaded."""
+    deep = make_model(num_query_layers=3, qk_norm=True)
+    assert len(deep.extra_query_blocks) == 2 and "cross_attn_decoder.attn.to_q.weight" in deep.state_dict()
+    with torch.no_grad():
+        latents = deep.encode(make_point_cloud(), num_tokens=32)
+        permutation = torch.randperm(32, generator=torch.Generator().manual_seed(2))
+        reference = deep.decode_at_points(latents, queries, output="raw")
+        torch.testing.assert_close(deep.decode_at_points(latents[:, permutation], queries, output="raw"), reference,
+                                   atol=1e-5, rtol=1e-5)
+    deep.save_pretrained(tmp_path)
+    loaded = DoraVAE.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_query_layers == 3
+    with torch.no_grad():
+        assert torch.equal(loaded.decode_at_points(latents, queries, output="raw"), reference)
+    with pytest.raises(ValueError, match="num_query_layers"):
+        DoraVAE(**{**TINY, "num_query_layers": 0})
+
+
+def test_local_attention_is_order_free_and_trains_anchors(queries, tmp_path):
+    """local_attention: distance-aware cross-attention with positions read from token content. The latent set
+    must stay unordered (no index leaks in), the anchor term must come out of forward, and it must round-trip."""
+    local = make_model(local_attention=True, qk_norm=True)
+    assert local.cross_attn_decoder.attn.log_locality.shape == (local.config.heads,)
+    cloud = make_point_cloud()
+    with torch.no_grad():
+        latents = local.encode(cloud, num_tokens=32)
+        permutation = torch.randperm(32, generator=torch.Generator().manual_seed(3))
+        reference = local.decode_at_points(latents, queries, output="raw")
+        torch.testing.assert_close(local.decode_at_points(latents[:, permutation], queries, output="raw"), reference,
+                                   atol=1e-5, rtol=1e-5)
+        assert local.decode(latents[:, :5])(queries).shape == (1, 50)  # prefixes still decode
+    uniform = torch.as_tensor(np.concatenate([cloud.uniform_points, cloud.uniform_normals], 1))[None]
+    salient = torch.as_tensor(np.concatenate([cloud.salient_points, cloud.salient_normals], 1))[None]
+    out = local.train()(uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16)
+    assert out["anchor_loss"].shape == (1,) and torch.isfinite(out["anchor_loss"]).all()
+    (out["raw"].mean() + out["anchor_loss"].mean()).backward()
+    assert local.anchor_head.weight.grad is not None and local.cross_attn_uniform.attn.log_locality.grad is not None
+    local.eval().save_pretrained(tmp_path)
+    loaded = DoraVAE.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode_at_points(latents, queries, output="raw"), reference)
+    assert "anchor_loss" not in make_model()(uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16)
+    with pytest.raises(ValueError, match="locality_sigmas"):
+        make_model(local_attention=True, locality_sigmas=[0.1])
+
+
+def test_local_attention_reports_moving_least_squares_distance():
+    """Keys on the plane z = 0 with normals +z: each head's IMLS distance feature is the query's height over its
+    length sigma, and the offset's z part likewise (the attended point lies on the plane)."""
+    from vae.attention import GEOMETRY_FEATURES, MultiHeadAttention
+
+    attention = MultiHeadAttention(width=8, heads=2, locality_sigmas=[0.1, 0.2])
+    with torch.no_grad():
+        for layer in (attention.to_q, attention.to_k, attention.to_v, attention.to_out):
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+        attention.geometry_proj.weight.zero_()
+        attention.geometry_proj.bias.zero_()
+        # Output channel 0/1: head 0/1 distance; channel 2: head 0 offset z.
+        attention.geometry_proj.weight[0, 6] = attention.geometry_proj.weight[1, GEOMETRY_FEATURES + 6] = 1.0
+        attention.geometry_proj.weight[2, 2] = 1.0
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21), indexing="ij"), -1)
+    keys = torch.cat([grid.reshape(-1, 2), torch.zeros(441, 1)], dim=1)[None]  # (1, 441, 3) on z = 0
+    normals = torch.zeros_like(keys)
+    normals[..., 2] = 1.0
+    heights = torch.tensor([-0.3, -0.05, 0.02, 0.25])
+    queries = torch.stack([torch.full((4,), 0.1), torch.full((4,), -0.2), heights], dim=1)[None]  # (1, 4, 3)
+    with torch.no_grad():
+        out = attention(torch.zeros(1, 4, 8), torch.zeros(1, 441, 8), queries, keys, normals)  # (1, 4, 8)
+    torch.testing.assert_close(out[0, :, 0], heights / 0.1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[0, :, 1], heights / 0.2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[0, :, 2], heights / 0.1, atol=1e-4, rtol=1e-4)

@@ -139,3 +139,22 @@ def test_loss_decreases_on_a_tiny_fixed_set(prepared_root, tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-30" / "train_state.json").read_text())
     losses = [loss for _, loss in state["history"]["loss"]]
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
+    """Plain torchrun on a machine without GPUs: both processes must join one gloo group (not train alone)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "vae" / "_mp_train.py"), str(TINY), prepared_root, str(out)]
+    completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    records = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["num_processes"], r["steps"]) for r in records] == [(2, 2), (2, 2)]
+    assert (out / "final" / "config.json").exists()
