@@ -353,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: value for key, value in vars(args).items()
                  if key not in {"vae", "data", "out", "config", "limit"} and value is not None}
     config = load_config(CacheConfig, args.config, overrides)
-    manifest = cache_latents(args.vae, args.data, args.out, config, limit=args.limit)
+    try:
+        manifest = cache_latents(args.vae, args.data, args.out, config, limit=args.limit)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks wait while rank 0 writes the manifest
+    finally:
+        # Tear the process group down explicitly: a rank that exits with gloo's threads alive can abort in C++
+        # ("terminate called without an active exception"), which torchrun reports as a failed run.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if manifest is not None:
         print(f"cached {manifest['num_samples']} shapes in {manifest['num_shards']} shards -> {args.out} "
               f"({manifest['num_failures']} failures)")
