@@ -183,6 +183,7 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
         InMemoryBatches,
         ema_weights,
         find_checkpoint,
+        is_multi_cpu_run,
         load_latent_table,
         read_train_state,
         register_ema_checkpointing,
@@ -195,11 +196,8 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
     precision = tcfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"  # bf16 on CPU is far slower than fp32
-    # torchrun on a machine without GPUs: accelerate only sets up gloo multi-CPU training when told `cpu`
-    # (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        cpu=is_multi_cpu_run(), mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )

@@ -217,12 +217,12 @@ class DoraVAE(ModelMixin, ConfigMixin):
         return picked, torch.gather(points, 1, indices[..., None].expand(-1, -1, points.shape[-1]))  # (B, K, 6)
 
     @staticmethod
-    def _key_geometry(query_positions: tuple[torch.Tensor | None], points: torch.Tensor) -> tuple[Any, Any, Any]:
+    def _key_geometry(query_xyz: torch.Tensor | None, points: torch.Tensor) -> tuple[Any, Any, Any]:
         """(query positions, key positions, key normals) for an encoder cross-attention, or Nones without local
         attention (then the block ignores them)."""
-        if query_positions[0] is None:
+        if query_xyz is None:
             return None, None, None
-        return query_positions[0], points[..., :3], points[..., 3:6] if points.shape[-1] >= 6 else None
+        return query_xyz, points[..., :3], points[..., 3:6] if points.shape[-1] >= 6 else None
 
     def _encode_group(self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int) -> LatentPosterior:
         num_uniform, num_salient = self.token_split(num_tokens)
@@ -234,14 +234,14 @@ class DoraVAE(ModelMixin, ConfigMixin):
         order = interleave_order(num_uniform, num_salient if self.config.use_salient else 0).to(self.device)
         queries = torch.cat([features for features, _ in picked], dim=1)[:, order]  # (B, N, W), FPS-interleaved
         positions = torch.cat([point for _, point in picked], dim=1)[:, order]  # (B, N, 6) xyz + normal
-        geometry = (positions[..., :3],) if self.config.local_attention else (None,)
+        query_xyz = positions[..., :3] if self.config.local_attention else None
         tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features,
-                                 *self._key_geometry(geometry, uniform))  # (B, N, W)
+                                 *self._key_geometry(query_xyz, uniform))  # (B, N, W)
         if self.config.use_salient:
             # As in Dora: both blocks keep their residual, so the sum holds the queries twice. Kept on purpose,
             # the released weights were trained that way.
             tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features,
-                                              *self._key_geometry(geometry, salient))  # (B, N, W)
+                                              *self._key_geometry(query_xyz, salient))  # (B, N, W)
         for block in self.encoder_blocks:
             tokens = self._run_block(block, tokens)  # (B, N, W)
         moments = self.pre_kl(self.encoder_norm_out(tokens))  # (B, N, 2C)
@@ -294,9 +294,11 @@ class DoraVAE(ModelMixin, ConfigMixin):
         """(B, N, 6) xyz + normal the decoded tokens place themselves at (local attention only, else None)."""
         return None if self.anchor_head is None else self.anchor_head(tokens)
 
-    def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor) -> torch.Tensor:
+    def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor,
+                   anchors: torch.Tensor | None = None) -> torch.Tensor:
         queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
-        anchors = self.token_anchors(tokens)  # (B, N, 6) or None
+        if anchors is None:
+            anchors = self.token_anchors(tokens)  # (B, N, 6) or None
         geometry = (None, None, None) if anchors is None else (query_points, anchors[..., :3], anchors[..., 3:])
         hidden = self._run_block(self.cross_attn_decoder, queries, tokens, *geometry)  # (B, M, W)
         for block in self.extra_query_blocks:
@@ -360,9 +362,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         points = query_points.to(device=self.device, dtype=self.dtype)
         if points.dim() == 2:
             points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
-        raw = self._query_raw(tokens, points)  # (B, M)
-        out = {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
         anchors = self.token_anchors(tokens)  # (B, N, 6) or None
+        raw = self._query_raw(tokens, points, anchors)  # (B, M)
+        out = {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
         if anchors is not None:
             known = min(anchors.shape[-1], posterior.positions.shape[-1])  # xyz alone for inputs without normals
             out["anchor_loss"] = (anchors[..., :known] - posterior.positions[..., :known]).pow(2).sum(-1).mean(-1)  # (B,)

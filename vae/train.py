@@ -61,7 +61,7 @@ class TrainingConfig:
     near_weight: float = 1.0
     sharp_weight: float = 2.0            # Dora weights the sharp-near term 2x
     kl_weight: float = 1e-3
-    anchor_weight: float = 1.0           # models with local_attention: token position regression (squared distance)
+    anchor_weight: float = 1.0           # models with local_attention: squared error of each token's xyz + normal
     sample_posterior: bool = True        # False: decode the posterior mean (KL still regularises it); see small.yaml
     use_ema: bool = False
     ema_decay: float = 0.999
@@ -123,6 +123,13 @@ def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type
         parts["anchor"] = out["anchor_loss"].float().mean()
         loss = loss + training.anchor_weight * parts["anchor"]
     return loss, {f"loss/{k}": v.item() for k, v in parts.items()} | {"loss/total": loss.item()}
+
+
+def is_multi_cpu_run() -> bool:
+    """True under torchrun (WORLD_SIZE > 1) on a machine without GPUs. accelerate sets up gloo multi-CPU training
+    only when told ``cpu=True`` (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone.
+    Shared by both training loops."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------------- checkpoint/export
@@ -202,11 +209,8 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     precision = tcfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    # torchrun on a machine without GPUs: accelerate sets up gloo multi-CPU training only when told `cpu`
-    # (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        cpu=is_multi_cpu_run(), mixed_precision=precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
