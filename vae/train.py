@@ -57,6 +57,8 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "auto"        # auto = bf16 on CUDA, fp32 ("no") on CPU (bf16 is ~45x slower there)
     seed: int = 0
+    # The three weights multiply per-GROUP mean losses, so they set each group's share of the loss whatever its
+    # point count (configs/vae/small.yaml shows the per-point equivalent it uses).
     volume_weight: float = 1.0
     near_weight: float = 1.0
     sharp_weight: float = 2.0            # Dora weights the sharp-near term 2x
