@@ -158,3 +158,39 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
     records = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["num_processes"], r["steps"]) for r in records] == [(2, 2), (2, 2)]
     assert (out / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("config_name", ["vae/small.yaml", "vae/small_uniform_only.yaml", "quickstart/vae.yaml"])
+def test_cpu_configs_weight_every_supervision_point_volume_twice(config_name):
+    """The short-run configs weight points, not groups (volume x2): their group weights must follow the point counts
+    of the data they are documented with, or the loss silently shifts toward whichever group is small."""
+    from data.config import load_yaml
+
+    prepare, training = load_yaml("quickstart/prepare.yaml"), load_yaml(config_name)["training"]
+    per_point = {"volume": 2.0, "near": 1.0, "sharp": 1.0}
+    mass = {group: per_point[group] * prepare[f"n_{group}"] for group in per_point}
+    for group in per_point:
+        assert training[f"{group}_weight"] == pytest.approx(mass[group] / sum(mass.values()), abs=1e-3), group
+
+
+def test_group_weights_act_on_group_means():
+    """compute_loss weights per-group MEANS: with weights proportional to point counts it equals one mean over all
+    points."""
+    counts = {0: 6, 1: 3, 2: 1}
+    group = torch.cat([torch.full((count,), index) for index, count in counts.items()])[None].repeat(2, 1)  # (2, 10)
+    raw = torch.linspace(-2.0, 2.0, 20).view(2, 10)
+    occupancy = (torch.arange(20).view(2, 10) % 3 == 0).float()
+
+    def model(**_):
+        return {"raw": raw, "kl": torch.zeros(2)}
+
+    config = VAETrainConfig().training
+    config.volume_weight, config.near_weight, config.sharp_weight, config.kl_weight = 0.6, 0.3, 0.1, 0.0
+    batch = {"uniform": None, "salient": None, "sup_points": None, "sup_occupancy": occupancy, "sup_group": group}
+    loss, parts = compute_loss(model, batch, 8, "occupancy", config)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(raw, occupancy)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    config.sharp_weight = 1.1  # the sharp group's one point in ten now carries half the loss
+    loss, parts = compute_loss(model, batch, 8, "occupancy", config)
+    assert loss.item() == pytest.approx(0.6 * parts["loss/volume"] + 0.3 * parts["loss/near"] + 1.1 * parts["loss/sharp"],
+                                        rel=1e-6)
