@@ -45,7 +45,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
     qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
     locality_sigmas (distance-aware cross-attention, see attention.py; off in Dora), and the preprocessing the
-    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient. gradient_checkpointing switches activation checkpointing on for every block.
+    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient. gradient_checkpointing switches
+    activation checkpointing on for every block.
     """
 
     _supports_gradient_checkpointing = True
@@ -295,10 +296,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         return None if self.anchor_head is None else self.anchor_head(tokens)
 
     def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor,
-                   anchors: torch.Tensor | None = None) -> torch.Tensor:
+                   anchors: torch.Tensor | None) -> torch.Tensor:
+        """Raw output (B, M) at query points; ``anchors`` from :meth:`token_anchors` (None without local attention)."""
         queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
-        if anchors is None:
-            anchors = self.token_anchors(tokens)  # (B, N, 6) or None
         geometry = (None, None, None) if anchors is None else (query_points, anchors[..., :3], anchors[..., 3:])
         hidden = self._run_block(self.cross_attn_decoder, queries, tokens, *geometry)  # (B, M, W)
         for block in self.extra_query_blocks:
@@ -325,7 +325,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
             )
         chunk_size = int(chunk_size or self.config.decode_chunk_size)
         # Chunks over M bound the (B, heads, chunk, N) attention and (B, chunk, 4W) MLP activations.
-        chunks = [self._query_raw(tokens, chunk) for chunk in points.split(chunk_size, dim=1)]
+        anchors = self.token_anchors(tokens)  # (B, N, 6) or None, once for all chunks
+        chunks = [self._query_raw(tokens, chunk, anchors) for chunk in points.split(chunk_size, dim=1)]
         raw = torch.cat(chunks, dim=1) if chunks else points.new_zeros(points.shape[:2])  # (B, M)
         return raw if output == "raw" else self.raw_to_occupancy(raw)
 

@@ -187,10 +187,10 @@ def test_group_weights_act_on_group_means():
     config = VAETrainConfig().training
     config.volume_weight, config.near_weight, config.sharp_weight, config.kl_weight = 0.6, 0.3, 0.1, 0.0
     batch = {"uniform": None, "salient": None, "sup_points": None, "sup_occupancy": occupancy, "sup_group": group}
-    loss, parts = compute_loss(model, batch, 8, "occupancy", config)
+    loss, _ = compute_loss(model, batch, 8, "occupancy", config)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(raw, occupancy)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    config.sharp_weight = 1.1  # the sharp group's one point in ten now carries half the loss
+    config.sharp_weight = 1.1  # the one sharp point now counts as much as 11 volume points
     loss, parts = compute_loss(model, batch, 8, "occupancy", config)
     assert loss.item() == pytest.approx(0.6 * parts["loss/volume"] + 0.3 * parts["loss/near"] + 1.1 * parts["loss/sharp"],
                                         rel=1e-6)
