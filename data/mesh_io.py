@@ -77,18 +77,31 @@ def clean_mesh(mesh: trimesh.Trimesh, where: str = "<mesh>") -> trimesh.Trimesh:
     finite = np.isfinite(vertices).all(axis=1)
     if not finite.all():
         raise MeshError(where, f"{int((~finite).sum())} vertices have NaN/inf coordinates")
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    # Judge merging and degeneracy in the mesh's own scale: trimesh merges vertices on an absolute 1e-8 grid,
+    # which collapses a valid box of size 1e-30 into one point and overflows int64 for a box of size 1e30 (both
+    # then read as "all faces degenerate"). So clean a copy centred and scaled to unit extent, then map back.
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    center = (low + high) / 2.0
+    with np.errstate(over="ignore"):
+        extent = float(np.max(high - low))
+    if not np.isfinite(extent):
+        raise MeshError(where, "coordinate range overflows float64")
+    # All vertices coinciding leave nothing to rescale: every face is degenerate and is reported below.
+    unit = extent if extent > 0 else 1.0
+    mesh = trimesh.Trimesh((vertices - center) / unit, faces, process=False)
     # Merge by position only: per-face vertices (STL, split normals/UVs) would hide the edges the sharp-edge
     # detector needs.
     mesh.merge_vertices(merge_tex=True, merge_norm=True)
     faces = mesh.faces
     repeated = (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
-    keep = ~repeated & (mesh.area_faces > 1e-14 * max(mesh.scale, 1e-12) ** 2)
+    # Relative to the unit extent: 1e-14 is a sliver far below any real triangle's share of the bounding box.
+    keep = ~repeated & (mesh.area_faces > 1e-14)
     if not keep.any():
         raise MeshError(where, f"all {len(faces)} faces are degenerate (zero area)")
     mesh.update_faces(keep)
     mesh.update_faces(mesh.unique_faces())
     mesh.remove_unreferenced_vertices()
+    mesh.vertices = np.asarray(mesh.vertices) * unit + center  # back to the source's units
     return mesh
 
 
