@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import json
 import multiprocessing
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-index", type=int, default=0, help="the shard this job runs (0-based)")
     parser.add_argument("--limit", type=int, help="only the first N shapes (after sharding)")
     parser.add_argument("--overwrite", action="store_true", help="redo shapes whose npz exists")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run the shapes as Ray tasks: ADDRESS auto, host:port or ray://host:port; alone, a local "
+                             "Ray instance with --workers CPUs (pip install -e '.[ray]'). Put SOURCE before --ray")
+    parser.add_argument("--ray-max-retries", type=int, default=3,
+                        help="reruns of a task whose worker died, before the shape is recorded as failed")
     return parser
 
 
@@ -235,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.shard_index < args.num_shards:
         print(f"dora prepare: --shard-index must be in [0, {args.num_shards})", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        from data.prepare_ray import check_address
+
+        try:
+            check_address(args.ray)
+        except ValueError as error:
+            print(f"dora prepare: {error}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
@@ -260,14 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     done, failed = 0, 0
     failures_path = out / f"failures{suffix}.jsonl"
+    if args.ray is not None:
+        from data.prepare_ray import run_ray
+
+        results = run_ray(todo, config, args.ray, overwrite=args.overwrite, max_retries=args.ray_max_retries)
+    else:
+        results = _run(todo, config)
     with open(failures_path, "a") as failures:
-        for result in _run(todo, config):
+        for result in _progress(results, len(todo)):
             if result["status"] == "done":
                 done += 1
             else:
                 failed += 1
                 failures.write(json.dumps({k: result[k] for k in ("shape_id", "path", "reason")}) + "\n")
                 failures.flush()
+    _remove_stale_temporaries(todo)
     elapsed = time.perf_counter() - start
     summary = {
         "total": len(items),
@@ -277,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(elapsed, 3),
         "shapes_per_second": round(done / elapsed, 4) if elapsed > 0 and done else 0.0,
         "workers": config.workers,
+        "runner": f"ray:{args.ray}" if args.ray is not None else "pool",
         "shard_index": args.shard_index,
         "num_shards": args.num_shards,
         "failures": str(failures_path),
@@ -290,24 +313,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(todo: list[tuple[dict[str, Any], str]], config: PrepareConfig):
-    """Yield one result per job, in-process for one worker, else from a process pool (unordered)."""
-    values = dataclasses.asdict(config)
-    progress = tqdm(total=len(todo), desc="prepare", unit="shape", dynamic_ncols=True)
+def _progress(results: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:
+    progress = tqdm(total=total, desc="prepare", unit="shape", dynamic_ncols=True)
     try:
-        if config.workers <= 1 or len(todo) <= 1:
-            init_worker(values)
-            for job in todo:
-                yield process_item(job)
-                progress.update()
-            return
-        context = multiprocessing.get_context(config.start_method)
-        with context.Pool(config.workers, initializer=init_worker, initargs=(values,)) as pool:
-            for result in pool.imap_unordered(process_item, todo, chunksize=1):
-                yield result
-                progress.update()
+        for result in results:
+            yield result
+            progress.update()
     finally:
         progress.close()
+
+
+def _remove_stale_temporaries(todo: list[tuple[dict[str, Any], str]]) -> None:
+    """A worker killed mid-write leaves ``.<name>.<host>.<pid>.tmp`` beside the sample; the shape itself was redone
+    (or recorded as failed), so the partial file is garbage. Only this job's shapes: shards never share one."""
+    for _, target in todo:
+        target_path = Path(target)
+        for stale in target_path.parent.glob(f".{glob.escape(target_path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def _run(todo: list[tuple[dict[str, Any], str]], config: PrepareConfig) -> Iterator[dict[str, Any]]:
+    """Yield one result per job, in-process for one worker, else from a process pool (unordered)."""
+    values = dataclasses.asdict(config)
+    if config.workers <= 1 or len(todo) <= 1:
+        init_worker(values)
+        for job in todo:
+            yield process_item(job)
+        return
+    context = multiprocessing.get_context(config.start_method)
+    with context.Pool(config.workers, initializer=init_worker, initargs=(values,)) as pool:
+        yield from pool.imap_unordered(process_item, todo, chunksize=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fraction of a second instead of paying torch's import once per worker.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ def shape_seed(seed: int, shape_id: str) -> int:
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary name then ``os.replace``: a killed run never leaves a half-written sample."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Host and pid in the name: a Ray retry on another node never shares a temporary file with the first try.
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     os.replace(tmp, path)
