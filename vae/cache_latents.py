@@ -110,16 +110,10 @@ class PreparedViews(torch.utils.data.Dataset):
 
 def vae_identity(vae_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
     """The VAE's config and the sha256 of its weight file(s): what the manifest pins the latents to."""
-    weights = sorted(vae_dir.glob("*.safetensors")) or sorted(vae_dir.glob("*.bin"))
-    hashes = {}
-    for path in weights:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(2**22), b""):
-                digest.update(block)
-        hashes[path.name] = digest.hexdigest()
+    from vae.provenance import weight_hashes
+
     return {"path": str(vae_dir), "class": type(model).__name__, "config": dict(model.config),
-            "weights_sha256": hashes}
+            "weights_sha256": weight_hashes(vae_dir)}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

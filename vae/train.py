@@ -94,6 +94,8 @@ class VAETrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    init_from: str | None = None         # start from a save_pretrained VAE folder (vae/provenance.py); --init-from
+    init_from_sha256: dict[str, str] | None = None   # recorded by the run: sha256 of that folder's weight files
 
 
 # ----------------------------------------------------------------------------------------------------- loss
@@ -137,8 +139,12 @@ def is_multi_cpu_run() -> bool:
 # ------------------------------------------------------------------------------------------- checkpoint/export
 def build_model(config: VAETrainConfig) -> Any:
     from vae.modeling_dora_vae import DoraVAE
+    from vae.provenance import load_init_weights
 
-    return DoraVAE(**config.model)
+    model = DoraVAE(**config.model)
+    if config.init_from:  # config.model is already the folder's (resolve_init_from in train())
+        load_init_weights(model, config.init_from)
+    return model
 
 
 def _ema_to_files(ema: Any, names: list[str], directory: Path) -> None:
@@ -203,9 +209,12 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from vae.modeling_dora_vae import DoraVAE
+    from vae.provenance import VAE_FREE_KEYS, check_resume_provenance, resolve_init_from
     from vae.train_validation import save_curves_png, save_reconstruction_png, validate
 
     started = time.monotonic()
+    config = resolve_init_from(config, DoraVAE, VAE_FREE_KEYS)
     output_dir = Path(output_dir)
     tcfg, vcfg = config.training, config.validation
     precision = tcfg.mixed_precision
@@ -248,6 +257,7 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
                              "history": {"loss": []}}
     checkpoint = find_checkpoint(output_dir, resume) if resume else None
     if checkpoint is not None:
+        check_resume_provenance(checkpoint, config)
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "train_state.json").read_text())
         if ema is not None:
@@ -267,7 +277,8 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     if accelerator.is_main_process:
         hparams = {k: (v if isinstance(v, int | float | str | bool) else str(v))
                    for section, values in to_dict(config).items() for k, v in
-                   ((f"{section}.{key}", value) for key, value in values.items())}
+                   (((f"{section}.{key}", value) for key, value in values.items()) if isinstance(values, dict)
+                    else [(section, values)])}  # top-level keys: init_from, init_from_sha256
         accelerator.init_trackers("dora_vae", config=hparams)
         save_yaml(to_dict(config), output_dir / "run_config.yaml")
         logger.info("%d training / %d held-out shapes; %s precision on %s", len(train_idx), len(val_idx),
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="'latest' (newest checkpoint in the output dir) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=None, help="override training.seed")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start from this save_pretrained VAE folder (its config is the model's)")
     return parser
 
 
@@ -407,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["training.seed"] = args.seed
     if args.data is not None:
         overrides["data.root"] = args.data
+    if args.init_from is not None:
+        overrides["init_from"] = args.init_from
     config = load_config(VAETrainConfig, args.config, overrides)
     output_dir = args.output_dir or f"runs/vae_{Path(args.config).stem}"
     summary = train(config, output_dir, resume=args.resume, max_minutes=args.max_minutes)
