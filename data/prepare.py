@@ -2,13 +2,16 @@
 
 Input: a folder of meshes, an index file (JSONL or CSV rows: ``path``, ``caption``, optional ``category``/``id``),
 or ``--builtin N`` (the procedural dataset). Output under ``PREPARED/``:
-``samples/<shape_id>.npz`` (one compressed npz per shape), ``failures.jsonl``, ``summary.json``, ``config.yaml``.
+``samples/<shape_id>.npz`` (one npz per shape, uncompressed unless ``storage: npz_compressed``), ``failures.jsonl``,
+``summary.json``, ``config.yaml``. ``--ray [ADDRESS]`` runs the same per-shape work on a Ray cluster
+(``data/prepare_ray.py``).
 
 Why one npz per shape rather than WebDataset shards: resume is "skip the file if it exists", a killed run loses
 only the shape in flight (each file is written to a temporary name and renamed atomically), ``--num-shards`` /
 ``--shard-index`` jobs never contend for an output file, and VAE training needs random access with a fresh random
 subset of points per epoch, which a map-style dataset over files gives directly. Prepared samples are small
-(~1-2 MB); the latent cache (a later stage, streamed sequentially) is where tar shards pay off.
+(2.4 MB uncompressed at Dora's point counts); the latent cache (a later stage, streamed sequentially) is where tar
+shards pay off.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data.config import load_config, save_yaml, to_dict
-from data.prepare_worker import PrepareConfig, init_worker, process_item
+from data.prepare_worker import PrepareConfig, check_storage, init_worker, process_item
 
 MESH_SUFFIXES = {".obj", ".ply", ".stl", ".off", ".glb", ".gltf"}
 ARRAY_KEYS = ("uniform_points", "uniform_normals", "salient_points", "salient_normals")
@@ -203,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-near", type=int)
     parser.add_argument("--n-sharp", type=int)
     parser.add_argument("--sharp-angle-deg", type=float)
+    parser.add_argument("--storage", choices=("npz", "npz_compressed"), help="sample file format (config: storage)")
     parser.add_argument("--num-shards", type=int, default=1, help="split the input into this many shards")
     parser.add_argument("--shard-index", type=int, default=0, help="the shard this job runs (0-based)")
     parser.add_argument("--limit", type=int, help="only the first N shapes (after sharding)")
@@ -235,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("workers", "seed", "epsilon", "n_uniform", "n_salient", "n_volume", "n_near", "n_sharp")
-        + ("sharp_angle_deg",)
+        + ("sharp_angle_deg", "storage")
         if getattr(args, key) is not None
     }
-    config = load_config(PrepareConfig, args.config, overrides)
+    try:
+        config = load_config(PrepareConfig, args.config, overrides)
+        check_storage(config.storage)
+    except ValueError as error:
+        print(f"dora prepare: {args.config}: {error}", file=sys.stderr)
+        return 2
     if not 0 <= args.shard_index < args.num_shards:
         print(f"dora prepare: --shard-index must be in [0, {args.num_shards})", file=sys.stderr)
         return 2

@@ -41,6 +41,19 @@ class PrepareConfig:
     seed: int = 0
     workers: int = 1
     start_method: str = "spawn"
+    # "npz": uncompressed arrays (the default: zlib decompression was most of a VAE DataLoader worker's time at
+    # Dora's point counts, see tests/benchmarks/bench_vae_loading.py); "npz_compressed": the older, smaller files.
+    # Both load the same way; `dora convert-prepared` rewrites a folder from one to the other.
+    storage: str = "npz"
+
+
+STORAGE_FORMATS = ("npz", "npz_compressed")
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGE_FORMATS:
+        raise ValueError(f"storage must be one of {STORAGE_FORMATS}, got {storage!r}")
+    return storage
 
 
 def shape_seed(seed: int, shape_id: str) -> int:
@@ -48,12 +61,13 @@ def shape_seed(seed: int, shape_id: str) -> int:
     return zlib.crc32(f"{seed}:{shape_id}".encode()) & 0x7FFFFFFF
 
 
-def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], storage: str = "npz") -> None:
     """Write to a temporary name then ``os.replace``: a killed run never leaves a half-written sample."""
+    save = np.savez_compressed if check_storage(storage) == "npz_compressed" else np.savez
     # Host and pid in the name: a Ray retry on another node never shares a temporary file with the first try.
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+        save(handle, **arrays)
     os.replace(tmp, path)
 
 
@@ -66,6 +80,7 @@ def init_worker(config_values: dict[str, Any]) -> None:
     from data.processor import MeshProcessor
 
     _CONFIG = from_dict(PrepareConfig, config_values)
+    check_storage(_CONFIG.storage)
     _PROCESSOR = MeshProcessor(
         epsilon=_CONFIG.epsilon,
         sharp_angle_deg=_CONFIG.sharp_angle_deg,
@@ -97,7 +112,7 @@ def process_item(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
             seed=shape_seed(config.seed, item["shape_id"]),
             meta={"shape_id": item["shape_id"], "caption": item["caption"], "category": item["category"]},
         )
-        write_npz_atomic(Path(out_path), prepared)
+        write_npz_atomic(Path(out_path), prepared, config.storage)
     except Exception as error:  # one bad shape must never stop the batch
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         return {"status": "failed", "shape_id": item["shape_id"], "path": item["path"], "reason": reason}

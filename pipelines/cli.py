@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-dataset": ("data.procedural", "write the built-in procedural dataset (meshes + captions index)"),
     "prepare": ("data.prepare", "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision"),
+    "convert-prepared": ("data.prepare_convert", "rewrite prepared samples as uncompressed (fast) or compressed npz"),
     "train-vae": ("vae.train", "train the Dora VAE with accelerate (progressive token schedule)"),
     "bench": ("vae.bench", "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling"),
     "convert-dora-checkpoint": ("vae.convert_dora", "convert the released Dora-VAE v1.1 checkpoint"),
