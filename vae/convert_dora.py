@@ -167,6 +167,9 @@ def infer_config(official: dict[str, torch.Tensor], heads: int = 12, **overrides
         "max_train_tokens": 4096,  # training drew up to 2048 per stream
         "n_uniform": 32768,
         "n_salient": 32768,
+        # The official Dora-VAE test config reconstructs from a posterior sample (`sample_posterior: true`), so
+        # a converted model's encode() samples by default too; encode(..., sample_posterior=False) gives the mean.
+        "sample_posterior": True,
     }
     config.update(overrides)
     return config

@@ -44,9 +44,10 @@ class DoraVAE(ModelMixin, ConfigMixin):
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
     qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
-    locality_sigmas (distance-aware cross-attention, see attention.py; off in Dora), and the preprocessing the
-    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient. gradient_checkpointing switches
-    activation checkpointing on for every block.
+    locality_sigmas (distance-aware cross-attention, see attention.py; off in Dora), the preprocessing the
+    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient, and sample_posterior (what
+    :meth:`encode` does by default: the posterior mean, or a sample as the official Dora test config does, which
+    converted weights follow). gradient_checkpointing switches activation checkpointing on for every block.
     """
 
     _supports_gradient_checkpointing = True
@@ -80,6 +81,7 @@ class DoraVAE(ModelMixin, ConfigMixin):
         num_query_layers: int = 1,
         local_attention: bool = False,
         locality_sigmas: Sequence[float] | None = None,
+        sample_posterior: bool = False,
     ) -> None:
         super().__init__()
         if output_type not in OUTPUT_TYPES:
@@ -265,18 +267,22 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self,
         point_cloud: Any,
         num_tokens: int | None = None,
-        sample_posterior: bool = False,
+        sample_posterior: bool | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Latent tokens (B, num_tokens, latent_channels) of a PointCloud, a list of them, or a dict with
         "uniform" (B, N_u, 6) and "salient" (B, N_s, 6) xyz+normal tensors (optional "epsilon").
 
-        Deterministic (posterior mean) unless ``sample_posterior``. ``num_tokens`` may exceed the training
+        ``sample_posterior=None`` follows ``config.sample_posterior``: the posterior mean (deterministic) for
+        models trained here, a sample (pass a seeded ``generator`` to reproduce it) for converted Dora weights,
+        whose official test config samples when reconstructing. ``num_tokens`` may exceed the training
         maximum (the set has no positions); it is limited only by the points available per stream. Tokens come
         in interleaved FPS order, so ``latents[:, :k]`` is a coarse cover of the shape for any ``k``. Warns when
         the input was prepared at another epsilon than the model's.
         """
         posterior = self.encode_posterior(point_cloud, num_tokens)
+        if sample_posterior is None:
+            sample_posterior = bool(self.config.sample_posterior)
         return posterior.sample(generator) if sample_posterior else posterior.mode()
 
     # ----------------------------------------------------------------------------------------------- decoder
