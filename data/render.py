@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,11 @@ def _camera_basis(elev: float, azim: float) -> tuple[np.ndarray, np.ndarray, np.
 
 def _rasterise(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> np.ndarray:
     """Z-buffer triangles given per-corner screen coordinates (F, 3); returns the face id per pixel (-1 = none)."""
+    return _rasterise_with_depth(x, y, z, width)[0]
+
+
+def _rasterise_with_depth(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_rasterise`, plus the depth per pixel (W*W,) (larger = nearer the viewer, -inf = none)."""
     zbuffer = np.full(width * width, -np.inf)
     face_buffer = np.full(width * width, -1, dtype=np.int64)
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])  # (F,)
@@ -89,7 +95,7 @@ def _rasterise(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> np.nd
             nearer = depth > zbuffer[pixel]
             zbuffer[pixel[nearer]] = depth[nearer]
             face_buffer[pixel[nearer]] = face[nearer]
-    return face_buffer
+    return face_buffer, zbuffer
 
 
 def render_mesh_image(mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 45.0, size: int = 256,
@@ -131,6 +137,76 @@ def render_mesh_image(mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 4
     image[covered] = face_rgb[face_ids[covered]]
     image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # (size, size, 3)
     return np.round(image).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ normal maps
+# Fixed views for comparing two meshes (the rendered Sharp Normal Error, vae/metrics_rendered.py): the eight
+# cube-diagonal directions (elevation +-35.26 deg, azimuth 45 + 90k). Every axis-aligned crease of a normalised
+# shape is seen at an oblique angle from four of them instead of edge-on, which axis-aligned views would give.
+CUBE_DIAGONAL_VIEWS: tuple[tuple[float, float], ...] = tuple(
+    (elev, azim) for elev in (35.26, -35.26) for azim in (45.0, 135.0, 225.0, 315.0)
+)
+
+
+@dataclass
+class NormalMap:
+    """One orthographic view of a mesh in a FIXED frame (not fitted to the mesh, so two meshes' maps line up).
+
+    Camera-space unit face normals, flipped to face the viewer (meshes extracted by marching cubes may carry
+    flipped faces, and an orientation-free comparison is what a normal map shows), 0 on the background."""
+
+    normals: np.ndarray  # (R, R, 3) float32; x right, y up, z toward the viewer
+    depth: np.ndarray  # (R, R) float64, larger = nearer the viewer, -inf on the background
+    elev: float
+    azim: float
+    half_width: float  # world units from the image centre to its border
+
+    @property
+    def covered(self) -> np.ndarray:
+        return np.isfinite(self.depth)  # (R, R) bool
+
+    @property
+    def pixel_size(self) -> float:
+        return 2.0 * self.half_width / self.depth.shape[0]
+
+
+def project_points(points: np.ndarray, elev: float, azim: float, resolution: int,
+                   half_width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(column, row, depth) of world points (N, 3) in a fixed frame centred on the origin; columns and rows are
+    continuous pixel coordinates (pixel (r, c) spans [c, c + 1) x [r, r + 1)), depth larger = nearer."""
+    right, up, toward = _camera_basis(elev, azim)
+    scale = resolution / (2.0 * half_width)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    return resolution / 2 + points @ right * scale, resolution / 2 - points @ up * scale, points @ toward
+
+
+def render_normal_map(mesh: trimesh.Trimesh, elev: float, azim: float, resolution: int = 512,
+                      half_width: float = 1.05 * math.sqrt(3.0)) -> NormalMap:
+    """Normal map of ``mesh`` from (elev, azim) degrees at ``resolution`` px, one sample per pixel centre.
+
+    The frame is fixed: the origin at the centre, ``half_width`` world units to each border (the default holds
+    the whole [-1.05, 1.05]^3 box from any direction), so the maps of two meshes compare pixel by pixel. Flat
+    (per-face) normals: a rounded crease shows as a gradient across facets, a sharp one as a step."""
+    mesh = _as_trimesh(mesh)
+    normals = np.zeros((resolution, resolution, 3), np.float32)
+    depth = np.full((resolution, resolution), -np.inf)
+    if len(mesh.faces) == 0 or not np.isfinite(mesh.vertices).all():
+        return NormalMap(normals, depth, elev, azim, half_width)
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    screen_x, screen_y, view_depth = project_points(vertices, elev, azim, resolution, half_width)  # (V,) each
+    face_ids, zbuffer = _rasterise_with_depth(screen_x[faces], screen_y[faces], view_depth[faces], resolution)
+    right, up, toward = _camera_basis(elev, azim)
+    corners = vertices[faces]  # (F, 3, 3)
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # (F, 3)
+    face_normals /= np.maximum(np.linalg.norm(face_normals, axis=1, keepdims=True), 1e-20)
+    camera_normals = np.stack([face_normals @ right, face_normals @ up, face_normals @ toward], axis=1)  # (F, 3)
+    camera_normals *= np.where(camera_normals[:, 2:3] < 0, -1.0, 1.0)  # facing the viewer
+    covered = face_ids >= 0  # (R*R,)
+    flat_normals = normals.reshape(-1, 3)
+    flat_normals[covered] = camera_normals[face_ids[covered]]
+    depth.reshape(-1)[covered] = zbuffer[covered]
+    return NormalMap(normals, depth, elev, azim, half_width)
 
 
 # ------------------------------------------------------------------------------------------ PNG layouts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import multiprocessing
 import sys
 import time
@@ -31,6 +32,7 @@ from data.config import load_config
 from vae.bench_data import BenchConfig, cloud_key, collect_shapes, epsilon_key, prepare_ground_truth
 from vae.bench_latent import interpolation, smoothness
 from vae.metrics import mesh_metrics, volume_iou
+from vae.metrics_rendered import SharpEdgeViews, render_sharp_edge_views, rendered_sharp_normal_error
 
 DEFAULT_CONFIG = "bench/default.yaml"
 
@@ -75,6 +77,7 @@ def load_models(dirs: list[str], names: list[str] | None, device: torch.device) 
             "name": name, "path": str(path), "model": model, "epsilon": float(config.epsilon),
             "n_uniform": int(config.n_uniform), "n_salient": int(config.n_salient),
             "use_salient": bool(config.use_salient), "output_type": config.output_type,
+            "sample_posterior": bool(config.get("sample_posterior", False)),
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
         })
     return models
@@ -128,11 +131,15 @@ def make_extractor(config: BenchConfig, resolution: int):
 
 @torch.no_grad()
 def reconstruct(spec: dict[str, Any], cloud: Any, num_tokens: int, gt_mesh: trimesh.Trimesh, gt: dict[str, Any],
-                config: BenchConfig, extract: Any, seed: int) -> tuple[dict[str, Any], torch.Tensor, trimesh.Trimesh]:
-    """Encode at ``num_tokens``, extract, and score against the ground truth; returns (metrics, latents, mesh)."""
+                config: BenchConfig, extract: Any, seed: int, gt_views: SharpEdgeViews | None = None,
+                ) -> tuple[dict[str, Any], torch.Tensor, trimesh.Trimesh]:
+    """Encode at ``num_tokens``, extract, and score against the ground truth; returns (metrics, latents, mesh).
+    ``gt_views``: the ground truth's rendered sharp-edge views (None: no rendered Sharp Normal Error)."""
     model = spec["model"]
     start = time.perf_counter()
-    latents = model.encode(cloud, num_tokens=num_tokens)  # (1, K, C), posterior mean
+    # The model's own posterior setting (mean for ours, a sample for converted Dora weights, as the official
+    # test config); a seeded generator keeps a sampled run reproducible.
+    latents = model.encode(cloud, num_tokens=num_tokens, generator=torch.Generator().manual_seed(seed))  # (1, K, C)
     decoded = model.decode(latents)
     occupancy = decoded(gt["volume_points"])[0].float().cpu().numpy() > config.threshold  # (M,)
     seconds_encode = time.perf_counter() - start
@@ -147,6 +154,10 @@ def reconstruct(spec: dict[str, Any], cloud: Any, num_tokens: int, gt_mesh: trim
         metrics.pop(key)  # graded on the clean input instead (the remesh rounds creases into many facets)
     metrics["mesh_volume_iou"] = metrics.pop("volume_iou")  # winding numbers of the extracted mesh
     metrics["volume_iou"] = volume_iou(occupancy, gt["volume_occupancy"])  # the decoded field itself
+    if gt_views is not None:
+        metrics |= rendered_sharp_normal_error(mesh, reference=gt_views)
+    elif config.metrics.rendered_sne:  # no sharp edge to look at, as the geometric variant's NaN
+        metrics |= {"rendered_sharp_normal_error_deg": math.nan, "rendered_sharp_pixels": 0}
     metrics |= {"num_faces": int(len(mesh.faces)), "num_queries": int(mesh.metadata.get("num_queries", 0)),
                 "seconds_encode_decode": seconds_encode, "seconds_extract": seconds_extract,
                 "seconds_metrics": time.perf_counter() - start - seconds_encode - seconds_extract}
@@ -155,6 +166,20 @@ def reconstruct(spec: dict[str, Any], cloud: Any, num_tokens: int, gt_mesh: trim
 
 def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+
+
+def rendered_reference(config: BenchConfig, gt_meshes: dict[str, trimesh.Trimesh],
+                       gt: dict[str, dict[str, Any]]) -> dict[str, SharpEdgeViews]:
+    """The ground truth's normal maps and edge masks per epsilon, rendered once for every model and token count;
+    none when the rendered metric is off or the shape has no sharp edges (its value is then NaN, as the
+    geometric sharp-edge error's)."""
+    m = config.metrics
+    if not m.rendered_sne:
+        return {}
+    return {key: render_sharp_edge_views(mesh, gt[key]["sharp_points"], views=m.render_views,
+                                         resolution=m.render_resolution, sharp_radius=m.sharp_radius,
+                                         dilation_px=m.render_dilation_px)
+            for key, mesh in gt_meshes.items() if len(gt[key]["sharp_points"])}
 
 
 def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config: BenchConfig,
@@ -170,6 +195,7 @@ def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config:
     extract = make_extractor(config, config.resolution)
     latent_extract = make_extractor(config, config.latent.resolution)
     gt_meshes = {key: trimesh.Trimesh(g["vertices"], g["faces"], process=False) for key, g in result["gt"].items()}
+    gt_views = rendered_reference(config, gt_meshes, result["gt"])
     latents_kept, meshes = {}, {"gt": gt_meshes}
     for spec in models:
         key = epsilon_key(spec["epsilon"])
@@ -179,7 +205,7 @@ def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config:
         for num_tokens in config.tokens:
             try:
                 metrics, latents, mesh = reconstruct(spec, cloud, num_tokens, gt_mesh, gt, config, extract,
-                                                     result["seed"])
+                                                     result["seed"], gt_views.get(key))
             except Exception as error:  # e.g. more tokens than points: record and go on
                 per_tokens[str(num_tokens)] = {"error": _reason(error)}
                 continue

@@ -40,6 +40,13 @@ class MetricConfig:
     fscore_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02])
     sharp_points: int = 10_000           # samples along the gt sharp edges
     sharp_radius: float = 0.02           # "near a sharp edge" = within this distance of those samples
+    # Rendered Sharp Normal Error (vae/metrics_rendered.py has the protocol): normal maps of gt and reconstruction
+    # from fixed views, compared on the gt's sharp-edge pixels dilated by render_dilation_px.
+    rendered_sne: bool = True
+    render_resolution: int = 512         # px per side of each view (0.0071 units per pixel at 512)
+    render_views: list[list[float]] = field(default_factory=lambda: [
+        [elev, azim] for elev in (35.26, -35.26) for azim in (45.0, 135.0, 225.0, 315.0)])  # (elev, azim) deg
+    render_dilation_px: int | None = None  # None: ceil(sharp_radius / pixel size), the geometric band's width
 
 
 @dataclass

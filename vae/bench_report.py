@@ -30,7 +30,10 @@ def metric_columns(config: BenchConfig) -> list[tuple[str, str, float]]:
     columns = [("chamfer_l1", "CD-L1 x1e3", 1e3), ("chamfer_l2", "CD-L2 x1e4", 1e4)]
     columns += [(f"f_score@{tau:g}", f"F@{tau:g}", 1.0) for tau in config.metrics.fscore_thresholds]
     columns += [("normal_consistency", "NC", 1.0), ("sharp_chamfer_l1", "sharp CD-L1 x1e3", 1e3),
-                ("sharp_normal_error_deg", "sharp NE deg", 1.0), ("volume_iou", "IoU field", 1.0),
+                ("sharp_normal_error_deg", "sharp NE deg", 1.0)]
+    if config.metrics.rendered_sne:
+        columns.append(("rendered_sharp_normal_error_deg", "rendered SNE deg", 1.0))
+    columns += [("volume_iou", "IoU field", 1.0),
                 ("mesh_volume_iou", "IoU mesh", 1.0)]
     return columns
 
@@ -127,10 +130,11 @@ def render_markdown(config: BenchConfig, args: dict[str, Any], models: list[dict
         f"token counts {config.tokens}; marching cubes {config.resolution}^3 (hierarchical); {seconds:.0f} s. "
         f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
         *_table(["model", "path", "use_salient", "epsilon", "trained points (uniform/salient)",
-                 "bench points", "parameters"],
+                 "bench points", "parameters", "latents"],
                 [[x["name"], f"`{x['path']}`", str(x["use_salient"]), f"{x['epsilon']:.6g}",
                   f"{x['n_uniform']}/{x['n_salient']}", f"{x['sampled_n_uniform']}/{x['sampled_n_salient']}",
-                  f"{x['num_parameters']:,}"] for x in models]),
+                  f"{x['num_parameters']:,}",
+                  "posterior sample (seeded)" if x.get("sample_posterior") else "posterior mean"] for x in models]),
         "",
         "Metrics (all distances in the [-1, 1]^3 normalisation; ground truth = watertight remesh at the model's "
         "epsilon):",
@@ -138,10 +142,16 @@ def render_markdown(config: BenchConfig, args: dict[str, Any], models: list[dict
         f"directions, {m.surface_points:,} area-uniform points per surface; CD-L2: the same with squared distances.",
         "- F@tau: F-score of those samples at distance tau. NC: normal consistency (mean |cos| of nearest "
         "neighbours' normals, 1 = perfect).",
-        f"- Sharp-edge error, **geometric variant** (not Dora's rendered Sharp Normal Error): sharp CD-L1 = the "
+        f"- Sharp-edge error, **geometric variant**: sharp CD-L1 = the "
         f"Chamfer-L1 restricted to points within {m.sharp_radius:g} of the ground truth's sharp edges; sharp NE = "
         f"mean angle between gt and reconstructed surface normals there (degrees). Only shapes with sharp edges "
         f"count (column n sharp).",
+        *([f"- Rendered SNE (Dora-bench's Sharp Normal Error, rendered): normal maps of gt and reconstruction from "
+           f"{len(m.render_views)} fixed orthographic views at {m.render_resolution} px; mean angle (degrees) over "
+           f"the gt's visible sharp-edge pixels dilated by "
+           f"{m.render_dilation_px if m.render_dilation_px is not None else 'ceil(' + format(m.sharp_radius, 'g') + ' / pixel)'}"
+           f" px; a pixel only one mesh covers counts 90 (protocol: `vae/metrics_rendered.py`)."]
+          if m.rendered_sne else []),
         f"- IoU field: volume IoU of the decoded occupancy (> {config.threshold:g}) against the ground truth's "
         f"winding-number occupancy on {m.volume_points:,} uniform points in [-{config.bounds:g}, "
         f"{config.bounds:g}]^3; IoU mesh: the same for the extracted mesh.",
@@ -293,7 +303,9 @@ def write_outputs(out: Path, config: BenchConfig, args: dict[str, Any], models: 
         "seconds": seconds, "shapes": shapes, "aggregates": aggregates,
         "latent_quality": {"aggregates": latent, "interpolations": interpolations},
         "failures": [{k: s[k] for k in ("shape_id", "source", "reason")} for s in shapes if s["status"] != "ok"],
-        "notes": {"sharp_edge_error": "geometric variant (sharp_chamfer_l1, sharp_normal_error_deg)",
+        "notes": {"sharp_edge_error": "geometric variant (sharp_chamfer_l1, sharp_normal_error_deg) and rendered "
+                                      "variant (rendered_sharp_normal_error_deg over rendered_sharp_pixels; "
+                                      "protocol in vae/metrics_rendered.py)",
                   "volume_iou": "decoded field vs gt winding-number occupancy; mesh_volume_iou: extracted mesh",
                   "chamfer": f"L1 = mean Euclidean NN distance (L2 squared), {config.metrics.surface_points} points"},
     }

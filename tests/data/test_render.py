@@ -107,3 +107,30 @@ def test_render_grid_png_lays_out_meshes_with_titles(tmp_path):
     assert not _mask(pixels[2 * cell_height:, size:]).any()  # the sixth cell stays empty
     with pytest.raises(ValueError, match="titles"):
         render_grid_png(meshes, tmp_path / "bad.png", titles=["only one"])
+
+
+def test_normal_map_of_a_box_holds_its_three_visible_face_normals():
+    from data.render import _camera_basis, render_normal_map
+
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    normal_map = render_normal_map(box, 35.26, 45.0, 96)
+    right, up, toward = _camera_basis(35.26, 45.0)
+    expected = np.array([[n @ right, n @ up, n @ toward] for n in np.eye(3)])  # (3, 3): the +x, +y, +z faces
+    distance = np.linalg.norm(normal_map.normals[normal_map.covered][:, None] - expected[None], axis=-1)  # (P, 3)
+    assert (distance.min(axis=1) < 1e-5).all()  # every pixel shows one of them
+    assert (np.bincount(distance.argmin(axis=1), minlength=3) > 300).all()  # and each of them is seen
+    assert (normal_map.normals[~normal_map.covered] == 0).all()
+
+
+def test_normal_map_frame_is_fixed_not_fitted():
+    from data.render import render_normal_map
+
+    small, large = trimesh.creation.box(extents=(0.49,) * 3), trimesh.creation.box(extents=(0.99,) * 3)
+    # Front view, half-width 1 over 100 px: a box of side s covers 50 s pixels per side (pixel centres inside),
+    # whatever its size; a mesh fitted to the frame would fill it in both cases.
+    for box, side in ((small, 24), (large, 50)):
+        covered = render_normal_map(box, 0.0, 0.0, 100, half_width=1.0).covered
+        assert _bbox(covered) == (side, side)
+    moved = render_normal_map(small.copy().apply_translation([0.2, 0.0, 0.0]), 0.0, 0.0, 100, half_width=1.0)
+    columns = np.nonzero(moved.covered.any(axis=0))[0]
+    assert columns.min() == 38 + 10  # the left border at 50 - 12.25 -> first centre 38.5; 0.2 units = 10 px

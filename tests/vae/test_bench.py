@@ -28,7 +28,7 @@ TINY_BENCH = {
     "grow_points_for_tokens": False,
     "resolution": 16,
     "coarse_resolution": 8,
-    "metrics": {"surface_points": 1500, "volume_points": 3000, "sharp_points": 300},
+    "metrics": {"surface_points": 1500, "volume_points": 3000, "sharp_points": 300, "render_resolution": 64},
     "latent": {"noise_scales": [0.1, 0.5], "noise_samples": 1, "max_shapes": 1, "resolution": 12,
                "surface_points": 400, "volume_points": 800, "interpolation_pairs": 1, "interpolation_steps": 3},
     "report": {"contact_sheet_shapes": 2, "contact_sheet_size": 48},
@@ -91,6 +91,9 @@ def test_per_shape_entries_and_metric_ranges(bench_run):
                 assert 0.0 <= row["volume_iou"] <= 1.0 and 0.0 <= row["mesh_volume_iou"] <= 1.0
                 assert 0.0 <= row["normal_consistency"] <= 1.0
                 assert row["num_points"] == TINY_BENCH["metrics"]["surface_points"]
+                # Both shapes have sharp edges: the rendered variant sits beside the geometric one.
+                assert row["rendered_sharp_pixels"] > 0
+                assert 0.0 <= row["rendered_sharp_normal_error_deg"] <= 180.0
             # 1024 tokens need 512 uniform points, the model samples 256: recorded per pair, the run goes on.
             assert "points" in shape["results"][model]["1024"]["error"]
 
@@ -109,6 +112,14 @@ def test_aggregates_are_means_over_shapes_per_level(bench_run):
         assert results["aggregates"][model]["1024"]["overall"]["num_errors"] == 2
     markdown = (bench_run["out"] / "results.md").read_text()
     assert "## Overall" in markdown and "geometric variant" in markdown and "## Token scaling" in markdown
+    assert "rendered SNE deg" in markdown and "8 fixed orthographic views at 64 px" in markdown
+    for model in ("dora", "baseline"):
+        for shape in ok:  # per level, beside the geometric sharp-edge error
+            group = results["aggregates"][model]["32"][f"L{shape['level']}"]
+            same_level = [s["results"][model]["32"] for s in ok if s["level"] == shape["level"]]
+            assert group["rendered_sharp_normal_error_deg"] == pytest.approx(
+                np.mean([row["rendered_sharp_normal_error_deg"] for row in same_level]))
+            assert math.isfinite(group["sharp_normal_error_deg"])
     assert f"## Level L{ok[0]['level']}" in markdown
 
 
