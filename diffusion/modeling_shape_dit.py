@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -141,7 +142,7 @@ class ShapeDiTBlock(nn.Module):
         return hidden_states + gate_mlp * self.mlp(mlp_in)
 
 
-class ShapeDiT(ModelMixin, ConfigMixin):
+class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Rectified-flow velocity predictor for vecset latents, conditioned on text tokens (+ pooled text vector).
 
     Args:
@@ -153,6 +154,9 @@ class ShapeDiT(ModelMixin, ConfigMixin):
         use_long_skips: U-ViT skips from block i to block num_layers-1-i (second half concatenates first half).
         qk_norm: RMS-normalise queries and keys in self- and cross-attention.
         dropout: attention and MLP dropout (training only).
+
+    ``PeftAdapterMixin`` gives diffusers' LoRA methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
+    ``fuse_lora``); see ``diffusion/finetune.py``.
     """
 
     _supports_gradient_checkpointing = True

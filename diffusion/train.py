@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from data.config import load_config, save_yaml, to_dict
+from diffusion.finetune import LoraConfig
 from diffusion.text_encoder import DEFAULT_TEXT_ENCODER
 from vae.schedules import ScheduleConfig, TokenSchedule
 
@@ -104,6 +105,9 @@ class DiTTrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    init_from: str | None = None         # fine-tune a trained DiT folder (diffusion/finetune.py); --init-from
+    init_from_sha256: dict[str, str] | None = None   # recorded by the run: sha256 of that folder's weight files
+    lora: LoraConfig = field(default_factory=LoraConfig)   # rank > 0: train LoRA adapters only (needs init_from)
 
 
 @dataclass
@@ -146,14 +150,18 @@ def export_final(model: Any, ema: Any, directory: Path, config: DiTTrainConfig, 
     """EMA weights via ``save_pretrained`` + run config + latent statistics + the scheduler, in one folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from diffusion.finetune import save_adapter
     from diffusion.train_utils import ema_weights
 
-    with ema_weights(model, ema):
-        model.save_pretrained(str(directory))
+    if config.lora.rank > 0:
+        save_adapter(model, directory)  # the adapter only: the base stays in init_from
+    else:
+        with ema_weights(model, ema):
+            model.save_pretrained(str(directory))
     save_yaml(to_dict(config), directory / "run_config.yaml")
     stats = {"stats": manifest["stats"], "latent_channels": manifest.get("latent_channels"),
              "num_tokens": manifest.get("num_tokens"), "vae": manifest.get("vae", {}).get("path"),
-             "shards": manifest.get("base_url")}
+             "vae_sha256": manifest.get("vae", {}).get("weights_sha256"), "shards": manifest.get("base_url")}
     (directory / "latent_stats.json").write_text(json.dumps(stats, indent=2))
     FlowMatchEulerDiscreteScheduler(shift=config.training.scheduler_shift).save_pretrained(str(directory / "scheduler"))
 
@@ -168,6 +176,7 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
     from tqdm.auto import tqdm
 
     from data.latent_shards import LatentStats, load_manifest
+    from diffusion.finetune import build_dit, prepare_finetune, register_lora_checkpointing
     from diffusion.flow_matching import (
         add_noise,
         drop_captions,
@@ -189,6 +198,7 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
         register_ema_checkpointing,
         streaming_batches,
     )
+    from vae.provenance import check_resume_provenance, check_vae_identity
 
     started = time.monotonic()
     output_dir = Path(output_dir)
@@ -204,12 +214,15 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     manifest = load_manifest(dcfg.shards)
+    if vae_dir:  # previews decode these latents: only through the VAE that cached them
+        check_vae_identity(manifest, vae_dir, f"{dcfg.shards} with --vae")
+    config, manifest = prepare_finetune(config, manifest, dcfg.shards)  # init_from / LoRA; base latent stats
     stats = LatentStats.from_manifest(manifest)
     schedule = TokenSchedule(config.schedule, seed=tcfg.seed)
     text_encoder = TextEncoder.from_name(config.text_encoder, max_length=tcfg.text_max_length)
     text_encoder.model.to(device)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = ShapeDiT(**config.model)
+    model = build_dit(config)
     check_compatibility(model.config, manifest, text_encoder, schedule, dcfg.shards)
     if tcfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -226,13 +239,16 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
         captions.precompute([""])
         num_shapes = int(manifest.get("num_samples", 0))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA layers only
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas),
                                   weight_decay=tcfg.weight_decay)
     # A prepared scheduler steps once per process per optimizer step: scale like diffusers' example scripts.
     lr_scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps * world,
                                  num_training_steps=tcfg.max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    if config.lora.rank > 0:
+        register_lora_checkpointing(accelerator, unwrapped)  # checkpoints hold the adapter, not the frozen base
     ema = None
     if tcfg.use_ema:
         ema = EMAModel(unwrapped.parameters(), decay=tcfg.ema_decay, model_cls=ShapeDiT,
@@ -244,6 +260,7 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
     checkpoint = find_checkpoint(output_dir, resume) if resume else None
     resumed_from = None
     if checkpoint is not None:
+        check_resume_provenance(checkpoint, config)
         accelerator.load_state(str(checkpoint))
         state = read_train_state(checkpoint)
         resumed_from = state["global_step"]
@@ -376,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="'latest' (newest checkpoint in the output dir) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=None, help="override training.seed")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start from this trained DiT folder (e.g. an earlier run's final/)")
     return parser
 
 
@@ -389,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["training.seed"] = args.seed
     if args.shards is not None:
         overrides["data.shards"] = args.shards
+    if args.init_from is not None:
+        overrides["init_from"] = args.init_from
     config = load_config(DiTTrainConfig, args.config, overrides)
     output_dir = args.output_dir or f"runs/dit_{Path(args.config).stem}"
     result = train(config, output_dir, resume=args.resume, max_minutes=args.max_minutes, vae_dir=args.vae)
