@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-dit": ("diffusion.train", "train the text-conditioned DiT on cached latent shards"),
     "assemble-pipeline": ("pipelines.assemble", "assemble VAE + DiT + text encoder into a diffusers pipeline"),
     "generate": ("pipelines.generate", "text -> mesh file(s) + preview PNG"),
+    "bench-generation": ("pipelines.bench_generation", "judge generated shapes: 1-NNA/COV/MMD, text following, structure"),
     "quickstart": ("pipelines.quickstart", "the whole chain on the built-in dataset, offline, on a CPU"),
     "demo": ("pipelines.demo", "Gradio web demo"),
 }
