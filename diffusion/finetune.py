@@ -30,7 +30,7 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME
 # ShapeDiT module-name suffixes behind the shorthands of ``lora.target_modules``.
 TARGET_PRESETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out"],  # self- and cross-attention projections
-    "mlp": ["mlp.0", "mlp.2"],  # the two linear layers of each block's MLP
+    "mlp": ["mlp.0", "mlp.3"],  # the two Linear layers of each block's MLP (Linear, GELU, Dropout, Linear)
 }
 # ShapeDiT config keys a fine-tuning run may change; every other key must match the init_from folder.
 DIT_FREE_KEYS = frozenset({"dropout"})

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", type=int, default=None, help="reduce each mesh to about this many faces")
     parser.add_argument("--keep-floaters", action="store_true", help="keep small disconnected components")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+                        help="a LoRA adapter folder from `dora train-dit` (lora.rank > 0) with an optional scale "
+                             "(default 1.0); repeat to combine adapters")
     return parser
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """``DIR[:SCALE]`` -> (folder, scale); the scale is whatever follows the last colon, when it is a number."""
+    folder, _, scale = spec.rpartition(":")
+    if folder:
+        try:
+            return Path(folder), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def load_loras(pipe: Any, specs: list[str], transformer_dir: Path | None = None) -> list[str]:
+    """Load each ``--lora DIR[:SCALE]`` into the pipeline's transformer and activate them all with their scales;
+    returns the adapter names. A folder without an adapter file is a ValueError naming it. With the pipeline's
+    ``transformer_dir``, an adapter whose run recorded other base weights (``init_from_sha256``) is warned about."""
+    import yaml
+
+    from diffusion.finetune import ADAPTER_FILE
+    from vae.provenance import weight_hashes
+
+    base = weight_hashes(transformer_dir) if transformer_dir is not None else None
+    names, scales = [], []
+    for index, spec in enumerate(specs):
+        folder, scale = parse_lora(spec)
+        if not (folder / ADAPTER_FILE).is_file():
+            raise ValueError(f"--lora {spec}: {folder} holds no LoRA adapter ({ADAPTER_FILE})")
+        record = folder / "run_config.yaml"
+        trained_on = (yaml.safe_load(record.read_text()) or {}).get("init_from_sha256") if record.is_file() else None
+        if base and trained_on and trained_on != base:
+            logger.warning("--lora %s was trained on DiT weights %s, but this pipeline's transformer is %s: "
+                           "the adapter may not fit it", spec, trained_on, base)
+        name = f"lora{index}_{folder.parent.name if folder.name == 'final' else folder.name}"
+        pipe.load_lora_weights(str(folder), adapter_name=name)
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, scales)
+    return names
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -67,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir).to(device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     try:
+        for name in load_loras(pipe, args.lora, pipeline_dir / "transformer"):
+            print(f"LoRA adapter {name} loaded")
         result = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,

@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_shards import LatentStats
 from data.marching import extract_mesh
+from diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 from diffusion.modeling_shape_dit import ShapeDiT
 from diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from diffusion.text_encoder import TextEncoder, _detect_kind
@@ -65,7 +66,7 @@ def _string_list(value: Any, name: str) -> list[str]:
     return list(value)
 
 
-class DoraTextTo3DPipeline(DiffusionPipeline):
+class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     r"""Text-to-3D with a flow-matching ShapeDiT over Dora VAE vecset latents.
 
     Args:
@@ -81,6 +82,10 @@ class DoraTextTo3DPipeline(DiffusionPipeline):
         text_encoder_kind: how the pooled vector is made (``diffusion.text_encoder.KINDS``); recorded because a
             saved transformers folder loses the sentence-transformers marker (L2-normalised mean pooling).
             None = inferred from the model type ("clip", "t5", else "bert").
+
+    LoRA adapters of the transformer (trained by `dora train-dit` with ``lora.rank > 0``) load with diffusers'
+    API: ``pipe.load_lora_weights(DIR, adapter_name="a")``, ``pipe.set_adapters(["a", "b"], [1.0, 0.5])``,
+    ``pipe.fuse_lora()`` / ``pipe.unfuse_lora()``, ``pipe.disable_lora()``, ``pipe.unload_lora_weights()``.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"

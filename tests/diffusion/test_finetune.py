@@ -85,7 +85,7 @@ def test_other_bad_finetune_configs_are_named(shards, base_dit):  # noqa: F811
         init_latent_stats(_write_stats(base_dit.parent / "other", recorded),
                           manifest | {"vae": {"weights_sha256": {"m.safetensors": "b"}}}, "s")
     assert target_module_names(["attention", "mlp", "attention"]) == ["to_q", "to_k", "to_v", "to_out", "mlp.0",
-                                                                      "mlp.2"]
+                                                                      "mlp.3"]
 
 
 def _write_stats(folder: Path, stats: dict) -> str:
