@@ -10,6 +10,7 @@ Stages (each one is the same `dora <command>` a user would run by hand, with its
     6 train-dit       small text-conditioned DiT               OUT/dit/final/
     7 assemble        diffusers pipeline                       OUT/pipeline/
     8 generate        meshes for a few prompts + PNG grid      OUT/samples/  and  OUT/report.md
+    9 bench-generation  1-NNA/COV/MMD, text following, structure  OUT/bench_generation/results.md
 
 Each stage runs in its own process (exactly the command shown in the log, so it can be rerun or scaled up alone)
 and leaves a marker in OUT/.stages/ when it finishes: running the quickstart again skips finished stages and
@@ -205,11 +206,20 @@ class Quickstart:
 
         return generate_samples(self.out / "pipeline", self.out / "samples", self.config.generate)
 
+    def bench_generation(self) -> dict[str, Any]:
+        self._dora("bench-generation", "--pipeline", str(self.out / "pipeline"),
+                   "--out", str(self.out / "bench_generation"), "--reference", str(self.out / "prepared"),
+                   "--config", str(_stage_yaml(self.config_dir, "bench_generation")))
+        results = _read_json(self.out / "bench_generation" / "results.json")
+        return {name: {key: figures["overall"].get(key) for key in ("text_accuracy_pct", "1-NNA-CD")}
+                for name, figures in results.get("sets", {}).items()}
+
     def run(self, stop_after: str | None = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = [("build-dataset", self.build_dataset), ("prepare", self.prepare), ("train-vae", self.train_vae),
                   ("bench", self.bench), ("cache-latents", self.cache_latents), ("train-dit", self.train_dit),
-                  ("assemble-pipeline", self.assemble), ("generate", self.generate)]
+                  ("assemble-pipeline", self.assemble), ("generate", self.generate),
+                  ("bench-generation", self.bench_generation)]
         start = time.perf_counter()
         self._log(f"dora quickstart -> {self.out} (configs: {self.config_dir})")
         for index, (name, action) in enumerate(stages, start=1):

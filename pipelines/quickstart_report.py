@@ -104,6 +104,40 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
                   "|---|---|---|---|"]
         lines += [f"| {r['prompt']} | {r['path'] or '(empty)'} | {r['faces']} | {r['watertight']} |" for r in rows]
         lines.append("")
+    lines += _generation_section(out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _generation_section(out: Path) -> list[str]:
+    """The "Generation" section: `dora bench-generation`'s overall figures per prompt set, if the stage ran."""
+    results = _read_json(out / "bench_generation" / "results.json")
+    if not results.get("sets"):
+        return []
+    settings, judge = results.get("settings", {}), results.get("judge") or {}
+    lines = ["## Generation", "",
+             f"`dora bench-generation`: {settings.get('samples_per_prompt')} sample(s) per prompt, "
+             f"{settings.get('steps')} steps, guidance {settings.get('guidance')}, {settings.get('resolution')}³, "
+             f"{settings.get('points')} points per shape; reference: the {results['reference']['num_shapes']} "
+             f"{results['reference']['split']} shapes."]
+    if judge:
+        lines[-1] += (f" Judge: {judge['method']}, {judge['accuracy_pct']:.0f}% on its {judge['num_held_out']} "
+                      f"held-out reference shapes (chance {judge['chance_pct']:.0f}%).")
+    lines += ["", "| prompts | samples | text accuracy % | 1-NNA-CD % | COV-CD % | MMD-CD ×1e3 | one component % | "
+              "floater share % | empty/failed |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, figures in results["sets"].items():
+        row = figures["overall"]
+        cells = [_number(row.get("text_accuracy_pct")), _number(row.get("1-NNA-CD")), _number(row.get("COV-CD")),
+                 _number(row.get("MMD-CD"), 1e3), _number(row.get("structure_single_component_pct")),
+                 _number(row.get("structure_mean_floater_share_pct"))]
+        lines.append(f"| {name} | {row.get('num_samples')} | " + " | ".join(cells)
+                     + f" | {row.get('structure_empty_or_failed')} |")
+    first = next(iter(results["sets"]))
+    lines += ["", f"Protocol and per-category tables: [bench_generation/results.md](bench_generation/results.md)", "",
+              f"![{first}](bench_generation/contact_sheet_{first}.png)", ""]
+    return lines
+
+
+def _number(value: Any, factor: float = 1.0) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value * factor:.1f}"

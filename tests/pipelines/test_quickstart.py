@@ -46,6 +46,10 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
     cache.update(num_tokens=32, batch_size=4)
     _write(folder / "cache.yaml", cache)
 
+    bench_generation = yaml.safe_load((folder / "bench_generation.yaml").read_text())
+    bench_generation.update(steps=2, resolution=16, points=64, emd_points=8)
+    _write(folder / "bench_generation.yaml", bench_generation)
+
     dit = yaml.safe_load((CONFIG_DIR / "dit" / "tiny.yaml").read_text())
     dit["model"]["in_channels"] = vae["model"]["latent_channels"]
     _write(folder / "dit.yaml", dit)
@@ -73,17 +77,20 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capsys):
             assert len(trimesh.load(out / "samples" / row["path"], force="mesh").faces) == row["faces"]
     assert (out / "samples" / "grid.png").stat().st_size > 0
     report = (out / "report.md").read_text()
-    assert "## Stages" in report and "## Samples" in report
+    assert "## Stages" in report and "## Samples" in report and "## Generation" in report
+    generation = json.loads((out / "bench_generation" / "results.json").read_text())
+    assert set(generation["sets"]) == {"captions", "paraphrases"}
+    assert generation["sets"]["captions"]["overall"]["num_samples"] == 14
     stages = sorted(p.stem for p in (out / ".stages").glob("*.json"))
     assert stages == sorted(["build-dataset", "prepare", "train-vae", "bench", "cache-latents", "train-dit",
-                             "assemble-pipeline", "generate"])
+                             "assemble-pipeline", "generate", "bench-generation"])
 
     # A second run finds every stage done and redoes nothing.
     capsys.readouterr()
     before = (out / "vae" / "final" / "config.json").stat().st_mtime_ns
     assert main(["--out", str(out), "--configs", str(configs)]) == 0
     log = capsys.readouterr().out
-    assert log.count("already done") == 8
+    assert log.count("already done") == 9
     assert (out / "vae" / "final" / "config.json").stat().st_mtime_ns == before
 
 
