@@ -134,7 +134,7 @@ def _generation_section(out: Path) -> list[str]:
         lines.append(f"| {name} | {row.get('num_samples')} | " + " | ".join(cells)
                      + f" | {row.get('structure_empty_or_failed')} |")
     first = next(iter(results["sets"]))
-    lines += ["", f"Protocol and per-category tables: [bench_generation/results.md](bench_generation/results.md)", "",
+    lines += ["", "Protocol and per-category tables: [bench_generation/results.md](bench_generation/results.md)", "",
               f"![{first}](bench_generation/contact_sheet_{first}.png)", ""]
     return lines
 
