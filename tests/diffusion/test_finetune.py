@@ -139,3 +139,13 @@ def test_lora_resume_matches_an_uninterrupted_run(shards, base_dit, tmp_path):  
     moved = tiny_config(shards, **LORA | {"training.max_steps": 4, "init_from": str(other)})
     with pytest.raises(ValueError, match="that run started from weights"):
         train(moved, tmp_path / "resumed", resume="latest")
+
+
+def test_lora_recipe_config_loads():
+    from data.config import load_config
+    from diffusion.finetune import check_lora_config
+    from diffusion.train import DiTTrainConfig
+
+    config = load_config(DiTTrainConfig, "configs/dit/lora.yaml", {"init_from": "outputs/quickstart/dit/final"})
+    check_lora_config(config)  # rank > 0, EMA off, init_from given: accepted
+    assert config.lora.rank == 8 and config.lora.target_modules == ["attention"] and config.model == {}

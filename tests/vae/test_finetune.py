@@ -115,3 +115,28 @@ def test_latents_cached_from_a_vae_match_only_its_exact_weights(prepared_root, p
     shutil.copytree(pretrained, copy)
     check_vae_identity(manifest, copy, "cache")  # the same weights under another path are the same VAE
     assert cache_main(["--vae", str(copy), *args]) == 0  # and may extend the cache
+
+
+def test_dora_configs_fit_converted_weights(tmp_path):
+    """The GPU recipe: configs/vae/dora_v1_1.yaml and dora_v1_1_finetune.yaml start from `dora
+    convert-dora-checkpoint` output (its config inferred from the official tensor shapes, here meta tensors)."""
+    from safetensors.torch import save_file
+
+    from vae.convert_dora import infer_config
+
+    meta = {name: torch.empty(shape, device="meta") for name, shape in {
+        "encoder.input_proj.weight": (768, 54), "encoder.input_proj1.weight": (768, 54),
+        "decoder.query_proj.weight": (768, 51), "post_kl.weight": (768, 64),
+        "transformer.resblocks.0.mlp.c_fc.weight": (3072, 768)}.items()}
+    meta |= {f"encoder.self_attn.resblocks.{i}.ln_1.weight": torch.empty(768, device="meta") for i in range(8)}
+    meta |= {f"transformer.resblocks.{i}.ln_1.weight": torch.empty(768, device="meta") for i in range(16)}
+    converted = tmp_path / "dora_vae_v1_1"
+    converted.mkdir()
+    (converted / "config.json").write_text(json.dumps({"_class_name": "DoraVAE", **infer_config(meta)}))
+    save_file({"w": torch.zeros(1)}, str(converted / "diffusion_pytorch_model.safetensors"))
+    root = Path(__file__).resolve().parents[2] / "configs" / "vae"
+    for name in ("dora_v1_1.yaml", "dora_v1_1_finetune.yaml"):
+        config = load_config(VAETrainConfig, root / name, {"init_from": str(converted)})
+        resolved = resolve_init_from(config, DoraVAE, VAE_FREE_KEYS)
+        assert resolved.model["width"] == 768 and resolved.model["epsilon"] == 2 / 256, name
+        assert resolved.model["output_type"] == "tsdf" and resolved.model["gradient_checkpointing"] is True, name
