@@ -75,6 +75,23 @@ def test_adapter_scales_fuse_and_unfuse(adapters):
     torch.testing.assert_close(_latents(pipe), base, atol=1e-4, rtol=1e-4)
 
 
+def test_a_fused_adapter_saves_as_a_plain_pipeline(adapters, tmp_path):
+    """fuse + unload + save_pretrained bakes the adapter in: the saved pipeline has no LoRA layers and gives the
+    adapted output (how a tool that takes only --pipeline, such as `dora bench-generation`, measures a LoRA)."""
+    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.load_lora_weights(str(adapters[1]), adapter_name="b")
+    adapted = _latents(pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "baked")
+    baked = DoraTextTo3DPipeline.from_pretrained(tmp_path / "baked")
+    baked.set_progress_bar_config(disable=True)
+    assert not any("lora" in name or "base_layer" in name for name in baked.transformer.state_dict())
+    torch.testing.assert_close(_latents(baked), adapted, atol=1e-4, rtol=1e-4)
+
+
 def test_only_safetensors_adapters_load(adapters, tmp_path):
     pipe = make_tiny_pipeline()
     with pytest.raises(ValueError, match="safetensors only"):
