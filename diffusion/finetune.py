@@ -38,10 +38,12 @@ DIT_FREE_KEYS = frozenset({"dropout"})
 
 @dataclass
 class LoraConfig:
-    rank: int = 0                        # 0 = train the whole DiT; > 0 = LoRA adapters of this rank, base frozen
-    alpha: float | None = None           # LoRA output scale is alpha / rank; None = rank (scale 1)
-    target_modules: list[str] = field(default_factory=lambda: ["attention"])  # presets attention / mlp, or names
-    dropout: float = 0.0                 # dropout on the adapter's input
+    rank: int = 0  # 0 = train the whole DiT; > 0 = LoRA adapters of this rank, base frozen
+    alpha: float | None = None  # LoRA output scale is alpha / rank; None = rank (scale 1)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["attention"]
+    )  # presets attention / mlp, or names
+    dropout: float = 0.0  # dropout on the adapter's input
 
 
 def target_module_names(targets: list[str]) -> list[str]:
@@ -58,7 +60,9 @@ def _require_peft() -> None:
     try:
         import peft  # noqa: F401
     except ImportError as error:
-        raise ImportError("LoRA needs the `peft` package: pip install -e \".[lora]\" (or pip install peft)") from error
+        raise ImportError(
+            'LoRA needs the `peft` package: pip install -e ".[lora]" (or pip install peft)'
+        ) from error
 
 
 def check_lora_config(config: Any) -> None:
@@ -69,11 +73,15 @@ def check_lora_config(config: Any) -> None:
     if lora.rank == 0:
         return
     if not config.init_from:
-        raise ValueError("lora.rank > 0 needs init_from (a trained DiT folder): adapters on a random DiT learn "
-                         "nothing a full run would not")
+        raise ValueError(
+            "lora.rank > 0 needs init_from (a trained DiT folder): adapters on a random DiT learn "
+            "nothing a full run would not"
+        )
     if config.training.use_ema:
-        raise ValueError("training.use_ema must be false with lora.rank > 0 (the adapter itself is exported; "
-                         "an EMA of a few hundred adapter steps would lag behind it)")
+        raise ValueError(
+            "training.use_ema must be false with lora.rank > 0 (the adapter itself is exported; "
+            "an EMA of a few hundred adapter steps would lag behind it)"
+        )
     if config.training.gradient_checkpointing:
         logger.info("gradient checkpointing with LoRA: the frozen base still recomputes its activations")
     _require_peft()
@@ -87,10 +95,16 @@ def add_lora(model: Any, lora: LoraConfig, seed: int) -> int:
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # lora_A's random init: the same on every rank and every run
-        model.add_adapter(PeftLoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-            target_modules=target_module_names(lora.target_modules), init_lora_weights="gaussian",
-        ), adapter_name=ADAPTER_NAME)
+        model.add_adapter(
+            PeftLoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha or lora.rank,
+                lora_dropout=lora.dropout,
+                target_modules=target_module_names(lora.target_modules),
+                init_lora_weights="gaussian",
+            ),
+            adapter_name=ADAPTER_NAME,
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError(f"lora.target_modules {lora.target_modules} matched no module of the DiT")
@@ -101,7 +115,10 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The adapter's tensors in peft's saved layout (``<module>.lora_A.weight``, no adapter name)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()
+    }
 
 
 def save_adapter(model: Any, directory: str | Path) -> Path:
@@ -109,8 +126,10 @@ def save_adapter(model: Any, directory: str | Path) -> Path:
     from diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 
     ShapeDiTLoraLoaderMixin.save_lora_weights(
-        str(directory), transformer_lora_layers=adapter_state_dict(model),
-        transformer_lora_adapter_metadata=model.peft_config[ADAPTER_NAME].to_dict(), weight_name=ADAPTER_FILE,
+        str(directory),
+        transformer_lora_layers=adapter_state_dict(model),
+        transformer_lora_adapter_metadata=model.peft_config[ADAPTER_NAME].to_dict(),
+        weight_name=ADAPTER_FILE,
     )
     return Path(directory) / ADAPTER_FILE
 
@@ -124,12 +143,14 @@ def load_adapter_state(model: Any, directory: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no LoRA adapter ({ADAPTER_FILE}); not a LoRA checkpoint?")
     prefix = "transformer."  # the pipeline component the adapter belongs to
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
     if unexpected or missing:
-        raise ValueError(f"{path}: adapter does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+        raise ValueError(
+            f"{path}: adapter does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}"
+        )
 
 
 def register_lora_checkpointing(accelerator: Any, model: Any) -> None:
@@ -157,17 +178,23 @@ def init_latent_stats(init_from: str | None, manifest: dict[str, Any], shards: s
         return manifest
     path = Path(init_from) / "latent_stats.json"
     if not path.is_file():
-        logger.warning("init_from %s has no latent_stats.json: normalising with this cache's statistics", init_from)
+        logger.warning(
+            "init_from %s has no latent_stats.json: normalising with this cache's statistics", init_from
+        )
         return manifest
     base = json.loads(path.read_text())
     base_vae, cache_vae = base.get("vae_sha256"), (manifest.get("vae") or {}).get("weights_sha256")
     if base_vae and cache_vae and base_vae != cache_vae:
-        raise ValueError(f"{shards}: latents cached from VAE weights {cache_vae}, but the DiT in {init_from} was "
-                         f"trained on latents of VAE {base_vae}; cache with that VAE")
+        raise ValueError(
+            f"{shards}: latents cached from VAE weights {cache_vae}, but the DiT in {init_from} was "
+            f"trained on latents of VAE {base_vae}; cache with that VAE"
+        )
     channels = len(base["stats"]["mean"])
     if channels != len(manifest["stats"]["mean"]):
-        raise ValueError(f"{shards}: {len(manifest['stats']['mean'])}-channel latents, but the DiT in {init_from} "
-                         f"was trained on {channels} channels")
+        raise ValueError(
+            f"{shards}: {len(manifest['stats']['mean'])}-channel latents, but the DiT in {init_from} "
+            f"was trained on {channels} channels"
+        )
     return manifest | {"stats": base["stats"]}
 
 
@@ -182,8 +209,10 @@ def check_text_encoder(config: Any) -> None:
 
     recorded = (yaml.safe_load(path.read_text()) or {}).get("text_encoder")
     if recorded and recorded != config.text_encoder:
-        raise ValueError(f"text_encoder={config.text_encoder!r} contradicts init_from {config.init_from} (trained "
-                         f"with text_encoder={recorded!r}); set text_encoder: {recorded}")
+        raise ValueError(
+            f"text_encoder={config.text_encoder!r} contradicts init_from {config.init_from} (trained "
+            f"with text_encoder={recorded!r}); set text_encoder: {recorded}"
+        )
 
 
 def prepare_finetune(config: Any, manifest: dict[str, Any], shards: str) -> tuple[Any, dict[str, Any]]:
@@ -208,6 +237,10 @@ def build_dit(config: Any) -> Any:
         load_init_weights(model, config.init_from)
     if config.lora.rank > 0:
         trainable = add_lora(model, config.lora, config.training.seed)
-        logger.info("LoRA rank %d on %s: %d trainable parameters, base frozen", config.lora.rank,
-                    target_module_names(config.lora.target_modules), trainable)
+        logger.info(
+            "LoRA rank %d on %s: %d trainable parameters, base frozen",
+            config.lora.rank,
+            target_module_names(config.lora.target_modules),
+            trainable,
+        )
     return model

@@ -23,6 +23,8 @@ class ShapeDiTLoraLoaderMixin(SanaLoraLoaderMixin):
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_safetensors") is False:
-            raise ValueError("LoRA weights are read from safetensors only (use_safetensors=False is not supported)")
+            raise ValueError(
+                "LoRA weights are read from safetensors only (use_safetensors=False is not supported)"
+            )
         kwargs["use_safetensors"] = True  # with it set, diffusers does not fall back to unpickling a .bin
         return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)

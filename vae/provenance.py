@@ -32,8 +32,17 @@ T = TypeVar("T")
 _META_PREFIX = "_"
 # DoraVAE config keys a fine-tuning run may change: token / input point counts and runtime switches. Width,
 # heads, layers, latent channels, output type, epsilon, TSDF truncation, ... must match the init_from folder.
-VAE_FREE_KEYS = frozenset({"default_num_tokens", "max_train_tokens", "n_uniform", "n_salient",
-                           "gradient_checkpointing", "decode_chunk_size", "sample_posterior"})
+VAE_FREE_KEYS = frozenset(
+    {
+        "default_num_tokens",
+        "max_train_tokens",
+        "n_uniform",
+        "n_salient",
+        "gradient_checkpointing",
+        "decode_chunk_size",
+        "sample_posterior",
+    }
+)
 
 
 def weight_hashes(folder: str | Path) -> dict[str, str]:
@@ -83,21 +92,29 @@ def pretrained_model_config(folder: str | Path, model_cls: type) -> dict[str, An
     if not weight_hashes(folder):
         raise FileNotFoundError(f"init_from {folder}: no weight file (*.safetensors) beside config.json")
     parameters = inspect.signature(model_cls.__init__).parameters
-    defaults = {name: p.default for name, p in parameters.items()
-                if name != "self" and p.default is not inspect.Parameter.empty}
-    known = {key: value for key, value in stored.items() if not key.startswith(_META_PREFIX) and key in parameters}
+    defaults = {
+        name: p.default
+        for name, p in parameters.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
+    }
+    known = {
+        key: value for key, value in stored.items() if not key.startswith(_META_PREFIX) and key in parameters
+    }
     return defaults | known
 
 
-def resolve_init_from(config: T, model_cls: type, free_keys: frozenset[str] | set[str],
-                      init_from: str | None = None) -> T:
+def resolve_init_from(
+    config: T, model_cls: type, free_keys: frozenset[str] | set[str], init_from: str | None = None
+) -> T:
     """A copy of run ``config`` whose ``model`` section is the pretrained folder's config (+ the free keys the run
     sets) and whose ``init_from`` / ``init_from_sha256`` record the source. ``init_from`` (a CLI flag) wins over
     the config's key. Without any init folder the config is returned unchanged."""
     folder = init_from or getattr(config, "init_from", None)
     if not folder:
         if getattr(config, "init_from_sha256", None):
-            raise ValueError("init_from_sha256 is set but init_from is not: give the folder the weights came from")
+            raise ValueError(
+                "init_from_sha256 is set but init_from is not: give the folder the weights came from"
+            )
         return config
     pretrained = pretrained_model_config(folder, model_cls)
     requested = dict(config.model or {})
@@ -111,12 +128,15 @@ def resolve_init_from(config: T, model_cls: type, free_keys: frozenset[str] | se
             raise ValueError(
                 f"model.{key}={value!r} contradicts init_from {folder} ({key}={pretrained[key]!r}); the model "
                 f"config comes from that folder: remove model.{key} from the run config or set it to "
-                f"{pretrained[key]!r} (only {sorted(free_keys)} may change when fine-tuning)")
+                f"{pretrained[key]!r} (only {sorted(free_keys)} may change when fine-tuning)"
+            )
     hashes = weight_hashes(folder)
     recorded = getattr(config, "init_from_sha256", None)
     if recorded and recorded != hashes:
-        raise ValueError(f"init_from_sha256 in the run config is {recorded} but the weights in {folder} hash to "
-                         f"{hashes}: the folder changed since this run started (or clear init_from_sha256)")
+        raise ValueError(
+            f"init_from_sha256 in the run config is {recorded} but the weights in {folder} hash to "
+            f"{hashes}: the folder changed since this run started (or clear init_from_sha256)"
+        )
     return dataclasses.replace(config, model=merged, init_from=str(folder), init_from_sha256=hashes)
 
 
@@ -128,17 +148,24 @@ def load_init_weights(model: torch.nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"init_from {folder}: no *.safetensors weights (pickled weights are not read)")
+        raise FileNotFoundError(
+            f"init_from {folder}: no *.safetensors weights (pickled weights are not read)"
+        )
     state: dict[str, torch.Tensor] = {}
     for path in files:  # one file, or the shards of a sharded save_pretrained
         state.update(load_file(str(path)))
     ours = model.state_dict()
     missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    reshaped = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-                if k in state and state[k].shape != v.shape]
+    reshaped = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or extra or reshaped:
-        raise ValueError(f"init_from {folder}: weights do not fit the model: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}, shape {reshaped[:5]}")
+        raise ValueError(
+            f"init_from {folder}: weights do not fit the model: missing {missing[:5]}, unexpected "
+            f"{extra[:5]}, shape {reshaped[:5]}"
+        )
     model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -153,8 +180,10 @@ def check_resume_provenance(checkpoint: Path, config: Any) -> None:
     stored = yaml.safe_load(path.read_text()) or {}
     before, now = stored.get("init_from_sha256"), getattr(config, "init_from_sha256", None)
     if before != now:
-        raise ValueError(f"--resume {checkpoint}: that run started from weights {before} "
-                         f"(init_from {stored.get('init_from')}), this one from {now}; resume with the same init_from")
+        raise ValueError(
+            f"--resume {checkpoint}: that run started from weights {before} "
+            f"(init_from {stored.get('init_from')}), this one from {now}; resume with the same init_from"
+        )
 
 
 def check_vae_identity(manifest: dict[str, Any], vae_dir: str | Path, where: str) -> None:
@@ -165,5 +194,7 @@ def check_vae_identity(manifest: dict[str, Any], vae_dir: str | Path, where: str
         return
     actual = weight_hashes(vae_dir)
     if actual != recorded:
-        raise ValueError(f"{where}: the cached latents come from a VAE with weights {recorded}, but {vae_dir} has "
-                         f"{actual}; use the VAE the cache was made with (or re-cache with this one)")
+        raise ValueError(
+            f"{where}: the cached latents come from a VAE with weights {recorded}, but {vae_dir} has "
+            f"{actual}; use the VAE the cache was made with (or re-cache with this one)"
+        )

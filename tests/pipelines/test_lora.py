@@ -60,7 +60,9 @@ def test_adapter_scales_fuse_and_unfuse(adapters):
     pipe.unfuse_lora()
     torch.testing.assert_close(_latents(pipe), full, atol=1e-4, rtol=1e-4)
     pipe.disable_lora()
-    torch.testing.assert_close(_latents(pipe), base, atol=1e-4, rtol=1e-4)  # unfused: the base weights are back
+    torch.testing.assert_close(
+        _latents(pipe), base, atol=1e-4, rtol=1e-4
+    )  # unfused: the base weights are back
     pipe.enable_lora()
     # Two adapters, each with its own scale; the adapter targeting the MLPs too changes more than attention.
     pipe.load_lora_weights(str(second), adapter_name="b")

@@ -20,9 +20,16 @@ from .test_train import TINY, _fixed_set_loss, prepared_root  # noqa: F401  (ses
 
 
 def _config(root: str, **overrides) -> VAETrainConfig:
-    values = {"data.root": root, "training.checkpoint_every": 0, "training.use_ema": False,
-              "data.batch_size": 16, "data.n_supervision": None, "validation.max_shapes": 1,
-              "validation.mesh_token_counts": [], "validation.final_token_counts": [16]}
+    values = {
+        "data.root": root,
+        "training.checkpoint_every": 0,
+        "training.use_ema": False,
+        "data.batch_size": 16,
+        "data.n_supervision": None,
+        "validation.max_shapes": 1,
+        "validation.mesh_token_counts": [],
+        "validation.final_token_counts": [16],
+    }
     return load_config(VAETrainConfig, TINY, values | overrides)
 
 
@@ -30,8 +37,17 @@ def _config(root: str, **overrides) -> VAETrainConfig:
 def pretrained(prepared_root, tmp_path_factory) -> Path:  # noqa: F811
     """A tiny VAE trained 25 steps: a pretrained folder whose loss is well below a fresh model's."""
     run = tmp_path_factory.mktemp("vae_base")
-    train(_config(prepared_root, **{"training.max_steps": 25, "training.learning_rate": 1e-2,
-                                    "training.lr_scheduler": "constant_with_warmup"}), run)
+    train(
+        _config(
+            prepared_root,
+            **{
+                "training.max_steps": 25,
+                "training.learning_rate": 1e-2,
+                "training.lr_scheduler": "constant_with_warmup",
+            },
+        ),
+        run,
+    )
     return run / "final"
 
 
@@ -39,8 +55,18 @@ def pretrained(prepared_root, tmp_path_factory) -> Path:  # noqa: F811
 def finetuned(prepared_root, pretrained, tmp_path_factory) -> Path:  # noqa: F811
     """2 steps of `dora train-vae --init-from` the pretrained folder."""
     run = tmp_path_factory.mktemp("vae_finetuned")
-    argv = ["--config", str(TINY), "--data", prepared_root, "--output-dir", str(run), "--max-steps", "2",
-            "--init-from", str(pretrained)]
+    argv = [
+        "--config",
+        str(TINY),
+        "--data",
+        prepared_root,
+        "--output-dir",
+        str(run),
+        "--max-steps",
+        "2",
+        "--init-from",
+        str(pretrained),
+    ]
     assert main(argv) == 0
     return run
 
@@ -68,11 +94,16 @@ def test_finetune_starts_from_the_pretrained_loss(prepared_root, pretrained, fin
     assert stored["init_from"] == str(pretrained)
     assert stored["init_from_sha256"] == weight_hashes(pretrained) and len(stored["init_from_sha256"]) == 1
     source_config = json.loads((pretrained / "config.json").read_text())
-    assert stored["model"]["width"] == source_config["width"] and stored["model"]["epsilon"] == source_config["epsilon"]
+    assert (
+        stored["model"]["width"] == source_config["width"]
+        and stored["model"]["epsilon"] == source_config["epsilon"]
+    )
 
 
-@pytest.mark.parametrize(("key", "value"), [("width", 64), ("heads", 4), ("latent_channels", 16),
-                                            ("output_type", "tsdf"), ("epsilon", 2 / 256)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("width", 64), ("heads", 4), ("latent_channels", 16), ("output_type", "tsdf"), ("epsilon", 2 / 256)],
+)
 def test_contradicting_model_config_is_refused_naming_the_field(prepared_root, pretrained, key, value):  # noqa: F811
     config = _config(prepared_root, **{f"model.{key}": value, "init_from": str(pretrained)})
     with pytest.raises(ValueError, match=rf"model\.{key}=.*contradicts init_from"):
@@ -80,29 +111,56 @@ def test_contradicting_model_config_is_refused_naming_the_field(prepared_root, p
 
 
 def test_fine_tuning_keys_may_change_and_unknown_keys_are_named(prepared_root, pretrained):  # noqa: F811
-    config = _config(prepared_root, **{"model.max_train_tokens": 64, "model.n_uniform": 128,
-                                       "training.learning_rate": 1e-5, "init_from": str(pretrained)})
+    config = _config(
+        prepared_root,
+        **{
+            "model.max_train_tokens": 64,
+            "model.n_uniform": 128,
+            "training.learning_rate": 1e-5,
+            "init_from": str(pretrained),
+        },
+    )
     resolved = resolve_init_from(config, DoraVAE, VAE_FREE_KEYS)
     assert resolved.model["max_train_tokens"] == 64 and resolved.model["n_uniform"] == 128
     assert build_model(resolved).config.max_train_tokens == 64
     with pytest.raises(ValueError, match=r"model\.no_such_key"):
-        resolve_init_from(_config(prepared_root, **{"model.no_such_key": 1, "init_from": str(pretrained)}),
-                          DoraVAE, VAE_FREE_KEYS)
+        resolve_init_from(
+            _config(prepared_root, **{"model.no_such_key": 1, "init_from": str(pretrained)}),
+            DoraVAE,
+            VAE_FREE_KEYS,
+        )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_init_from(config, DoraVAE, VAE_FREE_KEYS, init_from=str(pretrained.parent))
     # A config recording other weights (e.g. a stored run config pointed at a changed folder) is refused.
-    stale = _config(prepared_root, **{"init_from": str(pretrained), "init_from_sha256": {"x.safetensors": "0"}})
+    stale = _config(
+        prepared_root, **{"init_from": str(pretrained), "init_from_sha256": {"x.safetensors": "0"}}
+    )
     with pytest.raises(ValueError, match="init_from_sha256"):
         resolve_init_from(stale, DoraVAE, VAE_FREE_KEYS)
 
 
-def test_latents_cached_from_a_vae_match_only_its_exact_weights(prepared_root, pretrained, finetuned,  # noqa: F811
-                                                                tmp_path):
+def test_latents_cached_from_a_vae_match_only_its_exact_weights(
+    prepared_root,  # noqa: F811
+    pretrained,
+    finetuned,
+    tmp_path,
+):
     from vae.cache_latents import main as cache_main
 
     tuned = finetuned
     cache = tmp_path / "latents"
-    args = ["--data", prepared_root, "--out", str(cache), "--num-tokens", "16", "--limit", "3", "--num-workers", "0"]
+    args = [
+        "--data",
+        prepared_root,
+        "--out",
+        str(cache),
+        "--num-tokens",
+        "16",
+        "--limit",
+        "3",
+        "--num-workers",
+        "0",
+    ]
     assert cache_main(["--vae", str(pretrained), *args]) == 0
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["vae"]["weights_sha256"] == weight_hashes(pretrained)
@@ -124,11 +182,19 @@ def test_dora_configs_fit_converted_weights(tmp_path):
 
     from vae.convert_dora import infer_config
 
-    meta = {name: torch.empty(shape, device="meta") for name, shape in {
-        "encoder.input_proj.weight": (768, 54), "encoder.input_proj1.weight": (768, 54),
-        "decoder.query_proj.weight": (768, 51), "post_kl.weight": (768, 64),
-        "transformer.resblocks.0.mlp.c_fc.weight": (3072, 768)}.items()}
-    meta |= {f"encoder.self_attn.resblocks.{i}.ln_1.weight": torch.empty(768, device="meta") for i in range(8)}
+    meta = {
+        name: torch.empty(shape, device="meta")
+        for name, shape in {
+            "encoder.input_proj.weight": (768, 54),
+            "encoder.input_proj1.weight": (768, 54),
+            "decoder.query_proj.weight": (768, 51),
+            "post_kl.weight": (768, 64),
+            "transformer.resblocks.0.mlp.c_fc.weight": (3072, 768),
+        }.items()
+    }
+    meta |= {
+        f"encoder.self_attn.resblocks.{i}.ln_1.weight": torch.empty(768, device="meta") for i in range(8)
+    }
     meta |= {f"transformer.resblocks.{i}.ln_1.weight": torch.empty(768, device="meta") for i in range(16)}
     converted = tmp_path / "dora_vae_v1_1"
     converted.mkdir()
@@ -139,4 +205,6 @@ def test_dora_configs_fit_converted_weights(tmp_path):
         config = load_config(VAETrainConfig, root / name, {"init_from": str(converted)})
         resolved = resolve_init_from(config, DoraVAE, VAE_FREE_KEYS)
         assert resolved.model["width"] == 768 and resolved.model["epsilon"] == 2 / 256, name
-        assert resolved.model["output_type"] == "tsdf" and resolved.model["gradient_checkpointing"] is True, name
+        assert resolved.model["output_type"] == "tsdf" and resolved.model["gradient_checkpointing"] is True, (
+            name
+        )
