@@ -177,14 +177,18 @@ class PreparedDataset(torch.utils.data.Dataset):
         pick_u = self._pick(rng, len(sample["uniform_points"]), self.n_uniform)
         pick_s = self._pick(rng, len(sample["salient_points"]), self.n_salient)
         pick_q = self._pick(rng, len(sample["sup_points"]), self.n_supervision)
+        copy_q = isinstance(pick_q, slice)
         uniform = np.concatenate([sample["uniform_points"][pick_u], sample["uniform_normals"][pick_u]], axis=1)
         salient = np.concatenate([sample["salient_points"][pick_s], sample["salient_normals"][pick_s]], axis=1)
         return {
-            "uniform": torch.from_numpy(uniform.astype(np.float32)),  # (N_u, 6)
-            "salient": torch.from_numpy(salient.astype(np.float32)),  # (N_s, 6)
-            "sup_points": torch.from_numpy(sample["sup_points"][pick_q].astype(np.float32)),  # (M, 3)
-            "sup_occupancy": torch.from_numpy(sample["sup_occupancy"][pick_q].astype(np.float32)),  # (M,)
-            "sup_tsdf": torch.from_numpy(sample["sup_tsdf"][pick_q].astype(np.float32)),  # (M,)
+            # No second copy of arrays that concatenation or fancy indexing just made (at Dora's sizes every copy
+            # costs a DataLoader worker several % of its rate); a slice is a view of the (maybe cached) sample, so
+            # it is still copied.
+            "uniform": torch.from_numpy(uniform.astype(np.float32, copy=False)),  # (N_u, 6)
+            "salient": torch.from_numpy(salient.astype(np.float32, copy=False)),  # (N_s, 6)
+            "sup_points": torch.from_numpy(sample["sup_points"][pick_q].astype(np.float32, copy=copy_q)),  # (M, 3)
+            "sup_occupancy": torch.from_numpy(sample["sup_occupancy"][pick_q].astype(np.float32, copy=copy_q)),  # (M,)
+            "sup_tsdf": torch.from_numpy(sample["sup_tsdf"][pick_q].astype(np.float32, copy=copy_q)),  # (M,)
             "sup_group": torch.from_numpy(sample["sup_group"][pick_q].astype(np.int64)),  # (M,)
             "meta": sample["meta"],
         }
