@@ -41,7 +41,7 @@ class PrepareConfig:
     seed: int = 0
     workers: int = 1
     start_method: str = "spawn"
-    # "npz": uncompressed arrays (the default: zlib decompression was most of a VAE DataLoader worker's time at
+    # "npz": uncompressed arrays (the default: zlib decompression was about half of a VAE DataLoader worker's time at
     # Dora's point counts, see tests/benchmarks/bench_vae_loading.py); "npz_compressed": the older, smaller files.
     # Both load the same way; `dora convert-prepared` rewrites a folder from one to the other.
     storage: str = "npz"
