@@ -173,7 +173,7 @@ def fits_in(work: Workload, budget_gib: float) -> Any:
         try:
             measure(work, batch_size, checkpointing=True, compiled=False, steps=1, warmup=0)
             return True
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             return False
         finally:
             torch.cuda.empty_cache()
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 try:
                     result = measure(work, batch_size, checkpointing, compiled, args.steps, args.warmup)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                     rows.append(row)
                     continue
