@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    jobs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    # Seed by seed, so that a run cut short still holds complete matched pairs.
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     train_seconds = train_all(jobs, args)
     runs = [f"{variant}-s{seed}" for variant, seed in jobs]
     held_out_iou = {
