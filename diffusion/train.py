@@ -197,6 +197,7 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
         read_train_state,
         register_ema_checkpointing,
         streaming_batches,
+        warn_cut_by_time,
     )
     from vae.provenance import check_resume_provenance, check_vae_identity
 
@@ -364,6 +365,8 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
         if not done and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
             save_checkpoint()
     progress.close()
+    if out_of_time and accelerator.is_main_process:
+        warn_cut_by_time(logger, state["global_step"], tcfg.max_steps, max_minutes)
 
     last_checkpoint = save_checkpoint()
     summary = {"steps": state["global_step"], "micro_steps": state["micro_step"], "resumed_from_step": resumed_from,

@@ -30,7 +30,7 @@ import torch
 
 from data.latent_shards import LatentShardDataset, LatentStats, collate_latents, latent_shard_pipeline
 from diffusion.text_encoder import TextEmbeddings, TextEncoder
-from vae.train import ema_weights, is_multi_cpu_run  # noqa: F401  (shared with the VAE loop; re-exported)
+from vae.train import ema_weights, is_multi_cpu_run, warn_cut_by_time  # noqa: F401  (shared with the VAE loop; re-exported)
 
 logger = logging.getLogger("dora.train_dit")
 

@@ -49,7 +49,10 @@ class PrepareStage:
 
 @dataclass
 class TrainStage:
-    max_minutes: float = 6.0
+    # The budget is the stage YAML's training.max_steps, so a busy machine gives the same run, only later. This is
+    # a safety cap on wall-clock time (None = none): the training warns loudly when it cuts a run.
+    max_minutes: float | None = None
+    calibrated_seconds: float = 0.0  # the stage's time on a free 2-core machine (for the ETA printed up front)
 
 
 @dataclass
@@ -69,7 +72,16 @@ class GenerateStage:
 
 
 @dataclass
+class CalibrationConfig:
+    # Measured on a free 2-core machine with the stage budgets of configs/quickstart: its fp32 matmul rate and the
+    # seconds of the stages other than the two trainings. The ETA scales them by this machine's rate, measured now.
+    matmul_gflops: float = 0.0
+    other_stages_seconds: float = 0.0
+
+
+@dataclass
 class QuickstartConfig:
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     dataset: DatasetStage = field(default_factory=DatasetStage)
     prepare: PrepareStage = field(default_factory=PrepareStage)
     vae: TrainStage = field(default_factory=TrainStage)
@@ -162,9 +174,9 @@ class Quickstart:
         summary = self.out / "prepared" / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
 
-    def _train(self, command: str, config_name: str, run_dir: Path, minutes: float, *extra: str) -> None:
-        args = [command, "--config", str(_stage_yaml(self.config_dir, config_name)),
-                "--output-dir", str(run_dir), "--max-minutes", str(minutes), *extra]
+    def _train(self, command: str, config_name: str, run_dir: Path, minutes: float | None, *extra: str) -> None:
+        args = [command, "--config", str(_stage_yaml(self.config_dir, config_name)), "--output-dir", str(run_dir),
+                *(["--max-minutes", str(minutes)] if minutes else []), *extra]
         # An interrupted training resumes from its last checkpoint instead of starting over.
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             args += ["--resume", "latest"]
@@ -214,6 +226,21 @@ class Quickstart:
         return {name: {key: figures["overall"].get(key) for key in ("text_accuracy_pct", "1-NNA-CD")}
                 for name, figures in results.get("sets", {}).items()}
 
+    def eta_message(self) -> str:
+        """Step budgets and the expected time, from the calibration scaled by this machine's matmul rate now."""
+        steps = {name: int(load_yaml(_stage_yaml(self.config_dir, name))["training"]["max_steps"])
+                 for name in ("vae", "dit")}
+        budget = f"budgets: VAE {steps['vae']} steps, DiT {steps['dit']} steps"
+        calibration = self.config.calibration
+        seconds = calibration.other_stages_seconds + self.config.vae.calibrated_seconds + self.config.dit.calibrated_seconds
+        if calibration.matmul_gflops <= 0 or seconds <= 0:
+            return budget
+        rate = measure_matmul_gflops()
+        expected = seconds * calibration.matmul_gflops / rate
+        return (f"{budget}; ~{seconds / 60:.0f} min on a free 2-core machine ({calibration.matmul_gflops:.0f} GFLOP/s "
+                f"fp32 matmul); this machine does {rate:.0f} GFLOP/s now: ETA ~{expected / 60:.0f} min (later on a busy "
+                f"machine, with the same steps and results)")
+
     def run(self, stop_after: str | None = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = [("build-dataset", self.build_dataset), ("prepare", self.prepare), ("train-vae", self.train_vae),
@@ -222,6 +249,7 @@ class Quickstart:
                   ("bench-generation", self.bench_generation)]
         start = time.perf_counter()
         self._log(f"dora quickstart -> {self.out} (configs: {self.config_dir})")
+        self._log(self.eta_message())
         for index, (name, action) in enumerate(stages, start=1):
             self._run_stage(index, len(stages), name, action)
             if name == stop_after:
@@ -233,14 +261,28 @@ class Quickstart:
         return report
 
 
+def measure_matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
+    """This machine's fp32 matmul rate right now (half a second): what the training stages' speed scales with."""
+    import torch
+
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    left @ right  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    return 2.0 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dora quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/quickstart", help="output folder (default: %(default)s)")
     parser.add_argument("--configs", default=str(QUICKSTART_CONFIGS),
                         help="folder of the stage YAMLs (default: configs/quickstart)")
-    parser.add_argument("--vae-minutes", type=float, default=None, help="override the VAE training budget")
-    parser.add_argument("--dit-minutes", type=float, default=None, help="override the DiT training budget")
+    parser.add_argument("--vae-minutes", type=float, default=None,
+                        help="wall-clock safety cap of the VAE training (its budget is steps, in vae.yaml)")
+    parser.add_argument("--dit-minutes", type=float, default=None,
+                        help="wall-clock safety cap of the DiT training (its budget is steps, in dit.yaml)")
     parser.add_argument("--num-shapes", type=int, default=None, help="override the dataset size")
     parser.add_argument("--stop-after", default=None, help="stop after this stage (e.g. train-vae)")
     args = parser.parse_args(argv)

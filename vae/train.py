@@ -129,6 +129,14 @@ def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type
     return loss, {f"loss/{k}": v.item() for k, v in parts.items()} | {"loss/total": loss.item()}
 
 
+def warn_cut_by_time(log: logging.Logger, step: int, max_steps: int, max_minutes: float) -> None:
+    """Loud: a run cut by the wall-clock cap is not the configured run (fewer steps, other figures)."""
+    bar = "!" * 100
+    log.warning("\n%s\nWALL-CLOCK CAP: --max-minutes %g stopped training at step %d of %d. The results are NOT those "
+                "of the configured step budget; rerun with --resume latest (or without the cap) to finish it.\n%s",
+                bar, max_minutes, step, max_steps, bar)
+
+
 def is_multi_cpu_run() -> bool:
     """True under torchrun (WORLD_SIZE > 1) on a machine without GPUs. accelerate sets up gloo multi-CPU training
     only when told ``cpu=True`` (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone.
@@ -374,6 +382,8 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
             if done:
                 break
     progress.close()
+    if out_of_time and accelerator.is_main_process:
+        warn_cut_by_time(logger, state["global_step"], tcfg.max_steps, max_minutes)
 
     final_metrics: dict[str, float] = {}
     if accelerator.is_main_process and held_out:

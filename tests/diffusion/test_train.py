@@ -184,3 +184,12 @@ def test_two_cpu_processes_hold_identical_weights(shards, tmp_path):
     assert all(record["num_processes"] == 2 and record["steps"] == 2 for record in records)
     assert records[0]["final"] == records[1]["final"]
     assert records[0]["final"] != records[0]["initial"]  # they trained, and stayed in sync
+
+
+def test_wall_clock_cap_cuts_the_run_loudly(shards, tmp_path, caplog):
+    config = tiny_config(shards, **{"training.max_steps": 50, "training.checkpoint_every": 0})
+    with caplog.at_level("WARNING", logger="dora.train_dit"):
+        result = train(config, tmp_path / "run", max_minutes=1e-6)  # out of time after the first step
+    assert result.summary["stopped_by_time"] and result.summary["steps"] == 1
+    assert "WALL-CLOCK CAP" in caplog.text and "step 1 of 50" in caplog.text
+    assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -99,3 +99,28 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
     (configs / "quickstart.yaml").unlink()
     assert main(["--out", str(tmp_path / "qs"), "--configs", str(configs)]) == 1
     assert "quickstart.yaml" in capsys.readouterr().err
+
+
+def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_path, monkeypatch):
+    import pipelines.quickstart as quickstart
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR / "quickstart", configs)
+    orchestration = yaml.safe_load((configs / "quickstart.yaml").read_text())
+    orchestration["calibration"] = {"matmul_gflops": 200.0, "other_stages_seconds": 300.0}
+    orchestration["vae"]["calibrated_seconds"] = 420.0
+    orchestration["dit"]["calibrated_seconds"] = 480.0
+    _write(configs / "quickstart.yaml", orchestration)
+    steps = {name: yaml.safe_load((configs / f"{name}.yaml").read_text())["training"]["max_steps"]
+             for name in ("vae", "dit")}
+
+    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: 100.0)  # a machine half as fast right now
+    message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
+    assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message
+    assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
+
+    # Without a calibration only the budgets are printed (no guessed time).
+    orchestration["calibration"]["matmul_gflops"] = 0.0
+    _write(configs / "quickstart.yaml", orchestration)
+    message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
+    assert "ETA" not in message and f"VAE {steps['vae']} steps" in message

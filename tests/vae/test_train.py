@@ -194,3 +194,13 @@ def test_group_weights_act_on_group_means():
     loss, parts = compute_loss(model, batch, 8, "occupancy", config)
     assert loss.item() == pytest.approx(0.6 * parts["loss/volume"] + 0.3 * parts["loss/near"] + 1.1 * parts["loss/sharp"],
                                         rel=1e-6)
+
+
+def test_wall_clock_cap_cuts_the_run_loudly(prepared_root, tmp_path, caplog):
+    config = load_config(VAETrainConfig, TINY, {"data.root": prepared_root, "training.max_steps": 50,
+                                               "validation.every_steps": 0, "training.checkpoint_every": 0})
+    with caplog.at_level("WARNING", logger="dora.train_vae"):
+        summary = train(config, tmp_path / "run", max_minutes=1e-6)  # out of time after the first step
+    assert summary["stopped_by_time"] and summary["steps"] == 1
+    assert "WALL-CLOCK CAP" in caplog.text and "step 1 of 50" in caplog.text
+    assert (tmp_path / "run" / "final" / "config.json").exists()  # what was trained is still exported
