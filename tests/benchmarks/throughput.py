@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 dense (no sparsity)
 # bf16 dense peaks (TFLOP/s) by a substring of torch.cuda.get_device_name(); first match wins.
@@ -37,9 +37,29 @@ def bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any,
+                                  **kwargs: Any) -> int:
+    # Model FLOPs: twice the forward (the gradients of Q, K, V), as the meta device's decomposed attention counts;
+    # the kernel's recompute of the scores is hardware work, not model work.
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch has FLOP formulas for the CUDA attention kernels only: without these, attention on real CPU tensors
+# counts as zero (the meta device decomposes it into counted matmuls instead).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def count_flops(step: Callable[[], Any]) -> int:
-    """FLOPs of everything ``step`` runs (forward and backward if it calls backward)."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of everything ``step`` runs (forward and backward if it calls backward), attention included on any
+    device."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         step()
     return int(counter.get_total_flops())
