@@ -82,8 +82,6 @@ def check_lora_config(config: Any) -> None:
             "training.use_ema must be false with lora.rank > 0 (the adapter itself is exported; "
             "an EMA of a few hundred adapter steps would lag behind it)"
         )
-    if config.training.gradient_checkpointing:
-        logger.info("gradient checkpointing with LoRA: the frozen base still recomputes its activations")
     _require_peft()
 
 
