@@ -1,4 +1,4 @@
-"""`dora bench-generation`: judge a text-to-3D pipeline's shapes the way the field does.
+r"""`dora bench-generation`: judge a text-to-3D pipeline's shapes the way the field does.
 
     dora bench-generation --pipeline outputs/quickstart/pipeline --out outputs/quickstart/bench_generation \
         [--reference PREPARED | MESH_FOLDER | INDEX | builtin:N] [--split held-out|train|all] \
