@@ -110,9 +110,13 @@ def check_config(config: GenerationBenchConfig) -> None:
         raise ValueError("prompts: give at least one prompt set ('captions' or a .txt / .jsonl file)")
 
 
-def _resolve_reference(pipeline_dir: Path, reference: str | None) -> str:
+def _resolve_reference(pipeline_dir: Path | None, reference: str | None) -> str:
     if reference:
         return reference
+    if pipeline_dir is None:
+        raise ValueError(
+            "reference: give a reference set when passing a loaded pipeline (no folder to look beside)"
+        )
     default = pipeline_dir.parent / "prepared"
     if not default.is_dir():
         raise ValueError(
@@ -250,7 +254,7 @@ def run_generation_bench(
             f"pipeline {pipeline_dir}: not a saved pipeline (no model_index.json); "
             "make one with `dora assemble-pipeline`"
         )
-    reference_source = _resolve_reference(pipeline_dir or Path("."), config.reference)
+    reference_source = _resolve_reference(pipeline_dir, config.reference)
     shapes = load_reference(reference_source, config.points, config.held_out_fraction, config.seed)
     evaluated = select_split(shapes, config.split)
     if not evaluated:
