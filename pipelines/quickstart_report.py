@@ -71,7 +71,7 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
 
     vae = _read_json(out / "vae" / "summary.json")
     if vae:
-        lines += ["## VAE (held-out reconstruction)", "",
+        lines += ["## VAE (held-out reconstruction)", "", *_cut_warning(vae),
                   f"Steps: {vae.get('steps')}; held-out shapes: {vae.get('held_out_shapes')}. "
                   "IoU is volume IoU of occupancy on uniform points; Chamfer in the [-1, 1] frame.", "",
                   _format_metrics(vae.get("final", {})), "![VAE curves](vae/curves.png)", ""]
@@ -95,7 +95,7 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
 
     dit = _read_json(out / "dit" / "summary.json")
     if dit:
-        lines += ["## DiT", "", f"Steps: {dit.get('steps')}; final loss: {dit.get('final_loss')}", ""]
+        lines += ["## DiT", "", *_cut_warning(dit), f"Steps: {dit.get('steps')}; final loss: {dit.get('final_loss')}", ""]
 
     samples = out / "samples" / "samples.json"
     if samples.exists():
@@ -108,6 +108,14 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _cut_warning(summary: dict[str, Any]) -> list[str]:
+    """A training cut by the wall-clock safety cap did not run its step budget: say so where its figures stand."""
+    if not summary.get("stopped_by_time"):
+        return []
+    return [f"**Warning: the wall-clock cap stopped this training after {summary.get('steps')} steps, before its "
+            "step budget: the figures below are not those of the configured run.**", ""]
 
 
 def _generation_section(out: Path) -> list[str]:

@@ -124,3 +124,16 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     _write(configs / "quickstart.yaml", orchestration)
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert "ETA" not in message and f"VAE {steps['vae']} steps" in message
+
+
+def test_report_flags_a_training_cut_by_the_wall_clock_cap(tmp_path):
+    from pipelines.quickstart_report import write_report
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "vae" / "summary.json").write_text(json.dumps({"steps": 700, "stopped_by_time": False, "final": {}}))
+    (tmp_path / "dit" / "summary.json").write_text(json.dumps({"steps": 31, "stopped_by_time": True}))
+    report = write_report(tmp_path, {"train-vae": 1.0, "train-dit": 1.0}).read_text()
+    vae_part, dit_part = report.split("## DiT")
+    assert "wall-clock cap" not in vae_part
+    assert "wall-clock cap stopped this training after 31 steps" in dit_part
