@@ -65,6 +65,7 @@ class TrainingConfig:
     kl_weight: float = 1e-3
     anchor_weight: float = 1.0           # models with local_attention: squared error of each token's xyz + normal
     sample_posterior: bool = True        # False: decode the posterior mean (KL still regularises it); see small.yaml
+    latent_noise: float = 0.0            # decode codes + this x their per-channel std x N(0,1): robust to DiT errors
     use_ema: bool = False
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -110,7 +111,7 @@ def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type
     """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
     anchor term of models with local attention)."""
     out = model(uniform=batch["uniform"], salient=batch["salient"], query_points=batch["sup_points"], num_tokens=num_tokens,
-                sample_posterior=training.sample_posterior, generator=generator)
+                sample_posterior=training.sample_posterior, generator=generator, latent_noise=training.latent_noise)
     raw = out["raw"].float()  # (B, M)
     if output_type == "occupancy":
         per_point = F.binary_cross_entropy_with_logits(raw, batch["sup_occupancy"].float(), reduction="none")

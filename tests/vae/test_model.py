@@ -257,6 +257,23 @@ def test_training_forward_and_gradient_checkpointing():
     torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)
 
 
+def test_latent_noise_perturbs_the_decoded_code_relative_to_its_spread():
+    vae = make_model().train()
+    uniform, salient = torch.randn(4, 60, 6), torch.randn(4, 30, 6)
+    query_points = torch.rand(4, 40, 3) * 2 - 1
+    kwargs = dict(uniform=uniform, salient=salient, query_points=query_points, num_tokens=16, sample_posterior=False)
+    with torch.no_grad():
+        clean = vae(**kwargs)
+        noisy = vae(**kwargs, latent_noise=0.5, generator=torch.Generator().manual_seed(0))
+        again = vae(**kwargs, latent_noise=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy["raw"], again["raw"])  # seeded: resume-exact
+    assert not torch.allclose(noisy["raw"], clean["raw"])
+    torch.testing.assert_close(noisy["mean"], clean["latents"])  # the encoder's code is untouched
+    spread = clean["latents"].flatten(0, 1).std(0)  # (C,)
+    ratio = (noisy["latents"] - clean["latents"]).flatten(0, 1).std(0) / spread  # (C,)
+    assert ratio.mean().item() == pytest.approx(0.5, rel=0.15)
+
+
 def test_item_field_queries_only_its_own_shape(model, queries):
     latents = model.encode([make_point_cloud(seed=0), make_point_cloud(seed=1)], num_tokens=32)  # (2, 32, C)
     decoded = model.decode(latents)
