@@ -297,7 +297,10 @@ def test_extra_query_layers_keep_set_semantics(queries, tmp_path):
     loaded = DoraVAE.from_pretrained(tmp_path).eval()
     assert loaded.config.num_query_layers == 3
     with torch.no_grad():
-        assert torch.equal(loaded.decode_at_points(latents, queries, output="raw"), reference)
+        # Same weights, same function; not bit-equal on every CPU (a reloaded tensor's memory alignment can pick
+        # another SIMD kernel with another summation order).
+        torch.testing.assert_close(loaded.decode_at_points(latents, queries, output="raw"), reference,
+                                   atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="num_query_layers"):
         DoraVAE(**{**TINY, "num_query_layers": 0})
 
