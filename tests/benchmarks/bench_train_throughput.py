@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 achieved = flops / seconds / 1e12
                 row |= {
                     "seconds_per_step": round(seconds, 4),
-                    "samples_per_s": round(batch_size / seconds, 2),
+                    "samples_per_s": round(batch_size / seconds, 4),
                     "tflop_per_step": round(flops / 1e12, 6),
                     "achieved_tflops": round(achieved, 6),
                     "mfu": round(achieved / peak, 4) if peak else None,

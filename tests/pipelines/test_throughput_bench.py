@@ -85,7 +85,9 @@ def test_train_throughput_script_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert set(rows) == {("vae", False), ("vae", True), ("dit", False), ("dit", True)}
     for row in rows.values():
         assert row["seconds_per_step"] > 0 and row["mfu"] is None
-        assert row["samples_per_s"] == pytest.approx(row["batch"] / row["seconds_per_step"], rel=0.01)
+        assert row["samples_per_s"] == pytest.approx(
+            row["batch"] / row["seconds_per_step"], rel=0.01, abs=1e-3
+        )
     # Checkpointing recomputes activations but does not change the model FLOPs of a step.
     assert rows[("vae", True)]["tflop_per_step"] == rows[("vae", False)]["tflop_per_step"] > 0
     assert "REDUCED" in capsys.readouterr().out
