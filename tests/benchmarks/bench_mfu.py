@@ -63,6 +63,26 @@ def adamw(model: torch.nn.Module, training: Any) -> torch.optim.Optimizer:
     )
 
 
+def update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float
+) -> None:
+    """Backward, clipping and the optimizer step, as both loops do them."""
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def describe(model: torch.nn.Module, batch_size: int, tokens: int) -> dict[str, Any]:
+    return {
+        "batch": batch_size,
+        "tokens": tokens,
+        "params": sum(p.numel() for p in model.parameters()),
+        "width": model.config.width,
+    }
+
+
 def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, dict[str, Any]]:
     from vae.train import VAETrainConfig, build_model, compute_loss
 
@@ -95,19 +115,9 @@ def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, di
 
     def step() -> None:
         loss, _ = compute_loss(model, batch, tokens, model.config.output_type, tcfg)
-        loss.backward()
-        if tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(model, optimizer, loss, tcfg.max_grad_norm)
 
-    info = {
-        "batch": batch_size,
-        "tokens": tokens,
-        "params": sum(p.numel() for p in model.parameters()),
-        "width": model.config.width,
-    }
-    return step, info
+    return step, describe(model, batch_size, tokens)
 
 
 def dit_step_factory(
@@ -155,19 +165,9 @@ def dit_step_factory(
             return_dict=False,
         )[0]  # (B, N, C)
         loss = flow_matching_loss(prediction, velocity_target(latents, noise), tcfg.loss_weighting, sigmas)
-        loss.backward()
-        if tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(model, optimizer, loss, tcfg.max_grad_norm)
 
-    info = {
-        "batch": batch_size,
-        "tokens": tokens,
-        "params": sum(p.numel() for p in model.parameters()),
-        "width": model.config.width,
-    }
-    return step, info
+    return step, describe(model, batch_size, tokens)
 
 
 def measure(name: str, step: Any, info: dict[str, Any], steps: int, peak: float) -> dict[str, Any]:
