@@ -15,15 +15,10 @@ SMALL = ["--epsilon", str(8 / 256), "--n-uniform", "256", "--n-salient", "64"]
 SMALL += ["--n-volume", "64", "--n-near", "64", "--n-sharp", "32"]
 
 
-@pytest.fixture()
-def index_file(tmp_path):
+def write_mesh_index(tmp_path, shapes: dict[str, trimesh.Trimesh]):
+    """An index of ``shapes`` (captioned, one category each) plus one unreadable file; returns its path."""
     folder = tmp_path / "meshes"
     folder.mkdir()
-    shapes = {
-        "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
-        "ball": trimesh.creation.icosphere(2),
-        "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
-    }
     rows = []
     for name, mesh in shapes.items():
         mesh.export(folder / f"{name}.obj")
@@ -33,6 +28,15 @@ def index_file(tmp_path):
     index = tmp_path / "index.jsonl"
     index.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return index
+
+
+@pytest.fixture()
+def index_file(tmp_path):
+    return write_mesh_index(tmp_path, {
+        "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
+        "ball": trimesh.creation.icosphere(2),
+        "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
+    })
 
 
 def test_prepare_writes_samples_failures_and_summary(index_file, tmp_path, capsys):

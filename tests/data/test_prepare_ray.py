@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 
 from data.prepare import load_prepared, main  # noqa: E402
 from data.prepare_ray import RAY_TASK_NAME, check_address, prepare_shape, task_name  # noqa: E402
+from tests.data.test_prepare import write_mesh_index  # noqa: E402
 
 # Coarse epsilon and few points: each shape takes a fraction of a second.
 SMALL = ["--epsilon", str(8 / 256), "--n-uniform", "256", "--n-salient", "64"]
@@ -44,24 +45,16 @@ def ray_instance():
 
 @pytest.fixture()
 def index_file(tmp_path: Path) -> Path:
-    folder = tmp_path / "meshes"
-    folder.mkdir()
-    shapes = {
-        "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
-        "ball": trimesh.creation.icosphere(2),
-        "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
-        "cone": trimesh.creation.cone(radius=0.4, height=0.9),
-        "ring": trimesh.creation.annulus(r_min=0.2, r_max=0.5, height=0.2),
-    }
-    rows = []
-    for name, mesh in shapes.items():
-        mesh.export(folder / f"{name}.obj")
-        rows.append({"path": f"meshes/{name}.obj", "caption": f"a {name}", "category": name})
-    (folder / "broken.obj").write_text("this is not a mesh\n")
-    rows.append({"path": "meshes/broken.obj", "caption": "broken"})
-    index = tmp_path / "index.jsonl"
-    index.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return index
+    return write_mesh_index(
+        tmp_path,
+        {
+            "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
+            "ball": trimesh.creation.icosphere(2),
+            "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
+            "cone": trimesh.creation.cone(radius=0.4, height=0.9),
+            "ring": trimesh.creation.annulus(r_min=0.2, r_max=0.5, height=0.2),
+        },
+    )
 
 
 def _failures(out: Path) -> dict[str, str]:
