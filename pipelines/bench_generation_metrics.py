@@ -154,13 +154,16 @@ def distribution_metrics(
 ) -> dict[str, float | int | None]:
     """{``1-NNA-CD``, ``COV-CD``, ``MMD-CD``, and the same for each other distance} from {distance: (gg, gr, rr)}.
 
-    Percentages for 1-NNA and COV; None when a set is empty.
+    Percentages for 1-NNA and COV; None when a set is empty (1-NNA: when either set has fewer than 2 shapes).
     """
     result: dict[str, float | int | None] = {}
     for name, (d_gg, d_gr, d_rr) in matrices.items():
         result["num_generated"], result["num_reference"] = d_gr.shape
         usable = d_gr.size > 0
-        result[f"1-NNA-{name}"] = 100.0 * balanced_one_nna(d_gg, d_gr, d_rr, seed=seed) if usable else None
+        # Leave-one-out needs a second member in each balanced set: with one, a shape has no own-set neighbour
+        # and 1-NNA would read 0% whatever the shapes are.
+        paired = min(d_gr.shape) >= 2
+        result[f"1-NNA-{name}"] = 100.0 * balanced_one_nna(d_gg, d_gr, d_rr, seed=seed) if paired else None
         result[f"COV-{name}"] = 100.0 * coverage(d_gr) if usable else None
         result[f"MMD-{name}"] = minimum_matching_distance(d_gr) if usable else None
     return result

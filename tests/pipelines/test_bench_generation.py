@@ -96,6 +96,10 @@ def test_spheres_against_boxes_are_told_apart():
     figures = distribution_metrics(_matrices(spheres, _boxes(16, seed=4)))
     assert figures["1-NNA-CD"] >= 97.0
     assert figures["COV-CD"] < 30.0  # every sphere is nearest to the same few boxes
+    single = distribution_metrics(_matrices(spheres[:1], _boxes(3, seed=4)))
+    assert single["1-NNA-CD"] is None and single["COV-CD"] == pytest.approx(
+        100.0 / 3
+    )  # no leave-one-out with 1
 
 
 def test_unbalanced_one_nna_uses_equal_sized_subsets_and_emd_is_exact():
