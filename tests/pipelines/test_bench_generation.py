@@ -201,53 +201,27 @@ def test_paraphrases_cover_every_category_and_share_no_caption_template():
 
 def test_bad_arguments_name_the_item(pipeline_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert main(["--pipeline", str(tmp_path / "nowhere"), "--out", out, "--reference", "builtin:14"]) == 2
+
+    def run(pipeline, reference, *extra: str) -> int:
+        return main(["--pipeline", str(pipeline), "--out", out, "--reference", str(reference), *extra])
+
+    assert run(tmp_path / "nowhere", "builtin:14") == 2
     assert "nowhere" in capsys.readouterr().err
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n# nothing here\n")
-    assert (
-        main(
-            [
-                "--pipeline",
-                str(pipeline_dir),
-                "--out",
-                out,
-                "--reference",
-                "builtin:14",
-                "--prompts",
-                str(empty),
-            ]
-        )
-        == 2
-    )
+    assert run(pipeline_dir, "builtin:14", "--prompts", str(empty)) == 2
     assert "empty.jsonl" in capsys.readouterr().err
 
     meshes = tmp_path / "uncategorised"
     meshes.mkdir()
     for index in range(3):
         trimesh.creation.box(extents=(1.0, 0.5 + 0.2 * index, 0.7)).export(meshes / f"box{index}.ply")
-    assert (
-        main(
-            [
-                "--pipeline",
-                str(pipeline_dir),
-                "--out",
-                out,
-                "--reference",
-                str(meshes),
-                "--prompts",
-                str(DEFAULT_PARAPHRASES),
-            ]
-        )
-        == 2
-    )
+    assert run(pipeline_dir, meshes, "--prompts", str(DEFAULT_PARAPHRASES)) == 2
     error = capsys.readouterr().err
     assert "uncategorised" in error and "categor" in error
 
-    assert (
-        main(["--pipeline", str(pipeline_dir), "--out", out, "--reference", str(tmp_path / "missing")]) == 2
-    )
+    assert run(pipeline_dir, tmp_path / "missing") == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
