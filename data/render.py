@@ -140,7 +140,7 @@ def render_mesh_image(mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 4
 
 
 # ------------------------------------------------------------------------------------------ normal maps
-# Fixed views for comparing two meshes (the rendered Sharp Normal Error, vae/metrics_rendered.py): the eight
+# Fixed views for comparing two meshes (the rendered Sharp Normal Error, vae/bench/rendered.py): the eight
 # cube-diagonal directions (elevation +-35.26 deg, azimuth 45 + 90k). Every axis-aligned crease of a normalised
 # shape is seen at an oblique angle from four of them instead of edge-on, which axis-aligned views would give.
 CUBE_DIAGONAL_VIEWS: tuple[tuple[float, float], ...] = tuple(

@@ -20,7 +20,7 @@ import numpy as np
 
 from data.config import PROJECT_ROOT
 from pipelines.bench_generation_metrics import normalize_cloud
-from vae.metrics import sample_surface
+from vae.bench.metrics import sample_surface
 from vae.train_validation import split_indices
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _load_prepared(folder: Path, num_points: int, seed: int) -> list[ReferenceSh
 def _load_meshes(spec: str, num_points: int, seed: int) -> list[ReferenceShape]:
     from data.mesh_io import load_mesh
     from data.procedural import generate_shape
-    from vae.bench_data import collect_shapes
+    from vae.bench.data import collect_shapes
 
     shapes = []
     for item in collect_shapes(spec, seed=seed):

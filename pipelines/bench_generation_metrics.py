@@ -4,7 +4,7 @@ Protocol (PointFlow / LION / 3DShape2VecSet): every shape, generated or referenc
 area-uniform surface samples, normalised per shape (bounding-box centre at the origin, largest half-extent 1, as
 LION does), so scale and placement errors do not count, only the shape. Distances between clouds:
 
-- Chamfer distance "CD": ``vae.metrics.chamfer_distance``'s ``chamfer_l2`` (mean over both directions of the mean
+- Chamfer distance "CD": ``vae.bench.metrics.chamfer_distance``'s ``chamfer_l2`` (mean over both directions of the mean
   *squared* nearest-neighbour distance; PointFlow sums the two directions instead, a factor 2). Computed here with
   one cached ``cKDTree`` per cloud, since a benchmark needs tens of thousands of pairs; a test checks it equals
   ``chamfer_distance`` exactly.
@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from vae.metrics import sample_surface
+from vae.bench.metrics import sample_surface
 
 
 def normalize_cloud(points: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ class CloudSet:
 
 
 def chamfer_matrix(rows: CloudSet, columns: CloudSet, symmetric: bool = False) -> np.ndarray:
-    """(len(rows), len(columns)) Chamfer-L2 distances (``vae.metrics.chamfer_distance``'s ``chamfer_l2``).
+    """(len(rows), len(columns)) Chamfer-L2 distances (``vae.bench.metrics.chamfer_distance``'s ``chamfer_l2``).
 
     ``symmetric``: rows and columns are the same set, so only the upper triangle is computed (diagonal 0).
     """

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipelines.bench_generation_data import PromptItem, ReferenceShape
 from pipelines.bench_generation_metrics import distribution_metrics, summarize_structure
-from vae.bench_report import _fmt, _table, json_ready
+from vae.bench.report import _fmt, _table, json_ready
 
 SAMPLE_KEYS = (
     "set",
@@ -45,7 +45,7 @@ def protocol(config: Any, judge: Any) -> dict[str, Any]:
         "normalisation": "per shape: bounding-box centre at the origin, largest half-extent 1 (LION's convention)",
         "surface_sampling": "area-uniform samples of each generated mesh; a prepared reference's stored samples of "
         "its watertight remesh (random subset); a mesh reference's normalised input surface",
-        "distance": "CD = Chamfer-L2 of vae.metrics (mean of both directions' mean squared nearest-neighbour "
+        "distance": "CD = Chamfer-L2 of vae.bench.metrics (mean of both directions' mean squared nearest-neighbour "
         f"distance; PointFlow's sum is 2x); {emd}",
         "1-NNA": "leave-one-out 1-NN accuracy of generated vs reference (50% ideal, 100% separable, ~0% copies); "
         "on balanced sets (the larger one subsampled, 20 draws averaged)",

@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data.prepare", "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision"),
     "convert-prepared": ("data.prepare_convert", "rewrite prepared samples as uncompressed (fast) or compressed npz"),
     "train-vae": ("vae.train", "train the Dora VAE with accelerate (progressive token schedule)"),
-    "bench": ("vae.bench", "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling"),
+    "bench": ("vae.bench.run", "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling"),
     "convert-dora-checkpoint": ("vae.convert_dora", "convert the released Dora-VAE v1.1 checkpoint"),
     "cache-latents": ("vae.cache_latents", "encode a prepared dataset into WebDataset latent shards"),
     "train-dit": ("diffusion.train", "train the text-conditioned DiT on cached latent shards"),

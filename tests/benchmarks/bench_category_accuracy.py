@@ -91,7 +91,7 @@ def load_dit(dit_dir: Path) -> tuple[ShapeDiT, TextEncoder, object, dict]:
 
 def mesh_points(vae, latents: torch.Tensor, resolution: int, num_points: int) -> list[np.ndarray | None]:
     from data.marching import extract_mesh
-    from vae.metrics import sample_surface
+    from vae.bench.metrics import sample_surface
 
     clouds = []
     for index in range(len(latents)):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from data import MeshProcessor  # noqa: E402
 from data.marching import evaluate_grid, mesh_from_grid  # noqa: E402
-from vae.metrics import chamfer_distance, mesh_occupancy, mesh_volume_iou, sample_surface, volume_iou  # noqa: E402
+from vae.bench.metrics import chamfer_distance, mesh_occupancy, mesh_volume_iou, sample_surface, volume_iou  # noqa: E402
 
 DEFAULT_MESH = PROJECT_ROOT.parent / "shared" / "meshes" / "fandisk.off"
 

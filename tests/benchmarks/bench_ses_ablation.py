@@ -144,7 +144,7 @@ def train_all(jobs: list[tuple[str, int]], args: argparse.Namespace) -> dict[str
 def heldout_index(args: argparse.Namespace) -> Path:
     """An index of held-out training-set shapes with sharp edges, round-robin over categories."""
     from data.mesh_io import load_mesh
-    from vae.metrics import count_sharp_edges
+    from vae.bench.metrics import count_sharp_edges
     from vae.train_validation import is_held_out
 
     fraction = float(load_yaml(SALIENT)["data"]["val_fraction"])

@@ -29,7 +29,7 @@ from pipelines.bench_generation_metrics import (
     summarize_structure,
 )
 from tests.pipelines._tiny_pipeline import center_surface_on, make_tiny_pipeline
-from vae.metrics import chamfer_distance
+from vae.bench.metrics import chamfer_distance
 
 POINTS = 256
 

@@ -5,9 +5,9 @@
 For every shape and model: normalise into [-1, 1]^3, remesh watertight at the model's epsilon (the ground truth,
 computed once per distinct epsilon), sample the point cloud the model expects (its n_uniform / n_salient, sharp
 edges found on the clean input), encode at each token count, extract a mesh (hierarchical marching cubes), and
-compare it with the ground truth (``vae/metrics.py``). Shapes are graded L1-L4 by the sharp edges of the input
-(thresholds in ``configs/bench/default.yaml``). Latent quality is in ``vae/bench_latent.py``, the tables, plots and
-contact sheet in ``vae/bench_report.py``, the ground truth in ``vae/bench_data.py`` (torch-free, so
+compare it with the ground truth (``vae/bench/metrics.py``). Shapes are graded L1-L4 by the sharp edges of the input
+(thresholds in ``configs/bench/default.yaml``). Latent quality is in ``vae/bench/latent.py``, the tables, plots and
+contact sheet in ``vae/bench/report.py``, the ground truth in ``vae/bench/data.py`` (torch-free, so
 ``--num-workers`` processes start fast). Model inference stays in this process, on ``--device``.
 """
 
@@ -29,10 +29,10 @@ import trimesh
 from tqdm import tqdm
 
 from data.config import load_config
-from vae.bench_data import BenchConfig, cloud_key, collect_shapes, epsilon_key, prepare_ground_truth
-from vae.bench_latent import interpolation, smoothness
-from vae.metrics import mesh_metrics, volume_iou
-from vae.metrics_rendered import SharpEdgeViews, render_sharp_edge_views, rendered_sharp_normal_error
+from vae.bench.data import BenchConfig, cloud_key, collect_shapes, epsilon_key, prepare_ground_truth
+from vae.bench.latent import interpolation, smoothness
+from vae.bench.metrics import mesh_metrics, volume_iou
+from vae.bench.rendered import SharpEdgeViews, render_sharp_edge_views, rendered_sharp_normal_error
 
 DEFAULT_CONFIG = "bench/default.yaml"
 
@@ -269,7 +269,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vae.bench_report import write_outputs
+    from vae.bench.report import write_outputs
 
     args = build_parser().parse_args(argv)
     try:

@@ -40,7 +40,7 @@ class MetricConfig:
     fscore_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02])
     sharp_points: int = 10_000           # samples along the gt sharp edges
     sharp_radius: float = 0.02           # "near a sharp edge" = within this distance of those samples
-    # Rendered Sharp Normal Error (vae/metrics_rendered.py has the protocol): normal maps of gt and reconstruction
+    # Rendered Sharp Normal Error (vae/bench/rendered.py has the protocol): normal maps of gt and reconstruction
     # from fixed views, compared on the gt's sharp-edge pixels dilated by render_dilation_px.
     rendered_sne: bool = True
     render_resolution: int = 512         # px per side of each view (0.0071 units per pixel at 512)
@@ -161,7 +161,7 @@ def _load_input(item: dict[str, Any], processor: Any) -> Any:
 
 def shape_level(mesh: Any, levels: LevelConfig) -> tuple[int, int, float]:
     """(level 1..4, sharp-edge count, sharp-edge length) of a clean, normalised input mesh."""
-    from vae.metrics import complexity_level, count_sharp_edges, sharp_edge_length
+    from vae.bench.metrics import complexity_level, count_sharp_edges, sharp_edge_length
 
     if levels.by not in ("count", "length"):
         raise ValueError(f"levels.by must be 'count' or 'length', got {levels.by!r}")
@@ -196,7 +196,7 @@ def prepare_ground_truth(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str
 def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     from data.processor import MeshProcessor
     from data.sampling import project_to_surface, sample_sharp_edges, sharp_edges
-    from vae.metrics import mesh_occupancy
+    from vae.bench.metrics import mesh_occupancy
 
     config = from_dict(BenchConfig, spec["config"])
     angle = config.levels.sharp_angle_deg

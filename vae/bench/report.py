@@ -2,7 +2,7 @@
 
 Aggregates are means over the shapes that produced a metric (NaN-aware: the sharp-edge metrics exist only for
 shapes with sharp edges, hence their own count), per model, token count, and complexity level plus "overall".
-An empty reconstruction is not dropped: ``vae.metrics.mesh_metrics`` gives it the worst value of every metric.
+An empty reconstruction is not dropped: ``vae.bench.metrics.mesh_metrics`` gives it the worst value of every metric.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import trimesh
 
-from vae.bench_data import BenchConfig
-from vae.bench_latent import mean_dicts
+from vae.bench.data import BenchConfig
+from vae.bench.latent import mean_dicts
 
 LEVELS = ("L1", "L2", "L3", "L4")
 SMOOTHNESS_KEYS = ["iou", "iou_change", "chamfer_l1", "empty_fraction"]
@@ -150,7 +150,7 @@ def render_markdown(config: BenchConfig, args: dict[str, Any], models: list[dict
            f"{len(m.render_views)} fixed orthographic views at {m.render_resolution} px; mean angle (degrees) over "
            f"the gt's visible sharp-edge pixels dilated by "
            f"{m.render_dilation_px if m.render_dilation_px is not None else 'ceil(' + format(m.sharp_radius, 'g') + ' / pixel)'}"
-           f" px; a pixel only one mesh covers counts 90 (protocol: `vae/metrics_rendered.py`)."]
+           f" px; a pixel only one mesh covers counts 90 (protocol: `vae/bench/rendered.py`)."]
           if m.rendered_sne else []),
         f"- IoU field: volume IoU of the decoded occupancy (> {config.threshold:g}) against the ground truth's "
         f"winding-number occupancy on {m.volume_points:,} uniform points in [-{config.bounds:g}, "
@@ -292,7 +292,7 @@ def write_outputs(out: Path, config: BenchConfig, args: dict[str, Any], models: 
     """results.json, results.md, plots/*.png, contact_sheet.png under ``out``; returns the JSON document."""
     from dataclasses import asdict
 
-    from vae.bench_data import epsilon_key
+    from vae.bench.data import epsilon_key
 
     names = [m["name"] for m in models]
     aggregates = aggregate(shapes, names, config.tokens)
@@ -305,7 +305,7 @@ def write_outputs(out: Path, config: BenchConfig, args: dict[str, Any], models: 
         "failures": [{k: s[k] for k in ("shape_id", "source", "reason")} for s in shapes if s["status"] != "ok"],
         "notes": {"sharp_edge_error": "geometric variant (sharp_chamfer_l1, sharp_normal_error_deg) and rendered "
                                       "variant (rendered_sharp_normal_error_deg over rendered_sharp_pixels; "
-                                      "protocol in vae/metrics_rendered.py)",
+                                      "protocol in vae/bench/rendered.py)",
                   "volume_iou": "decoded field vs gt winding-number occupancy; mesh_volume_iou: extracted mesh",
                   "chamfer": f"L1 = mean Euclidean NN distance (L2 squared), {config.metrics.surface_points} points"},
     }

@@ -1,4 +1,4 @@
-"""Rendered Sharp Normal Error (vae/metrics_rendered.py): what it rewards and what it ignores."""
+"""Rendered Sharp Normal Error (vae/bench/rendered.py): what it rewards and what it ignores."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import trimesh
 
 from data.render import render_normal_map
-from vae.metrics import sample_sharp_points
-from vae.metrics_rendered import edge_pixel_mask, render_sharp_edge_views, rendered_sharp_normal_error
+from vae.bench.metrics import sample_sharp_points
+from vae.bench.rendered import edge_pixel_mask, render_sharp_edge_views, rendered_sharp_normal_error
 
 EXTENTS = (1.6, 1.2, 0.8)
 RESOLUTION = 256  # the CPU bench's setting; 3 px dilation at 512 would only widen the band

@@ -15,9 +15,9 @@ from PIL import Image
 from data.procedural import generate_shape
 from data.processor import MeshProcessor
 from vae import DoraVAE
-from vae.bench import main
-from vae.bench_data import LevelConfig, collect_shapes, shape_level
-from vae.metrics import DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS
+from vae.bench.data import LevelConfig, collect_shapes, shape_level
+from vae.bench.metrics import DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS
+from vae.bench.run import main
 
 TINY = dict(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=8,
             output_type="occupancy", default_num_tokens=16, max_train_tokens=32, n_uniform=256, n_salient=64,

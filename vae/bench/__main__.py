@@ -1,0 +1,7 @@
+"""`python -m vae.bench ...` is `dora bench ...`."""
+
+import sys
+
+from vae.bench.run import main
+
+sys.exit(main())
