@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dora: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
+    # Denormal floats slow the CPU several-fold (local attention's distance terms make many of them); flushing
+    # them is process-wide state, so it is set here, where every `dora` command starts, not inside a model.
+    from vae.local_attention import flush_denormals
+
+    flush_denormals()
     result = module.main(rest)
     return int(result or 0)
 

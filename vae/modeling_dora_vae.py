@@ -11,6 +11,9 @@ Latent tokens carry no positional encoding: they are an unordered set, so the mo
 including more than it was trained with. Token ORDER is still meaningful to the user: each stream's queries are
 in FPS order and the two streams are interleaved proportionally, so ``latents[:, :k]`` is a coarse cover of the
 shape for any ``k`` (a cheap low-resolution code). The default sizes are those of the released Dora-VAE v1.1.
+
+``local_attention: true`` (off in Dora) swaps in our distance-aware cross-attention from
+``vae/local_attention.py``; every place it plugs in is marked ``# local attention``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from vae import local_attention as local
 from vae.attention import CrossAttentionBlock, FourierEmbedder, SelfAttentionBlock
 from vae.fps import farthest_point_indices
 from vae.latents import DecodedLatents, LatentPosterior, interleave_order, stream_array
@@ -44,7 +48,7 @@ class DoraVAE(ModelMixin, ConfigMixin):
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
     qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
-    locality_sigmas (distance-aware cross-attention, see attention.py; off in Dora), the preprocessing the
+    locality_sigmas (distance-aware cross-attention, see local_attention.py; off in Dora), the preprocessing the
     weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient, and sample_posterior (what
     :meth:`encode` does by default: the posterior mean, or a sample as the official Dora test config does, which
     converted weights follow). gradient_checkpointing switches activation checkpointing on for every block.
@@ -91,25 +95,16 @@ class DoraVAE(ModelMixin, ConfigMixin):
         if not 0.0 <= salient_token_fraction <= 1.0:
             raise ValueError(f"salient_token_fraction must lie in [0, 1], got {salient_token_fraction}")
         blocks = {"mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "qk_norm": qk_norm, "layer_norm_eps": layer_norm_eps}
-        # Local attention (off in Dora): the cross-attentions get a per-head distance term (see MultiHeadAttention),
-        # with encoder queries at their FPS points and decoder keys at positions each token predicts (anchor_head).
-        # The latent set stays unordered: positions are read from token content, never attached to an index.
-        local = {}
-        if local_attention:
-            if locality_sigmas is None:  # one scale per head, geometric from fine (0.04) to coarse (0.5)
-                locality_sigmas = np.geomspace(0.04, 0.5, heads).tolist() if heads > 1 else [0.1]
-            local = {"locality_sigmas": [float(sigma) for sigma in locality_sigmas]}
-            # Distance terms drive most attention weights far below 1e-38: x86 handles such denormal floats in
-            # microcode, which made the attention backward ~6x slower on CPU. Flushing them to zero (process-wide,
-            # a no-op where unsupported) changes no result that matters.
-            torch.set_flush_denormal(True)
+        cross_block = CrossAttentionBlock
+        if local_attention:  # local attention: the same blocks with a per-head distance term
+            cross_block = local.cross_attention_block(heads, locality_sigmas)
         self.fourier = FourierEmbedder(num_freqs=num_freqs, include_input=True, include_pi=include_pi)
         point_dim = self.fourier.output_dim(3) + point_feature_dim
         # Encoder.
         self.uniform_proj = nn.Linear(point_dim, width)
-        self.cross_attn_uniform = CrossAttentionBlock(width, heads, **blocks, **local)
+        self.cross_attn_uniform = cross_block(width, heads, **blocks)
         self.salient_proj = nn.Linear(point_dim, width) if use_salient else None
-        self.cross_attn_salient = CrossAttentionBlock(width, heads, **blocks, **local) if use_salient else None
+        self.cross_attn_salient = cross_block(width, heads, **blocks) if use_salient else None
         self.encoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_encoder_layers))
         self.encoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
         self.pre_kl = nn.Linear(width, 2 * latent_channels)
@@ -117,14 +112,13 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self.post_kl = nn.Linear(latent_channels, width)
         self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_decoder_layers))
         self.query_proj = nn.Linear(self.fourier.output_dim(3), width)
-        self.cross_attn_decoder = CrossAttentionBlock(width, heads, **blocks, **local)
+        self.cross_attn_decoder = cross_block(width, heads, **blocks)
         # Dora has one query cross-attention; more let a query refine where it looks (a coarse pass, then a local
         # one). A separate list keeps the official parameter names of the first block.
         self.extra_query_blocks = nn.ModuleList(
-            CrossAttentionBlock(width, heads, **blocks, **local) for _ in range(num_query_layers - 1)
+            cross_block(width, heads, **blocks) for _ in range(num_query_layers - 1)
         )
-        # Where each decoded token sits and which way the surface faces there (xyz + normal, from content).
-        self.anchor_head = nn.Linear(width, 6) if local_attention else None
+        self.anchor_head = local.anchor_head(width) if local_attention else None  # local attention
         self.decoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
         self.output_proj = nn.Linear(width, 1)
         self.gradient_checkpointing = False
@@ -219,13 +213,12 @@ class DoraVAE(ModelMixin, ConfigMixin):
         picked = torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[-1]))  # (B, K, W)
         return picked, torch.gather(points, 1, indices[..., None].expand(-1, -1, points.shape[-1]))  # (B, K, 6)
 
-    @staticmethod
-    def _key_geometry(query_xyz: torch.Tensor | None, points: torch.Tensor) -> tuple[Any, Any, Any]:
-        """(query positions, key positions, key normals) for an encoder cross-attention, or Nones without local
-        attention (then the block ignores them)."""
-        if query_xyz is None:
-            return None, None, None
-        return query_xyz, points[..., :3], points[..., 3:6] if points.shape[-1] >= 6 else None
+    def _key_geometry(self, positions: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Extra arguments of an encoder cross-attention: none on the Dora path; with local attention the
+        query positions (the tokens' FPS points) and the stream's point positions and normals."""
+        if not self.config.local_attention:
+            return ()
+        return local.encoder_geometry(positions[..., :3], points)
 
     def _encode_group(self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int) -> LatentPosterior:
         num_uniform, num_salient = self.token_split(num_tokens)
@@ -237,14 +230,13 @@ class DoraVAE(ModelMixin, ConfigMixin):
         order = interleave_order(num_uniform, num_salient if self.config.use_salient else 0).to(self.device)
         queries = torch.cat([features for features, _ in picked], dim=1)[:, order]  # (B, N, W), FPS-interleaved
         positions = torch.cat([point for _, point in picked], dim=1)[:, order]  # (B, N, 6) xyz + normal
-        query_xyz = positions[..., :3] if self.config.local_attention else None
         tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features,
-                                 *self._key_geometry(query_xyz, uniform))  # (B, N, W)
+                                 *self._key_geometry(positions, uniform))  # (B, N, W)
         if self.config.use_salient:
             # As in Dora: both blocks keep their residual, so the sum holds the queries twice. Kept on purpose,
             # the released weights were trained that way.
             tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features,
-                                              *self._key_geometry(query_xyz, salient))  # (B, N, W)
+                                              *self._key_geometry(positions, salient))  # (B, N, W)
         for block in self.encoder_blocks:
             tokens = self._run_block(block, tokens)  # (B, N, W)
         moments = self.pre_kl(self.encoder_norm_out(tokens))  # (B, N, 2C)
@@ -298,14 +290,15 @@ class DoraVAE(ModelMixin, ConfigMixin):
         return DecodedLatents(self, tokens, chunk_size)
 
     def token_anchors(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """(B, N, 6) xyz + normal the decoded tokens place themselves at (local attention only, else None)."""
+        """(B, N, 6) xyz + normal the decoded tokens place themselves at (local attention only; None on the Dora
+        path)."""
         return None if self.anchor_head is None else self.anchor_head(tokens)
 
     def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor,
                    anchors: torch.Tensor | None) -> torch.Tensor:
         """Raw output (B, M) at query points; ``anchors`` from :meth:`token_anchors` (None without local attention)."""
         queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
-        geometry = (None, None, None) if anchors is None else (query_points, anchors[..., :3], anchors[..., 3:])
+        geometry = () if anchors is None else local.decoder_geometry(query_points, anchors)  # local attention
         hidden = self._run_block(self.cross_attn_decoder, queries, tokens, *geometry)  # (B, M, W)
         for block in self.extra_query_blocks:
             hidden = self._run_block(block, hidden, tokens, *geometry)  # (B, M, W)
@@ -380,7 +373,6 @@ class DoraVAE(ModelMixin, ConfigMixin):
         anchors = self.token_anchors(tokens)  # (B, N, 6) or None
         raw = self._query_raw(tokens, points, anchors)  # (B, M)
         out = {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
-        if anchors is not None:
-            known = min(anchors.shape[-1], posterior.positions.shape[-1])  # xyz alone for inputs without normals
-            out["anchor_loss"] = (anchors[..., :known] - posterior.positions[..., :known]).pow(2).sum(-1).mean(-1)  # (B,)
+        if anchors is not None:  # local attention
+            out["anchor_loss"] = local.anchor_loss(anchors, posterior.positions)  # (B,)
         return out

@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch <= 2 (smoke test)")
     parser.add_argument("--out", default="runs/bench_train_throughput")
     args = parser.parse_args(argv)
+    from vae.local_attention import flush_denormals
+
+    flush_denormals()  # as `dora` does: denormals (local attention makes many) slow the CPU several-fold
     report = run(args)
     print_report(report)
     ratios = {

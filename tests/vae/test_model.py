@@ -336,9 +336,9 @@ def test_local_attention_is_order_free_and_trains_anchors(queries, tmp_path):
 def test_local_attention_reports_moving_least_squares_distance():
     """Keys on the plane z = 0 with normals +z: each head's IMLS distance feature is the query's height over its
     length sigma, and the offset's z part likewise (the attended point lies on the plane)."""
-    from vae.attention import GEOMETRY_FEATURES, MultiHeadAttention
+    from vae.local_attention import GEOMETRY_FEATURES, LocalMultiHeadAttention
 
-    attention = MultiHeadAttention(width=8, heads=2, locality_sigmas=[0.1, 0.2])
+    attention = LocalMultiHeadAttention(width=8, heads=2, locality_sigmas=[0.1, 0.2])
     with torch.no_grad():
         for layer in (attention.to_q, attention.to_k, attention.to_v, attention.to_out):
             layer.weight.zero_()
