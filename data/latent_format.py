@@ -1,6 +1,8 @@
 """The latent sample format of the WebDataset shards: encoding, decoding, latent statistics, tar reading.
 
-Used by ``data/latent_shards.py`` (writer, manifest, reader); format-only, it imports nothing of ``vae``.
+Used by ``data/latent_shards.py`` (writer, manifest, reader), which builds on this module and never the other way
+round; format-only, it imports nothing of ``vae``. Reading ``manifest.json`` is here too (the latent statistics
+are read from it); writing it is in ``latent_shards.py``.
 
 Sample layout (one sample per shape; member names inside the tar are ``<key>.<suffix>``):
 
@@ -30,7 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "dora-latent-shards"
+FORMAT_VERSION = 1
 DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}  # numpy storage type per --dtype
 TAR_BLOCK = 512
 SAMPLE_KEYS = {
@@ -96,8 +102,6 @@ class LatentStats:
     def from_manifest(cls, manifest: dict[str, Any] | str | Path) -> LatentStats:
         """From a manifest dict, or a shard folder / manifest path or URL."""
         if not isinstance(manifest, dict):
-            from data.latent_shards import load_manifest  # the manifest module builds on this one
-
             manifest = load_manifest(manifest)
         return cls.from_dict(manifest["stats"])
 
@@ -262,3 +266,24 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             yield name, data
         else:
             long_name = None
+
+
+def _manifest_location(source: str | Path) -> str:
+    text = str(source)
+    if text.endswith(".json"):
+        return text
+    return text.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def load_manifest(source: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` from a shard folder, a manifest path, or any URL webdataset's gopen opens."""
+    location = _manifest_location(source)
+    try:
+        with wds.gopen(location, "rb") as handle:
+            manifest = json.loads(handle.read())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot read latent-shard manifest {location}: {error}") from error
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{location} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
+    manifest["base_url"] = location.rsplit("/", 1)[0] if "/" in location else "."
+    return manifest

@@ -28,6 +28,9 @@ from webdataset.tariterators import base_plus_ext
 
 from data.latent_format import (  # noqa: F401  (re-exported: the format's public names live here too)
     DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
     SAMPLE_KEYS,
     TAR_BLOCK,
     LatentStats,
@@ -36,15 +39,13 @@ from data.latent_format import (  # noqa: F401  (re-exported: the format's publi
     decode_sample,
     encode_sample,
     from_storage,
+    load_manifest,
     load_npy,
     sample_key,
     tar_members,
     to_storage,
 )
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_NAME = "dora-latent-shards"
-FORMAT_VERSION = 1
 SHARD_NAME = re.compile(r"\d{5}-\d{6}\.tar")
 
 
@@ -199,27 +200,6 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     temporary.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(temporary, path)
     return path
-
-
-def _manifest_location(source: str | Path) -> str:
-    text = str(source)
-    if text.endswith(".json"):
-        return text
-    return text.rstrip("/") + "/" + MANIFEST_NAME
-
-
-def load_manifest(source: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` from a shard folder, a manifest path, or any URL webdataset's gopen opens."""
-    location = _manifest_location(source)
-    try:
-        with wds.gopen(location, "rb") as handle:
-            manifest = json.loads(handle.read())
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"cannot read latent-shard manifest {location}: {error}") from error
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{location} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
-    manifest["base_url"] = location.rsplit("/", 1)[0] if "/" in location else "."
-    return manifest
 
 
 # ------------------------------------------------------------------------------------------------------- reader

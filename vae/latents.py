@@ -1,18 +1,16 @@
 """The latent side of DoraVAE: the token posterior, the FPS interleaving of the two streams, and decoded latents
-as a queryable field. Kept apart from ``modeling_dora_vae.py`` so the model file holds the network alone."""
+as a queryable field. Kept apart from ``modeling_dora_vae.py`` so the model file holds the network alone; the model
+imports this module and never the reverse (:class:`DecodedLatents` sees the model only through :class:`TokenQuery`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-
-if TYPE_CHECKING:
-    from vae.modeling_dora_vae import DoraVAE
 
 
 @dataclass
@@ -64,12 +62,21 @@ def stream_array(point_cloud: Any, stream: str) -> np.ndarray:
     return np.concatenate([np.asarray(points, np.float32), np.asarray(normals, np.float32)], axis=-1)
 
 
+class TokenQuery(Protocol):
+    """What :class:`DecodedLatents` needs of a model (``DoraVAE`` provides it): values (B, M) of decoded tokens
+    (B, N, W) at query points."""
+
+    def _query_tokens(
+        self, tokens: torch.Tensor, query_points: Any, output: str = "occupancy", chunk_size: int | None = None
+    ) -> torch.Tensor: ...
+
+
 class DecodedLatents:
     """Decoded latent tokens as a field: call with query points (M, 3) or (B, M, 3) to get (B, M) values in
     [0, 1] where 0.5 is the surface and > 0.5 is inside. Queries run in chunks to bound memory, without
     gradients (this object is meant for mesh extraction and evaluation)."""
 
-    def __init__(self, model: DoraVAE, tokens: torch.Tensor, chunk_size: int | None = None) -> None:
+    def __init__(self, model: TokenQuery, tokens: torch.Tensor, chunk_size: int | None = None) -> None:
         self.model = model
         self.tokens = tokens  # (B, N, W)
         self.chunk_size = chunk_size
