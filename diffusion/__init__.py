@@ -7,6 +7,7 @@ from typing import Any
 
 _EXPORTS = {
     "ShapeDiT": "diffusion.modeling_shape_dit",
+    "ShapeDiTOutput": "diffusion.modeling_shape_dit",
     "TextEncoder": "diffusion.text_encoder",
 }
 

@@ -17,16 +17,29 @@ Conditioning:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from torch import nn
 
 TIME_PROJECTION_CHANNELS = 256  # sinusoidal features fed to the timestep MLP (DiT / SD3 use 256)
+
+
+@dataclass
+class ShapeDiTOutput(BaseOutput):
+    """ShapeDiT's prediction for a token set (diffusers' image outputs describe (B, C, H, W) grids instead).
+
+    Args:
+        sample: (B, N, C) the rectified-flow velocity, one per latent token, shaped like the input latents.
+    """
+
+    sample: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -272,11 +285,12 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    ) -> ShapeDiTOutput | tuple[torch.Tensor]:
         """Predict the flow velocity for noisy latents ``hidden_states`` (B, N, C) at ``timestep`` (B,) in [0, 1000].
 
         ``encoder_hidden_states`` (B, L, D) are text token embeddings with ``encoder_attention_mask`` (B, L)
-        (1/True = real token); ``pooled_projections`` (B, P) is the pooled text vector.
+        (1/True = real token); ``pooled_projections`` (B, P) is the pooled text vector. Returns a
+        :class:`ShapeDiTOutput`, or the tuple ``(sample,)`` with ``return_dict=False``.
         """
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
             raise ValueError(
@@ -315,4 +329,4 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         output = self.proj_out(hidden)  # (B,N,C)
         if not return_dict:
             return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return ShapeDiTOutput(sample=output)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from data.config import load_yaml
-from diffusion import ShapeDiT
+from diffusion import ShapeDiT, ShapeDiTOutput
 
 TINY = load_yaml("dit/tiny.yaml")["model"]
 CHANNELS = TINY["in_channels"]
@@ -45,7 +44,7 @@ def test_output_shape_any_token_count(num_tokens):
     model = randomize(make_model())
     latents, timestep, text, mask, pooled = make_inputs(num_tokens=num_tokens)
     output = model(latents, timestep, text, mask, pooled)
-    assert isinstance(output, Transformer2DModelOutput)
+    assert isinstance(output, ShapeDiTOutput)
     assert output.sample.shape == latents.shape
     assert torch.isfinite(output.sample).all()
     as_tuple = model(latents, timestep, text, mask, pooled, return_dict=False)
