@@ -26,6 +26,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from einops import rearrange
 from torch import nn
 
 TIME_PROJECTION_CHANNELS = 256  # sinusoidal features fed to the timestep MLP (DiT / SD3 use 256)
@@ -75,23 +76,16 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch_size, num_queries, width = hidden_states.shape
         context = hidden_states if context is None else context
-        num_keys = context.shape[1]
-        query = self.to_q(hidden_states).view(
-            batch_size, num_queries, self.num_heads, self.head_dim
-        )  # (B,N,H,d)
-        key = self.to_k(context).view(batch_size, num_keys, self.num_heads, self.head_dim)  # (B,L,H,d)
-        value = self.to_v(context).view(batch_size, num_keys, self.num_heads, self.head_dim)  # (B,L,H,d)
-        query = self.norm_q(query).transpose(1, 2)  # (B,H,N,d)
-        key = self.norm_k(key).transpose(1, 2)  # (B,H,L,d)
-        value = value.transpose(1, 2)  # (B,H,L,d)
+        heads = self.num_heads
+        query = self.norm_q(rearrange(self.to_q(hidden_states), "b n (h d) -> b h n d", h=heads))  # (B,H,N,d)
+        key = self.norm_k(rearrange(self.to_k(context), "b l (h d) -> b h l d", h=heads))  # (B,H,L,d)
+        value = rearrange(self.to_v(context), "b l (h d) -> b h l d", h=heads)  # (B,H,L,d)
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout_p
         )  # (B,H,N,d)
-        out = out.transpose(1, 2).reshape(batch_size, num_queries, width)  # (B,N,W)
-        return self.to_out(out)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (B,N,W)
 
 
 class ShapeDiTBlock(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -68,8 +69,7 @@ class MultiHeadAttention(nn.Module):
         self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        return rearrange(x, "b l (h d) -> b h l d", h=self.heads)  # (B, H, L, D)
 
     def _project(
         self, x: torch.Tensor, context: torch.Tensor | None
@@ -88,7 +88,7 @@ class MultiHeadAttention(nn.Module):
         # No mask and no positional term: the output is equivariant to permutations of x and invariant to
         # permutations of context, which is what makes the latent set order-free.
         out = F.scaled_dot_product_attention(query, key, value)  # (B, H, Nq, D)
-        out = out.transpose(1, 2).flatten(2)  # (B, Nq, H*D), head-major channels
+        out = rearrange(out, "b h n d -> b n (h d)")  # (B, Nq, H*D), head-major channels
         return self.to_out(out)
 
 

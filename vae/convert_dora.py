@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from einops import rearrange
 
 from vae.modeling_dora_vae import DoraVAE
 
@@ -95,9 +96,8 @@ def split_per_head(fused: torch.Tensor, heads: int, parts: int) -> list[torch.Te
     rows = fused.shape[0]
     if rows % (heads * parts):
         raise ValueError(f"fused projection with {rows} rows cannot be split into {heads} heads x {parts} parts")
-    head_dim = rows // (heads * parts)
-    grouped = fused.reshape(heads, parts, head_dim, *fused.shape[1:])  # (H, parts, D, ...)
-    return [grouped[:, part].reshape(heads * head_dim, *fused.shape[1:]).contiguous() for part in range(parts)]
+    grouped = rearrange(fused, "(h p d) ... -> p (h d) ...", h=heads, p=parts)  # (parts, H*D, ...)
+    return [part.clone() for part in grouped]  # own storage each: safetensors refuses shared tensors
 
 
 def map_official_key(key: str) -> tuple[str, str, str]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vae.attention import CrossAttentionBlock, MultiHeadAttention
@@ -104,8 +105,9 @@ class LocalMultiHeadAttention(MultiHeadAttention):
         distance = ((q_pos * mean_normal).sum(-1, keepdim=True) - attended[..., dim + 6:dim + 7]) / sigma  # (B, H, Nq, 1)
         geometry = torch.cat([offset, mean_normal, distance], dim=-1)  # (B, H, Nq, GEOMETRY_FEATURES)
         dtype = self.to_out.weight.dtype
-        out = attended[..., :dim].to(dtype).transpose(1, 2).flatten(2)  # (B, Nq, H*D)
-        return self.to_out(out) + self.geometry_proj(geometry.to(dtype).transpose(1, 2).flatten(2))  # (B, Nq, W)
+        out = rearrange(attended[..., :dim].to(dtype), "b h n d -> b n (h d)")  # (B, Nq, H*D)
+        geometry = rearrange(geometry.to(dtype), "b h n g -> b n (h g)")  # (B, Nq, H*GEOMETRY_FEATURES)
+        return self.to_out(out) + self.geometry_proj(geometry)  # (B, Nq, W)
 
     def forward(
         self,
