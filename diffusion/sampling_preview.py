@@ -1,7 +1,9 @@
 """Periodic training previews: fixed prompts -> sampled latents -> (VAE decode -> meshes -> PNG grid).
 
-Uses only the lower stages (``data`` for meshing/rendering, ``vae`` for decoding) and the training-time sampler of
-``diffusion.flow_matching``; the full text-to-3D pipeline lives in ``pipelines/`` and is never imported here.
+Uses only the lower stages (``data`` for meshing/rendering, ``vae`` for decoding) and the guided sampler of
+``diffusion/sampling.py``, the one ``DoraTextTo3DPipeline`` runs: same prompt encoding, noise, scheduler (the one
+training saves beside the DiT) and guidance, so a preview shows what `dora generate` makes with the same seed.
+The full text-to-3D pipeline lives in ``pipelines/`` and is never imported here.
 Without a VAE the preview still samples and logs statistics of the generated latents (their std should approach
 1 in normalised space; a collapse towards 0 shows up here first).
 """
@@ -16,7 +18,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from data.latent_shards import LatentStats
-from diffusion.flow_matching import sample_latents
+from diffusion.sampling import (
+    SamplingState,
+    encode_prompts,
+    guided_sample,
+    initial_noise,
+    sampling_timesteps,
+    uses_guidance,
+)
 from diffusion.text_encoder import TextEncoder
 
 logger = logging.getLogger("dora.train_dit")
@@ -27,6 +36,32 @@ def default_prompts(count: int) -> list[str]:
     from data.procedural import example_prompts
 
     return [prompts[0] for prompts in example_prompts(per_category=1).values()][:count]
+
+
+@torch.no_grad()
+def sample_preview_latents(
+    model: torch.nn.Module,
+    text_encoder: TextEncoder,
+    prompts: list[str],
+    num_tokens: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    shift: float = 1.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One latent set per prompt (P, N, C), in the DiT's normalised space: what
+    ``DoraTextTo3DPipeline(prompts, generator=torch.Generator(device).manual_seed(seed), output_type="latent")``
+    makes with these settings before it un-normalises."""
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    # The scheduler diffusion/train.py saves beside the DiT, which `dora assemble-pipeline` picks up.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    text = encode_prompts(text_encoder, prompts, guidance=uses_guidance(guidance_scale), device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    latents = initial_noise(len(prompts), num_tokens, model.config.in_channels, dtype, device, generator)  # (P,N,C)
+    timesteps = sampling_timesteps(scheduler, num_inference_steps, num_tokens, device)
+    state = SamplingState(latents, text.to(device, dtype))
+    return guided_sample(model, scheduler, state, timesteps, guidance_scale, generator=generator)  # (P,N,C)
 
 
 @torch.no_grad()
@@ -45,13 +80,8 @@ def render_preview(
     mesh_resolution: int = 64,
 ) -> dict[str, float]:
     """Sample one shape per prompt (fixed seed), write ``path`` (PNG grid) when a VAE is given; return stats."""
-    device = next(model.parameters()).device
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    text = text_encoder.encode(prompts, device=device)
-    uncond = text_encoder.encode([""], device=device)
-    generator = torch.Generator(device).manual_seed(seed)
-    latents = sample_latents(model, scheduler, text, uncond, num_tokens, num_inference_steps, guidance_scale,
-                             generator=generator)  # (P,N,C) normalised
+    latents = sample_preview_latents(model, text_encoder, prompts, num_tokens, num_inference_steps, guidance_scale,
+                                     shift, seed)  # (P,N,C) normalised
     metrics = {"sample/latent_std": float(latents.float().std()), "sample/latent_mean": float(latents.float().mean())}
     if vae is None:
         return metrics

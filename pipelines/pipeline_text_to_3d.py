@@ -22,16 +22,22 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_shards import LatentStats
 from data.marching import extract_mesh
 from diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 from diffusion.modeling_shape_dit import ShapeDiT
+from diffusion.sampling import (
+    SamplingState,
+    encode_prompts,
+    guided_sample,
+    initial_noise,
+    sampling_timesteps,
+    uses_guidance,
+)
 from diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
-from diffusion.text_encoder import TextEncoder, _detect_kind
+from diffusion.text_encoder import TextEmbeddings, TextEncoder, _detect_kind
 from vae.modeling_dora_vae import DoraVAE
 
 OUTPUT_TYPES = ("trimesh", "latent", "np")
@@ -159,7 +165,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return uses_guidance(self._guidance_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -234,26 +240,13 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         """Text embeddings for the DiT, repeated per shape; with CFG the batch is ``[uncond, cond]``.
 
         The unconditional branch uses the negative prompt, or "" (the prompt the DiT saw on CFG dropout).
-        Returns ``(hidden (B',L,D), attention_mask (B',L), pooled (B',D))`` with B' = (2 if CFG else 1) * B * S.
+        Returns ``(hidden (B',L,D), attention_mask (B',L), pooled (B',D))`` with B' = (2 if CFG else 1) * B * S
+        (``diffusion.sampling.encode_prompts``, which the training previews use too).
         """
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = prompts
-        if do_classifier_free_guidance:
-            if negative_prompt is None:
-                negatives = [""] * len(prompts)
-            elif isinstance(negative_prompt, str):
-                negatives = [negative_prompt] * len(prompts)
-            else:
-                negatives = list(negative_prompt)
-            # One tokenizer call for both halves, so they share a padded length and can be concatenated.
-            texts = negatives + prompts
-        hidden, mask, pooled = self.text_encoder_wrapper().encode(texts, device=device)
-        # (B', L, D), (B', L), (B', D); each prompt's rows stay together: shape s of prompt p is row p*S + s.
-        hidden = hidden.repeat_interleave(num_shapes_per_prompt, dim=0)
-        mask = mask.repeat_interleave(num_shapes_per_prompt, dim=0)
-        pooled = pooled.repeat_interleave(num_shapes_per_prompt, dim=0)
-        return hidden, mask, pooled
+        return encode_prompts(self.text_encoder_wrapper(), prompts, negative_prompt, do_classifier_free_guidance,
+                              num_shapes_per_prompt, device)
 
     def prepare_latents(
         self,
@@ -266,12 +259,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     ) -> torch.Tensor:
         if latents is not None:
             return latents.to(device=device, dtype=dtype)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"got a list of {len(generator)} generators but the effective batch size is {batch_size}"
-            )
-        shape = (batch_size, num_tokens, self.latent_channels)  # (B, N, C) pure noise at sigma = 1
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return initial_noise(batch_size, num_tokens, self.latent_channels, dtype, device, generator)  # (B, N, C)
 
     def unnormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT space -> VAE space with the cache manifest's per-channel statistics."""
@@ -378,48 +366,33 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
         # 3. Timesteps (sigma * 1000, from 1 down); dynamic shifting keys the shift on the token count, as Flux
         #    does on the image sequence length.
-        scheduler_kwargs = {}
-        config = self.scheduler.config
-        if config.get("use_dynamic_shifting", False):
-            scheduler_kwargs["mu"] = calculate_shift(
-                num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5), config.get("max_shift", 1.15),
-            )  # fmt: skip
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **scheduler_kwargs)
-        timesteps = self.scheduler.timesteps
+        timesteps = sampling_timesteps(self.scheduler, num_inference_steps, num_tokens, device)
         self._num_timesteps = len(timesteps)
         step_generator = generator if isinstance(generator, torch.Generator) else None
 
-        # 4. Denoising loop: Euler steps along the predicted velocity (noise - x0).
+        # 4. Denoising loop (diffusion.sampling.guided_sample, the one the training previews run): Euler steps
+        #    along the guided velocity; the callback may replace the latents and the text conditioning.
+        state = SamplingState(latents, TextEmbeddings(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds))
         with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                timestep = t.expand(latent_model_input.shape[0]).to(dtype)  # (B',)
-                velocity = self.transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    encoder_attention_mask=prompt_attention_mask,
-                    pooled_projections=pooled_prompt_embeds,
-                    return_dict=False,
-                )[0]  # (B', N, C)
-                if self.do_classifier_free_guidance:
-                    velocity_uncond, velocity_text = velocity.chunk(2)
-                    velocity = velocity_uncond + self.guidance_scale * (velocity_text - velocity_uncond)
-                latents = self.scheduler.step(velocity, t, latents, generator=step_generator, return_dict=False)[0]
 
+            def on_step(step: int, t: torch.Tensor, state: SamplingState) -> None:
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    prompt_attention_mask = callback_outputs.pop("prompt_attention_mask", prompt_attention_mask)
-                    pooled_prompt_embeds = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+                    text = state.conditioning
+                    available = {"latents": state.latents, "prompt_embeds": text.hidden_states,
+                                 "prompt_attention_mask": text.attention_mask, "pooled_prompt_embeds": text.pooled}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
+                    state.latents = outputs.pop("latents", state.latents)
+                    state.conditioning = TextEmbeddings(
+                        outputs.pop("prompt_embeds", text.hidden_states),
+                        outputs.pop("prompt_attention_mask", text.attention_mask),
+                        outputs.pop("pooled_prompt_embeds", text.pooled),
+                    )
                 progress_bar.update()
+
+            latents = guided_sample(self.transformer, self.scheduler, state, timesteps, self.guidance_scale,
+                                    generator=step_generator, on_step=on_step,
+                                    interrupted=lambda: self.interrupt)  # (B*S, N, C)
 
         # 5. Back to VAE space, then the field -> meshes.
         vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)

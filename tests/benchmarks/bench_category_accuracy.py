@@ -49,8 +49,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from data.latent_shards import LatentStats, load_manifest  # noqa: E402
 from data.procedural import CATEGORIES, captions_for_category  # noqa: E402
-from diffusion.flow_matching import sample_latents  # noqa: E402
 from diffusion.modeling_shape_dit import ShapeDiT  # noqa: E402
+from diffusion.sampling import sample_latents  # noqa: E402
 from diffusion.text_encoder import TextEncoder  # noqa: E402
 from diffusion.train_utils import load_latent_table  # noqa: E402
 

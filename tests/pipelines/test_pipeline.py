@@ -220,3 +220,20 @@ def test_dynamic_shifting_scheduler_gets_mu_from_the_token_count():
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # needs `mu` in set_timesteps
     pipe(PROMPT, num_inference_steps=3, output_type="latent", callback_on_step_end=record("dynamic"))
     assert len(timesteps["dynamic"]) == 3 and timesteps["dynamic"] != pytest.approx(timesteps["fixed"])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_training_preview_samples_exactly_what_the_pipeline_generates(guidance):
+    """`dora train-dit` previews (diffusion.sampling_preview) and `dora generate` (the pipeline) run one sampler:
+    the same DiT, prompts, seed, steps, guidance and scheduler shift give bit-identical latents."""
+    from diffusion.sampling_preview import sample_preview_latents
+
+    pipe = make_tiny_pipeline()
+    prompts = ["a chair", PROMPT]
+    shift = pipe.scheduler.config.shift  # 3.0: the shift training saves beside the DiT, which previews use
+    generated = pipe(prompts, num_inference_steps=3, guidance_scale=guidance, num_tokens=16, generator=seeded(7),
+                     output_type="latent").latents  # (2, 16, C) VAE space
+    preview = sample_preview_latents(pipe.transformer, pipe.text_encoder_wrapper(), prompts, num_tokens=16,
+                                     num_inference_steps=3, guidance_scale=guidance, shift=shift, seed=7)  # (2, 16, C)
+    assert preview.shape == generated.shape
+    assert torch.equal(pipe.unnormalize_latents(preview.float()), generated)
