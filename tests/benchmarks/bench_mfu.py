@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     args = parser.parse_args(argv)
+    from vae.local_attention import flush_denormals
+
+    flush_denormals()  # as `dora` does: denormals (local attention makes many) slow the CPU several-fold
     torch.set_num_threads(args.threads)
 
     rows = []
