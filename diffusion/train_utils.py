@@ -1,4 +1,4 @@
-"""Pieces of `dora train-dit` that are not the loop: latent data, cached text embeddings, EMA checkpoint hooks.
+"""The data side of `dora train-dit`: latent batches and cached text embeddings (the loop is ``training/loop.py``).
 
 Data comes from the latent cache (WebDataset shards + manifest.json written by ``dora cache-latents``) through
 ``data.latent_shards``, in one of two modes:
@@ -18,9 +18,7 @@ text-encoder forward. Caption dropout maps a caption to ``""``, whose embedding 
 
 from __future__ import annotations
 
-import json
 import logging
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +28,8 @@ import torch
 
 from data.latent_shards import LatentShardDataset, LatentStats, collate_latents, latent_shard_pipeline
 from diffusion.text_encoder import TextEmbeddings, TextEncoder
-from vae.train import ema_weights, is_multi_cpu_run, warn_cut_by_time  # noqa: F401  (shared with the VAE loop; re-exported)
 
 logger = logging.getLogger("dora.train_dit")
-
-EMA_FOLDER = "ema"  # inside each accelerate checkpoint folder (save_pretrained layout, safetensors)
 
 
 # ------------------------------------------------------------------------------------------------ text embeddings
@@ -169,68 +164,3 @@ def streaming_batches(source: str | Path, num_tokens: int, stats: LatentStats, b
                                          persistent_workers=num_workers > 0)
     while True:
         yield from loader
-
-
-# ---------------------------------------------------------------------------------------------- EMA checkpointing
-def register_ema_checkpointing(accelerator: Any, ema: Any, model_cls: type) -> None:
-    """Make ``accelerator.save_state`` / ``load_state`` include the EMA weights.
-
-    ``accelerator.register_for_checkpointing(ema)`` would do this, but accelerate 1.15 reloads registered objects
-    with ``torch.load(weights_only=False)`` (an unpickle; the project forbids it). Its save/load pre-hooks are the
-    sanctioned alternative (diffusers' example scripts use them the same way): EMAModel's own ``save_pretrained``
-    writes a config.json + safetensors folder, and ``EMAModel.from_pretrained`` reads it back.
-    """
-
-    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            ema.save_pretrained(str(Path(output_dir) / EMA_FOLDER))
-
-    def load_hook(models: list[Any], input_dir: str) -> None:
-        folder = Path(input_dir) / EMA_FOLDER
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {input_dir} has no EMA weights ({folder}); was EMA off?")
-        from diffusers.utils import logging as diffusers_logging
-
-        # EMAModel.from_pretrained passes its own counters (decay, optimization_step...) through the model's
-        # from_pretrained, which warns that they are unexpected model config keys: expected here, so silenced.
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                loaded = type(ema).from_pretrained(str(folder), model_cls=model_cls)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(accelerator.device)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-
-
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """``latest`` -> the newest complete checkpoint under OUT/checkpoints (None if none); else the given folder."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "train_state.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a train-dit checkpoint folder (no train_state.json)")
-        return path
-    found = [p for p in (output_dir / "checkpoints").glob("checkpoint-*") if (p / "train_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
-def read_train_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "train_state.json").read_text())
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """A hash of a model's weights (names + bytes), to compare replicas across processes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

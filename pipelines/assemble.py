@@ -66,7 +66,7 @@ def _trained_num_tokens(record: dict[str, Any]) -> int | None:
         return int(sampled)
     if record.get("schedule"):
         from data.config import from_dict
-        from vae.schedules import ScheduleConfig, TokenSchedule
+        from training.schedules import ScheduleConfig, TokenSchedule
 
         return TokenSchedule(from_dict(ScheduleConfig, record["schedule"], "run config schedule")).max_tokens
     return None

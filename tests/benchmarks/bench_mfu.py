@@ -37,7 +37,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from throughput import count_flops  # noqa: E402
 
 from data.config import from_dict  # noqa: E402
-from vae.schedules import TokenSchedule  # noqa: E402
+from training.schedules import TokenSchedule  # noqa: E402
 
 
 def matmul_rate(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 3) -> float:

@@ -13,7 +13,7 @@ import torch
 from data.config import load_config
 from diffusion.modeling_shape_dit import ShapeDiT
 from diffusion.train import DiTTrainConfig, train
-from diffusion.train_utils import state_dict_sha256
+from training.checkpoints import state_dict_sha256
 
 
 def main(config_path: str, shards: str, output_dir: str) -> None:

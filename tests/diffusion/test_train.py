@@ -116,7 +116,7 @@ def test_two_step_run_writes_checkpoint_export_and_preview(shards, tmp_path):
                  "--vae", str(vae_dir)]) == 0
     checkpoint = out / "checkpoints" / "checkpoint-2"
     for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "train_state.json", "config.yaml",
-                 "ema/config.json", "ema/diffusion_pytorch_model.safetensors"):
+                 "ema.safetensors", "ema.json"):
         assert (checkpoint / name).is_file(), name
     assert json.loads((checkpoint / "train_state.json").read_text())["global_step"] == 2
     final = out / "final"
@@ -125,9 +125,9 @@ def test_two_step_run_writes_checkpoint_export_and_preview(shards, tmp_path):
         assert (final / name).is_file(), name
     exported = ShapeDiT.from_pretrained(final)
     # the export holds the EMA weights (which differ from the raw weights after 2 steps)
-    ema = load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(checkpoint / "ema.safetensors")
     raw = load_file(checkpoint / "model.safetensors")
-    for name, tensor in exported.state_dict().items():
+    for name, tensor in exported.named_parameters():
         torch.testing.assert_close(tensor, ema[name])
     assert any(not torch.equal(ema[name], raw[name]) for name in raw)
     run_config = yaml.safe_load((final / "run_config.yaml").read_text())

@@ -16,7 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from data.config import load_config
-from diffusion.train_utils import state_dict_sha256
+from training.checkpoints import state_dict_sha256
 
 MODEL_CLASSES = {"vae": "DoraVAE", "dit": "ShapeDiT"}
 

@@ -1,6 +1,7 @@
-"""Progressive token-count schedule for VAE training: the schedule is data (a config section), not code.
+"""Progressive token-count schedule of both training stages: the schedule is data (a config section), not code.
 
-Dora trains with short latent sequences first and shifts toward long ones (256 -> ... -> 4096 tokens). Two forms:
+Dora trains its VAE with short latent sequences first and shifts toward long ones (256 -> ... -> 4096 tokens); the
+DiT trains on FPS prefixes of the cached latents with the same schedule. Two forms:
 
 * ``phases``: a list of ``{until_step, tokens, probs}``; the first phase whose ``until_step`` is above the current
   step is used (``until_step: null`` = open-ended last phase); ``probs`` default to uniform over ``tokens``.
@@ -22,7 +23,7 @@ import numpy as np
 
 @dataclass
 class ScheduleConfig:
-    """The ``schedule:`` section of a VAE run config."""
+    """The ``schedule:`` section of a run config (`dora train-vae` and `dora train-dit`)."""
 
     phases: list[dict[str, Any]] = field(default_factory=lambda: [{"until_step": None, "tokens": [256]}])
     mixture: dict[str, Any] | None = None  # when set, replaces ``phases``
