@@ -52,7 +52,7 @@ def _safe_id(text: str) -> str:
 
 
 def read_index(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL or CSV index: ``path`` (relative to the index's folder), ``caption``, ``category``, ``id``."""
+    """Rows of a JSONL or CSV index: ``path`` (relative to the index's folder), ``caption``, ``captions``, ``category``, ``id``."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
@@ -79,10 +79,23 @@ def read_index(path: str | Path) -> list[dict[str, Any]]:
                 "path": str(mesh_path),
                 "shape_id": shape_id,
                 "caption": str(row.get("caption") or ""),
+                "captions": _captions(row, f"{path}: row {number}"),
                 "category": str(row.get("category") or ""),
             }
         )
     return _check_unique(items, str(path))
+
+
+def _captions(row: dict[str, Any], where: str) -> list[str]:
+    """Every caption of an index row: ``captions`` (a JSON list, or ``|``-separated in a CSV) and/or ``caption``."""
+    captions = row.get("captions") or []
+    if isinstance(captions, str):
+        captions = captions.split("|")
+    if not isinstance(captions, list) or not all(isinstance(text, str) for text in captions):
+        raise ValueError(f"{where}: 'captions' must be a list of strings, got {captions!r}")
+    first = str(row.get("caption") or "")
+    found = [text.strip() for text in ([first] if first else []) + captions if text.strip()]
+    return list(dict.fromkeys(found))  # the first caption first, no repeats
 
 
 def scan_folder(folder: str | Path) -> list[dict[str, Any]]:
@@ -94,6 +107,7 @@ def scan_folder(folder: str | Path) -> list[dict[str, Any]]:
             "path": str(p),
             "shape_id": _safe_id(str(p.relative_to(folder).with_suffix("")).replace(os.sep, "__")),
             "caption": "",
+            "captions": [],
             "category": p.parent.name if p.parent != folder else "",
         }
         for p in files

@@ -22,7 +22,7 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class ProceduralShape:
     caption: str
     params: dict[str, Any]
     mesh: trimesh.Trimesh
+    captions: list[str] = field(default_factory=list)  # every caption of the shape; ``caption`` is the first
 
 
 # ------------------------------------------------------------------------------------------------ captions
@@ -198,6 +199,66 @@ def make_caption(category: str, params: dict[str, Any], rng: np.random.Generator
     return caption
 
 
+# Other words people use for each category's object, and what the object is for. A dataset captioned with one
+# template per shape teaches the DiT the template's words; recaptioned datasets (Cap3D, the captions behind
+# Hunyuan3D and TRELLIS) give each shape several phrasings, so that a prompt in other words still lands on the
+# shape. An alternative noun is used only where it is true of every shape of the category. These words are kept
+# apart from the generation benchmark's paraphrase prompts (configs/bench_generation/paraphrases.jsonl; a test
+# checks it), so that its paraphrase accuracy still measures prompts in words the DiT never trained on.
+_OTHER_NOUNS: dict[str, tuple[str, ...]] = {
+    "chair": ("desk chair", "kitchen chair"),
+    "table": ("desk", "work table"),
+    "stool": ("perch", "high stool"),
+    "shelf": ("rack of shelves", "shelf", "étagère"),
+    "bed": ("bedstead", "cot"),
+    "lamp": ("lantern", "luminaire"),
+    "mug": ("tankard", "teacup", "beaker"),
+    "bottle": ("flask", "carafe"),
+    "vase": ("urn", "amphora"),
+    "gear": ("sprocket", "pinion"),
+    "rocket": ("spaceship", "spacecraft", "missile"),
+    "car": ("motorcar", "runabout"),
+    "airplane": ("airliner", "aeroplane"),
+    "house": ("cottage", "bungalow", "dwelling"),
+}
+_PURPOSES: dict[str, tuple[str, ...]] = {
+    "chair": ("a thing to sit on", "somewhere to sit down"),
+    "table": ("a place to eat or work at", "a raised surface for meals"),
+    "stool": ("something to perch on", "a simple thing to sit on at a counter"),
+    "shelf": ("a stand for novels and ornaments", "a tall rack for display"),
+    "bed": ("a place to lie down at night", "somewhere to sleep"),
+    "lamp": ("something that brightens a room", "a source of illumination at night"),
+    "mug": ("a vessel to drink tea from", "crockery for hot beverages"),
+    "bottle": ("a vessel for water or wine", "something to pour a drink from"),
+    "vase": ("an ornament that holds a bouquet", "a vessel to display cut stems"),
+    "gear": ("a machine part that transmits motion", "a part inside a transmission"),
+    "rocket": ("a craft that flies to orbit", "a projectile propelled by an engine"),
+    "car": ("something you drive on the road", "transport for a few people"),
+    "airplane": ("a machine that flies", "an airliner for travel"),
+    "house": ("a place where people reside", "a residence"),
+}
+
+
+def alternative_captions(category: str, params: dict[str, Any], rng: np.random.Generator) -> list[str]:
+    """Three more captions of one shape: another noun, a plain name, and a description of what it is for.
+
+    Each names only attributes the shape has (the same rules as :func:`make_caption`), in other sentence shapes.
+    """
+    adjectives, noun, features = _describe(category, params)
+    if features and rng.random() < 0.5:
+        keep = np.sort(rng.choice(len(features), size=int(rng.integers(1, len(features) + 1)), replace=False))
+        features = [features[k] for k in keep]
+    other = str(rng.choice(_OTHER_NOUNS[category]))
+    purpose = str(rng.choice(_PURPOSES[category]))
+    detail = _join(features) if features else ""
+    synonym = _with_article(" ".join([*adjectives, other])) + (f" with {detail}" if detail else "")
+    if rng.random() < 0.5 and detail:
+        synonym = f"{detail}: {_with_article(other)}"
+    plain = _with_article(" ".join([*adjectives, noun])) if adjectives and rng.random() < 0.5 else _with_article(noun)
+    described = purpose + (f", with {detail}" if detail else "")
+    return [synonym, plain, described]
+
+
 def captions_for_category(category: str) -> list[str]:
     """A few plain prompts for ``category`` (evaluation: does "a chair" give something nearest to chairs?)."""
     if category not in _PROMPTS:
@@ -242,7 +303,10 @@ def generate_shape(category: str, seed: int = 0, index: int = 0) -> ProceduralSh
         raise RuntimeError(f"procedural {category} #{index} (seed {seed}) produced an invalid mesh")
     params = {key: _round(value) for key, value in params.items()}
     caption = make_caption(category, params, rng)
-    return ProceduralShape(f"{category}-{index:04d}", category, caption, params, mesh)
+    # The alternatives draw from a stream of their own, so the first caption (and every mesh) stays what it was.
+    extra_rng = np.random.default_rng([seed, index, zlib.crc32(category.encode()), 1])
+    captions = [caption, *alternative_captions(category, params, extra_rng)]
+    return ProceduralShape(f"{category}-{index:04d}", category, caption, params, mesh, captions)
 
 
 class ProceduralDataset:
@@ -269,12 +333,16 @@ class ProceduralDataset:
 
 
 def write_dataset(out_dir: str | Path, num_shapes: int, seed: int = 0, categories: Sequence[str] | None = None,
-                  file_format: str = "ply", progress: bool = True) -> Path:
-    """Write ``meshes/<id>.<format>`` and ``index.jsonl`` (rows: id, path, caption, category, params).
+                  file_format: str = "ply", progress: bool = True, captions_per_shape: int = 1) -> Path:
+    """Write ``meshes/<id>.<format>`` and ``index.jsonl`` (rows: id, path, caption, captions, category, params).
 
     ``path`` is relative to the index file's folder, so the dataset can be moved as a whole. The index is
-    written last and atomically: an index that exists is complete.
+    written last and atomically: an index that exists is complete. ``captions`` holds the first
+    ``captions_per_shape`` (1-4) of each shape's phrasings; 1 keeps the one-template dataset (README: Results,
+    The quickstart, measures both).
     """
+    if not 1 <= captions_per_shape <= 4:
+        raise ValueError(f"captions_per_shape must be 1 to 4, got {captions_per_shape}")
     file_format = file_format.lower().lstrip(".")
     if file_format not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {file_format!r}; choose one of {', '.join(MESH_FORMATS)}")
@@ -291,7 +359,7 @@ def write_dataset(out_dir: str | Path, num_shapes: int, seed: int = 0, categorie
             logger.warning("skipping procedural shape %d (%s): %s", index, dataset.category_of(index), error)
             continue
         rows.append({"id": item.shape_id, "path": relative.as_posix(), "caption": item.caption,
-                     "category": item.category, "params": item.params})
+                     "captions": item.captions[:captions_per_shape], "category": item.category, "params": item.params})
     index_path = out_dir / "index.jsonl"
     partial = index_path.with_suffix(".jsonl.tmp")
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -307,10 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", default=None,
                         help=f"comma-separated subset of: {','.join(CATEGORIES)} (default: all)")
     parser.add_argument("--format", dest="file_format", default="ply", choices=MESH_FORMATS)
+    parser.add_argument("--captions-per-shape", type=int, default=1,
+                        help="1 = the template caption only; up to 4 adds another noun, the plain name and what "
+                             "the object is for (default: %(default)s)")
     args = parser.parse_args(argv)
     categories = [name.strip() for name in args.categories.split(",") if name.strip()] if args.categories else None
     try:
-        index_path = write_dataset(args.out, args.num_shapes, args.seed, categories, args.file_format)
+        index_path = write_dataset(args.out, args.num_shapes, args.seed, categories, args.file_format,
+                                   captions_per_shape=args.captions_per_shape)
     except ValueError as error:
         parser.error(str(error))
     counts = Counter(json.loads(line)["category"] for line in index_path.read_text().splitlines())

@@ -141,5 +141,22 @@ def test_csv_index(tmp_path):
     trimesh.creation.box().export(tmp_path / "a.stl")
     (tmp_path / "index.csv").write_text("path,caption,category,id\na.stl,a cube,box,cube_1\n")
     assert read_index(tmp_path / "index.csv") == [
-        {"path": str(tmp_path / "a.stl"), "shape_id": "cube_1", "caption": "a cube", "category": "box"}
+        {"path": str(tmp_path / "a.stl"), "shape_id": "cube_1", "caption": "a cube", "captions": ["a cube"],
+         "category": "box"}
     ]
+    # Several captions per shape: '|'-separated in a CSV, the ``caption`` column first, repeats dropped.
+    (tmp_path / "many.csv").write_text("path,caption,captions\na.stl,a cube,a box|a cube| a block \n")
+    assert read_index(tmp_path / "many.csv")[0]["captions"] == ["a cube", "a box", "a block"]
+
+
+def test_index_captions_reach_the_prepared_meta(tmp_path):
+    trimesh.creation.box().export(tmp_path / "a.stl")
+    row = {"path": "a.stl", "caption": "a cube", "captions": ["a box", "a square block"], "category": "box"}
+    (tmp_path / "index.jsonl").write_text(json.dumps(row) + "\n")
+    assert main([str(tmp_path / "index.jsonl"), "--out", str(tmp_path / "prepared"), *SMALL]) == 0
+    meta = load_prepared(tmp_path / "prepared" / "samples" / "a.npz")["meta"]
+    assert meta["caption"] == "a cube" and meta["captions"] == ["a cube", "a box", "a square block"]
+    # A malformed list is named with its row.
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "a.stl", "captions": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1: 'captions' must be a list of strings"):
+        read_index(tmp_path / "bad.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -106,6 +107,58 @@ def test_captions_follow_the_parameters_and_vary():
             assert p["num_boosters"] > 0
 
 
+def test_each_shape_has_other_phrasings_that_stay_true():
+    number_words = {3: "three", 4: "four", 5: "five"}
+    dataset = ProceduralDataset(4 * len(CATEGORIES), seed=5)
+    for shape in (dataset[i] for i in range(len(dataset))):
+        assert shape.captions[0] == shape.caption and len(shape.captions) == 4
+        assert len(set(shape.captions)) == 4, shape.captions  # four different sentences
+        alternatives = " ".join(shape.captions[1:])
+        # Not every caption may lean on the category's own noun: one says what the object is for.
+        assert shape.category not in re.findall(r"\w+", shape.captions[3].split(",")[0]), shape.captions
+        if shape.category == "chair":
+            assert ("armrests" in alternatives) <= shape.params["armrests"]
+        if shape.category == "shelf" and "shelves" in alternatives.replace("with shelves", ""):
+            assert f"{number_words[shape.params['num_shelves']]} shelves" in alternatives
+    # The extra captions never change the first caption or the mesh: they draw from a stream of their own.
+    # (pinned from the dataset as it was before the extra captions were added)
+    shape = generate_shape("gear", seed=1, index=7)
+    assert shape.caption == "a gear with twenty-one teeth, a small central hole and six round holes"
+    assert len(shape.mesh.faces) == 1172
+
+
+def test_write_dataset_with_several_captions_per_shape(tmp_path):
+    index_path = write_dataset(tmp_path / "many", num_shapes=3, seed=4, progress=False, captions_per_shape=4)
+    dataset = ProceduralDataset(3, seed=4)
+    rows = [json.loads(line) for line in index_path.read_text().splitlines()]
+    assert [row["captions"] for row in rows] == [dataset[i].captions for i in range(3)]
+    assert main(["--out", str(tmp_path / "cli"), "--num-shapes", "2", "--captions-per-shape", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cli" / "index.jsonl").read_text().splitlines()]
+    assert [len(row["captions"]) for row in rows] == [3, 3]
+    with pytest.raises(ValueError, match="captions_per_shape must be 1 to 4"):
+        write_dataset(tmp_path / "bad", num_shapes=1, captions_per_shape=5)
+
+
+def test_other_phrasings_keep_clear_of_the_benchmark_paraphrases():
+    # The generation benchmark's paraphrase prompts test words the DiT never trained on: the extra captions may
+    # share with them only the words the first captions already use (category nouns, attributes, articles).
+    from pathlib import Path
+
+    from data.procedural import _OTHER_NOUNS, _PURPOSES
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-zà-ÿ]+", text.lower()))
+
+    file = Path(__file__).resolve().parents[2] / "configs" / "bench_generation" / "paraphrases.jsonl"
+    benchmark = set().union(*(words(json.loads(line)["prompt"]) for line in file.read_text().splitlines()))
+    dataset = ProceduralDataset(20 * len(CATEGORIES), seed=0)
+    first_captions = set().union(*(words(dataset[i].caption) for i in range(len(dataset))))
+    allowed = first_captions | words(" ".join(CATEGORIES)) | set("the of in to for on at or you from that by its".split())
+    for category in CATEGORIES:
+        for phrase in (*_OTHER_NOUNS[category], *_PURPOSES[category]):
+            assert not (words(phrase) & benchmark) - allowed, (category, phrase)
+
+
 def test_categories_differ_in_shape():
     # Bounding-box proportions alone already separate several categories (flat gear, tall shelf, long car).
     def proportions(category: str) -> np.ndarray:
@@ -126,8 +179,9 @@ def test_write_dataset_writes_index_and_reloadable_meshes(tmp_path):
     assert {row["category"] for row in rows} == set(CATEGORIES)
     dataset = ProceduralDataset(len(CATEGORIES), seed=2)
     for index, row in enumerate(rows):
-        assert set(row) == {"id", "path", "caption", "category", "params"}
+        assert set(row) == {"id", "path", "caption", "captions", "category", "params"}
         assert row["caption"] == dataset[index].caption and row["id"] == dataset[index].shape_id
+        assert row["captions"] == [dataset[index].caption]  # one caption unless asked for more
         mesh = trimesh.load(index_path.parent / row["path"], force="mesh")
         assert len(mesh.faces) == len(dataset[index].mesh.faces)
         assert np.allclose(mesh.bounds, dataset[index].mesh.bounds, atol=1e-5)
