@@ -297,5 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun / accelerate launch -m diffusion.train: an entry point
+    from vae.local_attention import flush_denormals
+
+    flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
     raise SystemExit(main())
