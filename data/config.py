@@ -36,7 +36,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     with open(resolve_config_path(path)) as handle:
         content = yaml.safe_load(handle) or {}
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at the top level, got {type(content).__name__}")
+        raise ValueError(
+            f"{path}: a config file must hold a mapping at the top level, got {type(content).__name__}"
+        )
     return content
 
 

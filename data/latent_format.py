@@ -74,11 +74,19 @@ class LatentSums:
         return LatentSums(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sum": [float(v) for v in self.total], "sum_sq": [float(v) for v in self.total_sq]}
+        return {
+            "count": self.count,
+            "sum": [float(v) for v in self.total],
+            "sum_sq": [float(v) for v in self.total_sq],
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LatentSums:
-        return cls(int(values["count"]), np.asarray(values["sum"], np.float64), np.asarray(values["sum_sq"], np.float64))
+        return cls(
+            int(values["count"]),
+            np.asarray(values["sum"], np.float64),
+            np.asarray(values["sum_sq"], np.float64),
+        )
 
 
 @dataclass
@@ -107,7 +115,11 @@ class LatentStats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LatentStats:
-        return cls(np.asarray(values["mean"], np.float64), np.asarray(values["std"], np.float64), int(values["count"]))
+        return cls(
+            np.asarray(values["mean"], np.float64),
+            np.asarray(values["std"], np.float64),
+            int(values["count"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "count": self.count}
@@ -118,8 +130,10 @@ class LatentStats:
             key = (latents.dtype, latents.device)
             cache = self.__dict__.setdefault("_tensors", {})
             if key not in cache:
-                cache[key] = (torch.as_tensor(self.mean, dtype=key[0], device=key[1]),
-                              torch.as_tensor(std, dtype=key[0], device=key[1]))
+                cache[key] = (
+                    torch.as_tensor(self.mean, dtype=key[0], device=key[1]),
+                    torch.as_tensor(std, dtype=key[0], device=key[1]),
+                )
             return cache[key]
         return self.mean.astype(latents.dtype), std.astype(latents.dtype)
 
@@ -210,7 +224,9 @@ def decode_sample(
     rng = rng or random
     index = view if view is not None else (rng.randrange(stored.shape[0]) if stored.shape[0] > 1 else 0)
     if num_tokens is not None and num_tokens > stored.shape[1]:
-        raise ValueError(f"sample {meta.get('shape_id')}: asked for {num_tokens} tokens, cached {stored.shape[1]}")
+        raise ValueError(
+            f"sample {meta.get('shape_id')}: asked for {num_tokens} tokens, cached {stored.shape[1]}"
+        )
     latents = torch.from_numpy(from_storage(stored[index, :num_tokens], meta.get("dtype")))  # (N, C)
     if stats is not None:
         latents = stats.normalize(latents)
@@ -241,7 +257,9 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
     while True:
         header = stream.read(TAR_BLOCK)
         if len(header) < TAR_BLOCK:
-            raise EOFError("unexpected end of data (no end-of-archive marker)" if not header else "short header")
+            raise EOFError(
+                "unexpected end of data (no end-of-archive marker)" if not header else "short header"
+            )
         if header == bytes(TAR_BLOCK):
             return
         checksum = int(header[148:156].rstrip(b"\0 ") or b"0", 8)

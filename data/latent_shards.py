@@ -78,13 +78,25 @@ class ShardRecord:
     sums: LatentSums = field(default_factory=LatentSums)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256,
-                "num_bytes": self.num_bytes, "shape_ids": self.shape_ids, "sums": self.sums.to_dict()}
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "sha256": self.sha256,
+            "num_bytes": self.num_bytes,
+            "shape_ids": self.shape_ids,
+            "sums": self.sums.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ShardRecord:
-        return cls(values["name"], int(values["num_samples"]), values["sha256"], int(values["num_bytes"]),
-                   list(values["shape_ids"]), LatentSums.from_dict(values["sums"]))
+        return cls(
+            values["name"],
+            int(values["num_samples"]),
+            values["sha256"],
+            int(values["num_bytes"]),
+            list(values["shape_ids"]),
+            LatentSums.from_dict(values["sums"]),
+        )
 
 
 def shard_name(rank: int, index: int) -> str:
@@ -109,8 +121,15 @@ class LatentShardWriter:
     past ``max_bytes`` (a single larger sample still gets a shard of its own).
     """
 
-    def __init__(self, out_dir: str | Path, rank: int = 0, start_index: int = 0, max_samples: int = 1000,
-                 max_bytes: int = 512 * 2**20, on_shard_closed: Callable[[ShardRecord], None] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rank: int = 0,
+        start_index: int = 0,
+        max_samples: int = 1000,
+        max_bytes: int = 512 * 2**20,
+        on_shard_closed: Callable[[ShardRecord], None] | None = None,
+    ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError(f"max_samples and max_bytes must be positive, got {max_samples}, {max_bytes}")
         self.out_dir = Path(out_dir)
@@ -129,12 +148,21 @@ class LatentShardWriter:
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0)  # fixed mtime: reproducible bytes
         self._size, self._shape_ids, self._sums = 0, [], LatentSums()
 
-    def write(self, shape_id: str, stored_latents: np.ndarray, captions: list[str], source: str,
-              metadata: dict[str, Any]) -> None:
+    def write(
+        self,
+        shape_id: str,
+        stored_latents: np.ndarray,
+        captions: list[str],
+        source: str,
+        metadata: dict[str, Any],
+    ) -> None:
         sample = encode_sample(shape_id, stored_latents, captions, source, metadata)
         # exact tar size of the members: a 512-byte header each, data padded to 512 bytes
-        size = sum(TAR_BLOCK + -(-len(value) // TAR_BLOCK) * TAR_BLOCK for key, value in sample.items()
-                   if not key.startswith("_"))
+        size = sum(
+            TAR_BLOCK + -(-len(value) // TAR_BLOCK) * TAR_BLOCK
+            for key, value in sample.items()
+            if not key.startswith("_")
+        )
         # the file ends with two zero blocks and is padded to whole 10 KiB tar records
         projected = -(-(self._size + size + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
         if self._tar is not None and (len(self._shape_ids) >= self.max_samples or projected > self.max_bytes):
@@ -156,8 +184,14 @@ class LatentShardWriter:
         self._handle.close()
         os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
         fsync_dir(self.out_dir)
-        record = ShardRecord(self._name, len(self._shape_ids), self._hashing.sha256.hexdigest(),
-                             self._hashing.num_bytes, list(self._shape_ids), self._sums)
+        record = ShardRecord(
+            self._name,
+            len(self._shape_ids),
+            self._hashing.sha256.hexdigest(),
+            self._hashing.num_bytes,
+            list(self._shape_ids),
+            self._sums,
+        )
         self._tar = None
         self.index += 1
         self.records.append(record)
@@ -187,11 +221,20 @@ def build_manifest(records: Iterable[ShardRecord], sums: LatentSums, **fields: A
     """The manifest: format, ``fields`` (vae identity, epsilon, num_tokens, latent_channels, dtype, ...), the
     shard list (name, num_samples, sha256, num_bytes), the sample count and the latent statistics."""
     records = sorted(records, key=lambda record: record.name)
-    shards = [{key: value for key, value in record.to_dict().items() if key not in ("shape_ids", "sums")}
-              for record in records]
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **fields,
-            "num_samples": sum(record.num_samples for record in records), "num_shards": len(shards),
-            "shards": shards, "stats": LatentStats.from_sums(sums).to_dict(), "sample_keys": SAMPLE_KEYS}
+    shards = [
+        {key: value for key, value in record.to_dict().items() if key not in ("shape_ids", "sums")}
+        for record in records
+    ]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **fields,
+        "num_samples": sum(record.num_samples for record in records),
+        "num_shards": len(shards),
+        "shards": shards,
+        "stats": LatentStats.from_sums(sums).to_dict(),
+        "sample_keys": SAMPLE_KEYS,
+    }
 
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -212,6 +255,7 @@ def resolve_shards(source: Any) -> tuple[list[str], dict[str, Any] | None]:
     if isinstance(source, str):
         return wds.shardlists.expand_urls(source), None
     return [str(url) for url in source], None
+
 
 def _tar_samples(fileobj: Any, url: str) -> Iterator[dict[str, Any]]:
     """Group tar members into samples by key (members of one sample are adjacent, as TarWriter writes them)."""
@@ -236,7 +280,9 @@ def _complete(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-def read_shard(url: str, expected: dict[str, Any] | None = None, verify: bool = False) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str, expected: dict[str, Any] | None = None, verify: bool = False
+) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard; any damage raises :class:`CorruptShardError` naming the shard.
 
     ``expected`` is the manifest's entry for the shard: its sample count is always checked (a tar cut at a member
@@ -256,7 +302,8 @@ def read_shard(url: str, expected: dict[str, Any] | None = None, verify: bool = 
             digest = hashlib.sha256(data).hexdigest()
             if digest != expected["sha256"]:
                 raise CorruptShardError(
-                    f"latent shard {url}: sha256 {digest} does not match the manifest ({expected['sha256']})")
+                    f"latent shard {url}: sha256 {digest} does not match the manifest ({expected['sha256']})"
+                )
             stream.close()
             stream = io.BytesIO(data)
         try:
@@ -264,12 +311,15 @@ def read_shard(url: str, expected: dict[str, Any] | None = None, verify: bool = 
                 count += 1
                 yield sample
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-            raise CorruptShardError(f"latent shard {url} is corrupt (after {count} samples): {error}") from error
+            raise CorruptShardError(
+                f"latent shard {url} is corrupt (after {count} samples): {error}"
+            ) from error
     finally:
         stream.close()
     if expected is not None and count != expected["num_samples"]:
         raise CorruptShardError(
-            f"latent shard {url} is truncated: {count} samples, the manifest says {expected['num_samples']}")
+            f"latent shard {url} is truncated: {count} samples, the manifest says {expected['num_samples']}"
+        )
 
 
 def _worker_seed(seed: int, epoch: int) -> int:
@@ -293,11 +343,23 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
     ``skip_corrupt`` (without ``verify``, samples read before the damage have already been yielded).
     """
 
-    def __init__(self, source: Any, num_tokens: int | None = None, normalize: bool = True,
-                 stats: LatentStats | None = None, shuffle_buffer: int = 1000, shardshuffle: bool = True,
-                 resampled: bool = False, split_by_node: bool = True, handler: Callable = wds.reraise_exception,
-                 skip_corrupt: bool = False, verify: bool = False, seed: int = 0, view: int | None = None,
-                 manifest: dict[str, Any] | str | None = None) -> None:
+    def __init__(
+        self,
+        source: Any,
+        num_tokens: int | None = None,
+        normalize: bool = True,
+        stats: LatentStats | None = None,
+        shuffle_buffer: int = 1000,
+        shardshuffle: bool = True,
+        resampled: bool = False,
+        split_by_node: bool = True,
+        handler: Callable = wds.reraise_exception,
+        skip_corrupt: bool = False,
+        verify: bool = False,
+        seed: int = 0,
+        view: int | None = None,
+        manifest: dict[str, Any] | str | None = None,
+    ) -> None:
         super().__init__()
         self.urls, found = resolve_shards(source)
         self.manifest = load_manifest(manifest) if isinstance(manifest, (str, Path)) else (manifest or found)
@@ -305,7 +367,9 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
             raise ValueError(f"no latent shards found in {source!r}")
         if normalize and stats is None:
             if self.manifest is None:
-                raise ValueError("normalize=True needs the manifest's statistics: pass a folder/manifest or stats=")
+                raise ValueError(
+                    "normalize=True needs the manifest's statistics: pass a folder/manifest or stats="
+                )
             stats = LatentStats.from_manifest(self.manifest)
         self.stats = stats if normalize else None
         self.expected = {shard["name"]: shard for shard in (self.manifest or {}).get("shards", [])}
@@ -358,11 +422,30 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
                 break
 
 
-def latent_shard_pipeline(source: Any, num_tokens: int | None = None, normalize: bool = True,
-                          shuffle_buffer: int = 1000, resampled: bool = False, split_by_node: bool = True,
-                          handler: Callable = wds.reraise_exception, skip_corrupt: bool = False,
-                          verify: bool = False, seed: int = 0, **kwargs: Any) -> LatentShardDataset:
+def latent_shard_pipeline(
+    source: Any,
+    num_tokens: int | None = None,
+    normalize: bool = True,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    split_by_node: bool = True,
+    handler: Callable = wds.reraise_exception,
+    skip_corrupt: bool = False,
+    verify: bool = False,
+    seed: int = 0,
+    **kwargs: Any,
+) -> LatentShardDataset:
     """Functional form of :class:`LatentShardDataset` (see there for the arguments)."""
-    return LatentShardDataset(source, num_tokens=num_tokens, normalize=normalize, shuffle_buffer=shuffle_buffer,
-                              resampled=resampled, split_by_node=split_by_node, handler=handler,
-                              skip_corrupt=skip_corrupt, verify=verify, seed=seed, **kwargs)
+    return LatentShardDataset(
+        source,
+        num_tokens=num_tokens,
+        normalize=normalize,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        split_by_node=split_by_node,
+        handler=handler,
+        skip_corrupt=skip_corrupt,
+        verify=verify,
+        seed=seed,
+        **kwargs,
+    )

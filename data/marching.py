@@ -51,7 +51,9 @@ __all__ = [
 class FieldGrid:
     """Field values on the (R+1)^3 vertices of a regular grid over [-bounds, bounds]^3, index order (x, y, z)."""
 
-    values: np.ndarray  # (R+1, R+1, R+1) float32; unqueried vertices hold interpolated values of the right sign
+    values: (
+        np.ndarray
+    )  # (R+1, R+1, R+1) float32; unqueried vertices hold interpolated values of the right sign
     resolution: int
     bounds: float
     method: str
@@ -79,7 +81,9 @@ def grid_points(resolution: int, bounds: float = 1.05) -> torch.Tensor:
 def level_resolutions(resolution: int, coarse_resolution: int) -> list[int]:
     """Cell counts per axis of each level, coarse to fine: halve ``resolution`` while it stays even and >= coarse."""
     if resolution < 1 or coarse_resolution < 1:
-        raise ValueError(f"resolution ({resolution}) and coarse_resolution ({coarse_resolution}) must be >= 1")
+        raise ValueError(
+            f"resolution ({resolution}) and coarse_resolution ({coarse_resolution}) must be >= 1"
+        )
     levels = [resolution]
     while levels[0] % 2 == 0 and levels[0] // 2 >= coarse_resolution:
         levels.insert(0, levels[0] // 2)
@@ -265,9 +269,12 @@ def mesh_from_grid(grid: FieldGrid, threshold: float = 0.5) -> trimesh.Trimesh:
     values = grid.values
     low, high = float(values.min()), float(values.max())
     if not (low <= threshold < high) or not np.isfinite(values).all():
-        reason = "non-finite values" if not np.isfinite(values).all() else f"values span [{low:.4g}, {high:.4g}]"
+        reason = (
+            "non-finite values" if not np.isfinite(values).all() else f"values span [{low:.4g}, {high:.4g}]"
+        )
         warnings.warn(
-            f"extract_mesh: no surface at threshold {threshold} ({reason}); returning an empty mesh", stacklevel=3
+            f"extract_mesh: no surface at threshold {threshold} ({reason}); returning an empty mesh",
+            stacklevel=3,
         )
         return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), dtype=np.int64))
     # 'ascent': values grow into the object (occupancy), which makes skimage wind the faces outward.

@@ -119,7 +119,9 @@ def _check_unique(items: list[dict[str, Any]], where: str) -> list[dict[str, Any
     seen: dict[str, str] = {}
     for item in items:
         if item["shape_id"] in seen:
-            raise ValueError(f"{where}: duplicate shape id {item['shape_id']!r} ({seen[item['shape_id']]}, {item['path']})")
+            raise ValueError(
+                f"{where}: duplicate shape id {item['shape_id']!r} ({seen[item['shape_id']]}, {item['path']})"
+            )
         seen[item["shape_id"]] = item["path"]
     return items
 
@@ -137,7 +139,9 @@ def load_prepared(path: str | Path) -> dict[str, Any]:
     except PreparedSampleError:
         raise
     except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError, OSError, JSONDecodeError ...
-        raise PreparedSampleError(f"{path}: corrupt or unreadable prepared sample ({type(error).__name__}: {error})") from error
+        raise PreparedSampleError(
+            f"{path}: corrupt or unreadable prepared sample ({type(error).__name__}: {error})"
+        ) from error
     return sample
 
 
@@ -192,16 +196,24 @@ class PreparedDataset(torch.utils.data.Dataset):
         pick_s = self._pick(rng, len(sample["salient_points"]), self.n_salient)
         pick_q = self._pick(rng, len(sample["sup_points"]), self.n_supervision)
         copy_q = isinstance(pick_q, slice)
-        uniform = np.concatenate([sample["uniform_points"][pick_u], sample["uniform_normals"][pick_u]], axis=1)
-        salient = np.concatenate([sample["salient_points"][pick_s], sample["salient_normals"][pick_s]], axis=1)
+        uniform = np.concatenate(
+            [sample["uniform_points"][pick_u], sample["uniform_normals"][pick_u]], axis=1
+        )
+        salient = np.concatenate(
+            [sample["salient_points"][pick_s], sample["salient_normals"][pick_s]], axis=1
+        )
         return {
             # No second copy of arrays that concatenation or fancy indexing just made (at Dora's sizes every copy
             # costs a DataLoader worker several % of its rate); a slice is a view of the (maybe cached) sample, so
             # it is still copied.
             "uniform": torch.from_numpy(uniform.astype(np.float32, copy=False)),  # (N_u, 6)
             "salient": torch.from_numpy(salient.astype(np.float32, copy=False)),  # (N_s, 6)
-            "sup_points": torch.from_numpy(sample["sup_points"][pick_q].astype(np.float32, copy=copy_q)),  # (M, 3)
-            "sup_occupancy": torch.from_numpy(sample["sup_occupancy"][pick_q].astype(np.float32, copy=copy_q)),  # (M,)
+            "sup_points": torch.from_numpy(
+                sample["sup_points"][pick_q].astype(np.float32, copy=copy_q)
+            ),  # (M, 3)
+            "sup_occupancy": torch.from_numpy(
+                sample["sup_occupancy"][pick_q].astype(np.float32, copy=copy_q)
+            ),  # (M,)
             "sup_tsdf": torch.from_numpy(sample["sup_tsdf"][pick_q].astype(np.float32, copy=copy_q)),  # (M,)
             "sup_group": torch.from_numpy(sample["sup_group"][pick_q].astype(np.int64)),  # (M,)
             "meta": sample["meta"],
@@ -212,7 +224,9 @@ class PreparedDataset(torch.utils.data.Dataset):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="folder of meshes, or an index file (.jsonl / .csv)")
-    parser.add_argument("--builtin", type=int, metavar="N", help="prepare N shapes of the built-in procedural dataset")
+    parser.add_argument(
+        "--builtin", type=int, metavar="N", help="prepare N shapes of the built-in procedural dataset"
+    )
     parser.add_argument("--out", required=True, help="output folder PREPARED/")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     parser.add_argument("--workers", type=int, help="worker processes")
@@ -224,16 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-near", type=int)
     parser.add_argument("--n-sharp", type=int)
     parser.add_argument("--sharp-angle-deg", type=float)
-    parser.add_argument("--storage", choices=("npz", "npz_compressed"), help="sample file format (config: storage)")
+    parser.add_argument(
+        "--storage", choices=("npz", "npz_compressed"), help="sample file format (config: storage)"
+    )
     parser.add_argument("--num-shards", type=int, default=1, help="split the input into this many shards")
     parser.add_argument("--shard-index", type=int, default=0, help="the shard this job runs (0-based)")
     parser.add_argument("--limit", type=int, help="only the first N shapes (after sharding)")
     parser.add_argument("--overwrite", action="store_true", help="redo shapes whose npz exists")
-    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                        help="run the shapes as Ray tasks: ADDRESS auto, host:port or ray://host:port; alone, a local "
-                             "Ray instance with --workers CPUs (pip install -e '.[ray]'). Put SOURCE before --ray")
-    parser.add_argument("--ray-max-retries", type=int, default=3,
-                        help="reruns of a task whose worker died, before the shape is recorded as failed")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the shapes as Ray tasks: ADDRESS auto, host:port or ray://host:port; alone, a local "
+        "Ray instance with --workers CPUs (pip install -e '.[ray]'). Put SOURCE before --ray",
+    )
+    parser.add_argument(
+        "--ray-max-retries",
+        type=int,
+        default=3,
+        help="reruns of a task whose worker died, before the shape is recorded as failed",
+    )
     return parser
 
 

@@ -110,8 +110,12 @@ def process_item(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
             n_near=config.n_near,
             n_sharp=config.n_sharp,
             seed=shape_seed(config.seed, item["shape_id"]),
-            meta={"shape_id": item["shape_id"], "caption": item["caption"], "captions": item.get("captions") or [],
-                  "category": item["category"]},
+            meta={
+                "shape_id": item["shape_id"],
+                "caption": item["caption"],
+                "captions": item.get("captions") or [],
+                "category": item["category"],
+            },
         )
         write_npz_atomic(Path(out_path), prepared, config.storage)
     except Exception as error:  # one bad shape must never stop the batch

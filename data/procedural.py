@@ -56,12 +56,18 @@ _PROMPTS: dict[str, tuple[str, ...]] = {
     "gear": ("a gear", "a gear with twelve teeth", "a thick gear with four round holes"),
     "rocket": ("a rocket", "a tall rocket with four fins and a pointed nose", "a rocket with side boosters"),
     "car": ("a car", "a sedan car with four wheels", "a minivan car with a tall roof"),
-    "airplane": ("an airplane", "an airplane with swept wings and two engines", "an airplane with straight wings"),
+    "airplane": (
+        "an airplane",
+        "an airplane with swept wings and two engines",
+        "an airplane with straight wings",
+    ),
     "house": ("a house", "a two-story house with a gabled roof", "a house with a flat roof"),
 }
 
-_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                 "sixteen seventeen eighteen nineteen twenty").split()
+_NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+).split()
 
 
 def _number(count: int) -> str:
@@ -90,15 +96,19 @@ def _describe(category: str, p: dict[str, Any]) -> tuple[list[str], str, list[st
         total = p["seat_height"] + p["back_height"]
         adjectives += ["tall"] if total > 1.05 else ["low"] if total < 0.8 else []
         back = "high" if p["back_height"] > 0.5 else "low"
-        features += [f"a {back} {'slatted' if p['back_style'] == 'slatted' else 'solid'} back",
-                     f"four {'thin' if p['leg_thickness'] < 0.04 else 'thick'} {p['leg_shape']} legs"]
+        features += [
+            f"a {back} {'slatted' if p['back_style'] == 'slatted' else 'solid'} back",
+            f"four {'thin' if p['leg_thickness'] < 0.04 else 'thick'} {p['leg_shape']} legs",
+        ]
         features += ["armrests"] if p["armrests"] else []
         noun = "chair"
     elif category == "table":
         adjectives += ["long"] if p["width"] / p["depth"] > 1.6 else []
         adjectives.append(p["top_shape"])
-        features += ["a single central leg" if p["support"] == "pedestal" else "four legs",
-                     "a thick top" if p["top_thickness"] > 0.045 else "a thin top"]
+        features += [
+            "a single central leg" if p["support"] == "pedestal" else "four legs",
+            "a thick top" if p["top_thickness"] > 0.045 else "a thin top",
+        ]
         noun = "coffee table" if p["style"] == "coffee" else "table"
     elif category == "stool":
         adjectives.append("tall" if p["height"] > 0.62 else "short")
@@ -108,7 +118,10 @@ def _describe(category: str, p: dict[str, Any]) -> tuple[list[str], str, list[st
     elif category == "shelf":
         ratio = p["height"] / p["width"]
         adjectives += ["tall narrow"] if ratio > 1.8 else ["low wide"] if ratio < 1.0 else []
-        features += [f"{_number(p['num_shelves'])} shelves", "a back panel" if p["back_panel"] else "an open back"]
+        features += [
+            f"{_number(p['num_shelves'])} shelves",
+            "a back panel" if p["back_panel"] else "an open back",
+        ]
         noun = "bookshelf"
     elif category == "bed":
         adjectives.append(p["size"])
@@ -118,8 +131,11 @@ def _describe(category: str, p: dict[str, Any]) -> tuple[list[str], str, list[st
         noun = "bed"
     elif category == "lamp":
         adjectives.append("tall" if p["kind"] == "floor" else "small")
-        features += [f"a {'conical' if p['shade_shape'] == 'cone' else 'drum'} shade", f"a {p['base_shape']} base",
-                     "a thin pole"]
+        features += [
+            f"a {'conical' if p['shade_shape'] == 'cone' else 'drum'} shade",
+            f"a {p['base_shape']} base",
+            "a thin pole",
+        ]
         noun = f"{p['kind']} lamp"
     elif category == "mug":
         ratio = p["height"] / (2 * p["radius"])
@@ -129,19 +145,27 @@ def _describe(category: str, p: dict[str, Any]) -> tuple[list[str], str, list[st
     elif category == "bottle":
         ratio = p["height"] / (2 * p["radius"])
         adjectives += ["tall slender"] if ratio > 3.6 else ["short stout"] if ratio < 2.8 else []
-        features += ["a long neck" if p["neck_length"] > 0.06 else "a short neck", "a cap" if p["cap"] else "no cap"]
+        features += [
+            "a long neck" if p["neck_length"] > 0.06 else "a short neck",
+            "a cap" if p["cap"] else "no cap",
+        ]
         noun = "bottle"
     elif category == "vase":
         ratio = p["height"] / (2 * p["max_radius"])
         adjectives += ["tall"] if ratio > 2.2 else ["squat"] if ratio < 1.2 else []
         adjectives.append(p["style"])
-        features += {"round": ["a wide belly", "a narrow neck"], "slender": ["a narrow body", "a small opening"],
-                     "flared": ["a wide flared rim", "a narrow waist"]}[p["style"]]
+        features += {
+            "round": ["a wide belly", "a narrow neck"],
+            "slender": ["a narrow body", "a small opening"],
+            "flared": ["a wide flared rim", "a narrow waist"],
+        }[p["style"]]
         noun = "vase"
     elif category == "gear":
         adjectives += ["thick"] if p["thickness"] > 0.3 else ["thin"] if p["thickness"] < 0.22 else []
-        features += [f"{_number(p['num_teeth'])} teeth",
-                     f"a {'large' if p['bore_radius'] > 0.19 else 'small'} central hole"]
+        features += [
+            f"{_number(p['num_teeth'])} teeth",
+            f"a {'large' if p['bore_radius'] > 0.19 else 'small'} central hole",
+        ]
         features += [f"{_number(p['num_holes'])} round holes"] if p["num_holes"] else []
         features += ["a raised hub"] if p["hub"] else []
         noun = "gear"
@@ -254,7 +278,11 @@ def alternative_captions(category: str, params: dict[str, Any], rng: np.random.G
     synonym = _with_article(" ".join([*adjectives, other])) + (f" with {detail}" if detail else "")
     if rng.random() < 0.5 and detail:
         synonym = f"{detail}: {_with_article(other)}"
-    plain = _with_article(" ".join([*adjectives, noun])) if adjectives and rng.random() < 0.5 else _with_article(noun)
+    plain = (
+        _with_article(" ".join([*adjectives, noun]))
+        if adjectives and rng.random() < 0.5
+        else _with_article(noun)
+    )
     described = purpose + (f", with {detail}" if detail else "")
     return [synonym, plain, described]
 
@@ -332,8 +360,15 @@ class ProceduralDataset:
         return generate_shape(self.category_of(index), self.seed, index)
 
 
-def write_dataset(out_dir: str | Path, num_shapes: int, seed: int = 0, categories: Sequence[str] | None = None,
-                  file_format: str = "ply", progress: bool = True, captions_per_shape: int = 1) -> Path:
+def write_dataset(
+    out_dir: str | Path,
+    num_shapes: int,
+    seed: int = 0,
+    categories: Sequence[str] | None = None,
+    file_format: str = "ply",
+    progress: bool = True,
+    captions_per_shape: int = 1,
+) -> Path:
     """Write ``meshes/<id>.<format>`` and ``index.jsonl`` (rows: id, path, caption, captions, category, params).
 
     ``path`` is relative to the index file's folder, so the dataset can be moved as a whole. The index is
@@ -358,8 +393,16 @@ def write_dataset(out_dir: str | Path, num_shapes: int, seed: int = 0, categorie
         except Exception as error:  # a batch job logs, skips and goes on
             logger.warning("skipping procedural shape %d (%s): %s", index, dataset.category_of(index), error)
             continue
-        rows.append({"id": item.shape_id, "path": relative.as_posix(), "caption": item.caption,
-                     "captions": item.captions[:captions_per_shape], "category": item.category, "params": item.params})
+        rows.append(
+            {
+                "id": item.shape_id,
+                "path": relative.as_posix(),
+                "caption": item.caption,
+                "captions": item.captions[:captions_per_shape],
+                "category": item.category,
+                "params": item.params,
+            }
+        )
     index_path = out_dir / "index.jsonl"
     partial = index_path.with_suffix(".jsonl.tmp")
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -372,17 +415,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder (meshes/ and index.jsonl)")
     parser.add_argument("--num-shapes", type=int, default=20 * len(CATEGORIES), help="total number of shapes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--categories", default=None,
-                        help=f"comma-separated subset of: {','.join(CATEGORIES)} (default: all)")
+    parser.add_argument(
+        "--categories", default=None, help=f"comma-separated subset of: {','.join(CATEGORIES)} (default: all)"
+    )
     parser.add_argument("--format", dest="file_format", default="ply", choices=MESH_FORMATS)
-    parser.add_argument("--captions-per-shape", type=int, default=1,
-                        help="1 = the template caption only; up to 4 adds another noun, the plain name and what "
-                             "the object is for (default: %(default)s)")
+    parser.add_argument(
+        "--captions-per-shape",
+        type=int,
+        default=1,
+        help="1 = the template caption only; up to 4 adds another noun, the plain name and what "
+        "the object is for (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    categories = [name.strip() for name in args.categories.split(",") if name.strip()] if args.categories else None
+    categories = (
+        [name.strip() for name in args.categories.split(",") if name.strip()] if args.categories else None
+    )
     try:
-        index_path = write_dataset(args.out, args.num_shapes, args.seed, categories, args.file_format,
-                                   captions_per_shape=args.captions_per_shape)
+        index_path = write_dataset(
+            args.out,
+            args.num_shapes,
+            args.seed,
+            categories,
+            args.file_format,
+            captions_per_shape=args.captions_per_shape,
+        )
     except ValueError as error:
         parser.error(str(error))
     counts = Counter(json.loads(line)["category"] for line in index_path.read_text().splitlines())

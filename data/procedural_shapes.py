@@ -40,8 +40,13 @@ def _rotation_z_to(direction: np.ndarray) -> np.ndarray:
     return np.eye(3) + skew + skew @ skew / (1.0 + cos_angle)
 
 
-def rod(p0: Sequence[float], p1: Sequence[float], radius: float, radius_top: float | None = None,
-        segments: int = 20) -> Manifold:
+def rod(
+    p0: Sequence[float],
+    p1: Sequence[float],
+    radius: float,
+    radius_top: float | None = None,
+    segments: int = 20,
+) -> Manifold:
     """Cylinder (or cone frustum) from ``p0`` to ``p1``."""
     start, end = np.asarray(p0, dtype=float), np.asarray(p1, dtype=float)
     length = float(np.linalg.norm(end - start))
@@ -91,7 +96,9 @@ def build_chair(rng: np.random.Generator) -> tuple[Manifold, Params]:
         for sy in (-1, 1):
             leg_top = top if sy > 0 else seat_height - seat_thick / 2  # rear legs run up as back posts
             if leg_shape == "round":
-                parts.append(rod((sx * x_leg, sy * y_leg, 0), (sx * x_leg, sy * y_leg, leg_top), leg_thick / 2))
+                parts.append(
+                    rod((sx * x_leg, sy * y_leg, 0), (sx * x_leg, sy * y_leg, leg_top), leg_thick / 2)
+                )
             else:
                 parts.append(box((leg_thick, leg_thick, leg_top), (sx * x_leg, sy * y_leg, leg_top / 2)))
     back_y = depth / 2 - 0.02
@@ -107,9 +114,16 @@ def build_chair(rng: np.random.Generator) -> tuple[Manifold, Params]:
             x = sx * (width / 2 - 0.02)
             parts.append(box((0.03, 0.03, 0.22), (x, -depth / 2 + 0.04, seat_height + 0.11)))
             parts.append(box((0.05, depth, 0.03), (x, 0, seat_height + 0.22)))
-    return union(parts), {"seat_width": width, "seat_depth": depth, "seat_height": seat_height,
-                          "back_height": back_height, "leg_thickness": leg_thick, "leg_shape": leg_shape,
-                          "back_style": back_style, "armrests": armrests}
+    return union(parts), {
+        "seat_width": width,
+        "seat_depth": depth,
+        "seat_height": seat_height,
+        "back_height": back_height,
+        "leg_thickness": leg_thick,
+        "leg_shape": leg_shape,
+        "back_style": back_style,
+        "armrests": armrests,
+    }
 
 
 def build_table(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -138,8 +152,15 @@ def build_table(rng: np.random.Generator) -> tuple[Manifold, Params]:
                 x = sx * (inset if inset else width / 2 - 0.06)
                 y = sy * (inset if inset else depth / 2 - 0.06)
                 parts.append(box((leg_thick, leg_thick, height), (x, y, height / 2)))
-    return union(parts), {"style": style, "height": height, "top_shape": top_shape, "width": width,
-                          "depth": depth, "top_thickness": top_thick, "support": support}
+    return union(parts), {
+        "style": style,
+        "height": height,
+        "top_shape": top_shape,
+        "width": width,
+        "depth": depth,
+        "top_thickness": top_thick,
+        "support": support,
+    }
 
 
 def build_stool(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -160,8 +181,13 @@ def build_stool(rng: np.random.Generator) -> tuple[Manifold, Params]:
         ring = [f + (t - f) * 0.3 for f, t in zip(feet, tops)]
         for k in range(num_legs):
             parts.append(rod(ring[k], ring[(k + 1) % num_legs], leg_radius * 0.7))
-    return union(parts), {"seat_radius": seat_radius, "height": height, "num_legs": num_legs,
-                          "leg_radius": leg_radius, "footrest": footrest}
+    return union(parts), {
+        "seat_radius": seat_radius,
+        "height": height,
+        "num_legs": num_legs,
+        "leg_radius": leg_radius,
+        "footrest": footrest,
+    }
 
 
 def build_shelf(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -174,8 +200,13 @@ def build_shelf(rng: np.random.Generator) -> tuple[Manifold, Params]:
         parts.append(box((width, depth, board), (0, 0, z)))
     if back_panel:
         parts.append(box((width, 0.012, height), (0, depth / 2 - 0.006, height / 2)))
-    return union(parts), {"width": width, "height": height, "depth": depth, "num_shelves": num_shelves,
-                          "back_panel": back_panel}
+    return union(parts), {
+        "width": width,
+        "height": height,
+        "depth": depth,
+        "num_shelves": num_shelves,
+        "back_panel": back_panel,
+    }
 
 
 def build_bed(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -188,22 +219,34 @@ def build_bed(rng: np.random.Generator) -> tuple[Manifold, Params]:
     num_pillows = 1 if size == "single" else 2
     z_frame = leg_height + frame
     z_mattress = z_frame + mattress
-    parts = [box((width, length, frame), (0, 0, leg_height + frame / 2)),
-             box((width - 0.06, length - 0.1, mattress), (0, -0.02, z_frame + mattress / 2)),
-             box((width + 0.06, 0.06, z_mattress + headboard), (0, length / 2, (z_mattress + headboard) / 2))]
+    parts = [
+        box((width, length, frame), (0, 0, leg_height + frame / 2)),
+        box((width - 0.06, length - 0.1, mattress), (0, -0.02, z_frame + mattress / 2)),
+        box((width + 0.06, 0.06, z_mattress + headboard), (0, length / 2, (z_mattress + headboard) / 2)),
+    ]
     if footboard:
         foot_height = z_mattress + uniform(rng, 0.08, 0.25)
         parts.append(box((width + 0.06, 0.05, foot_height), (0, -length / 2, foot_height / 2)))
     for sx in (-1, 1):
         for sy in (-1, 1):
-            parts.append(box((0.06, 0.06, leg_height + 0.01), (sx * (width / 2 - 0.05), sy * (length / 2 - 0.05),
-                                                               (leg_height + 0.01) / 2)))
+            parts.append(
+                box(
+                    (0.06, 0.06, leg_height + 0.01),
+                    (sx * (width / 2 - 0.05), sy * (length / 2 - 0.05), (leg_height + 0.01) / 2),
+                )
+            )
     pillow_width = (width - 0.2) / num_pillows
     for k in range(num_pillows):
         x = -width / 2 + 0.1 + pillow_width * (k + 0.5)
         parts.append(box((pillow_width - 0.06, 0.35, 0.1), (x, length / 2 - 0.3, z_mattress + 0.04)))
-    return union(parts), {"size": size, "width": width, "length": length, "headboard_height": headboard,
-                          "footboard": footboard, "num_pillows": num_pillows}
+    return union(parts), {
+        "size": size,
+        "width": width,
+        "length": length,
+        "headboard_height": headboard,
+        "footboard": footboard,
+        "num_pillows": num_pillows,
+    }
 
 
 def build_lamp(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -226,10 +269,25 @@ def build_lamp(rng: np.random.Generator) -> tuple[Manifold, Params]:
     parts.append(rod((0, 0, 0.02), (0, 0, shade_z + shade_height - wall / 2), pole_radius))
     # A bell: closed top (the pole holds it there), open bottom.
     zb, zt = shade_z, shade_z + shade_height
-    parts.append(revolve([(0, zt), (0, zt - wall), (shade_top - wall, zt - wall), (shade_bottom - wall, zb),
-                          (shade_bottom, zb), (shade_top, zt)]))
-    return union(parts), {"kind": kind, "height": zt, "base_shape": base_shape, "shade_shape": shade_shape,
-                          "shade_radius": shade_bottom}
+    parts.append(
+        revolve(
+            [
+                (0, zt),
+                (0, zt - wall),
+                (shade_top - wall, zt - wall),
+                (shade_bottom - wall, zb),
+                (shade_bottom, zb),
+                (shade_top, zt),
+            ]
+        )
+    )
+    return union(parts), {
+        "kind": kind,
+        "height": zt,
+        "base_shape": base_shape,
+        "shade_shape": shade_shape,
+        "shade_radius": shade_bottom,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- vessels
@@ -237,23 +295,34 @@ def build_mug(rng: np.random.Generator) -> tuple[Manifold, Params]:
     radius, height = uniform(rng, 0.038, 0.055), uniform(rng, 0.075, 0.12)
     wall = uniform(rng, 0.005, 0.009)
     handle_shape = str(rng.choice(["round", "square"]))
-    body = revolve([(0, 0), (radius, 0), (radius, height), (radius - wall, height), (radius - wall, 0.008),
-                    (0, 0.008)])
+    body = revolve(
+        [(0, 0), (radius, 0), (radius, height), (radius - wall, height), (radius - wall, 0.008), (0, 0.008)]
+    )
     grip = height * uniform(rng, 0.3, 0.38)  # half the handle's inner height
     thick = uniform(rng, 0.006, 0.009)
     if handle_shape == "round":
-        ring = revolve([(grip + thick * np.cos(a), thick * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 16)[:-1]],
-                       segments=32)
+        ring = revolve(
+            [(grip + thick * np.cos(a), thick * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 16)[:-1]],
+            segments=32,
+        )
         handle = ring.rotate((90.0, 0.0, 0.0)).translate((radius, 0.0, height / 2))
     else:
         reach = grip * 1.1
-        handle = union([box((reach + wall, thick * 2, thick * 2), (radius + reach / 2, 0, height / 2 + grip)),
-                        box((reach + wall, thick * 2, thick * 2), (radius + reach / 2, 0, height / 2 - grip)),
-                        box((thick * 2, thick * 2, 2 * grip + thick * 2), (radius + reach, 0, height / 2))])
+        handle = union(
+            [
+                box((reach + wall, thick * 2, thick * 2), (radius + reach / 2, 0, height / 2 + grip)),
+                box((reach + wall, thick * 2, thick * 2), (radius + reach / 2, 0, height / 2 - grip)),
+                box((thick * 2, thick * 2, 2 * grip + thick * 2), (radius + reach, 0, height / 2)),
+            ]
+        )
     # Cut the handle back to the outer wall so nothing pokes into the cavity.
     handle = handle - rod((0, 0, -0.01), (0, 0, height + 0.01), radius - wall / 2, segments=40)
-    return union([body, handle]), {"radius": radius, "height": height, "wall": wall,
-                                   "handle_shape": handle_shape}
+    return union([body, handle]), {
+        "radius": radius,
+        "height": height,
+        "wall": wall,
+        "handle_shape": handle_shape,
+    }
 
 
 def build_bottle(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -263,16 +332,28 @@ def build_bottle(rng: np.random.Generator) -> tuple[Manifold, Params]:
     cap = bool(rng.random() < 0.7)
     shoulder_t = np.linspace(0, 1, 8)
     profile = [(0.0, 0.0), (radius, 0.0)]
-    profile += [(neck_radius + (radius - neck_radius) * np.cos(t * np.pi / 2), body_height + shoulder * t)
-                for t in shoulder_t]
+    profile += [
+        (neck_radius + (radius - neck_radius) * np.cos(t * np.pi / 2), body_height + shoulder * t)
+        for t in shoulder_t
+    ]
     top = body_height + shoulder + neck_length
-    profile += [(neck_radius, top - 0.008), (neck_radius * 1.18, top - 0.006), (neck_radius * 1.18, top),
-                (0.0, top)]
+    profile += [
+        (neck_radius, top - 0.008),
+        (neck_radius * 1.18, top - 0.006),
+        (neck_radius * 1.18, top),
+        (0.0, top),
+    ]
     parts = [revolve(profile)]
     if cap:
         parts.append(rod((0, 0, top - 0.018), (0, 0, top + 0.008), neck_radius * 1.3, segments=32))
-    return union(parts), {"radius": radius, "body_height": body_height, "neck_length": neck_length,
-                          "neck_radius": neck_radius, "cap": cap, "height": top + (0.008 if cap else 0.0)}
+    return union(parts), {
+        "radius": radius,
+        "body_height": body_height,
+        "neck_length": neck_length,
+        "neck_radius": neck_radius,
+        "cap": cap,
+        "height": top + (0.008 if cap else 0.0),
+    }
 
 
 def build_vase(rng: np.random.Generator) -> tuple[Manifold, Params]:
@@ -294,12 +375,22 @@ def build_vase(rng: np.random.Generator) -> tuple[Manifold, Params]:
     inner[:, 0] -= wall
     inner = inner[inner[:, 1] >= floor]
     profile = [(0.0, 0.0), *outer.tolist(), *inner.tolist(), (inner[-1, 0], floor), (0.0, floor)]
-    return revolve(profile, segments=48), {"style": style, "height": height,
-                                           "max_radius": float(outer[:, 0].max()),
-                                           "rim_radius": float(outer[-1, 0])}
+    return revolve(profile, segments=48), {
+        "style": style,
+        "height": height,
+        "max_radius": float(outer[:, 0].max()),
+        "rim_radius": float(outer[-1, 0]),
+    }
 
 
 FURNITURE_AND_VESSELS: dict[str, Builder] = {
-    "chair": build_chair, "table": build_table, "stool": build_stool, "shelf": build_shelf, "bed": build_bed,
-    "lamp": build_lamp, "mug": build_mug, "bottle": build_bottle, "vase": build_vase,
+    "chair": build_chair,
+    "table": build_table,
+    "stool": build_stool,
+    "shelf": build_shelf,
+    "bed": build_bed,
+    "lamp": build_lamp,
+    "mug": build_mug,
+    "bottle": build_bottle,
+    "vase": build_vase,
 }

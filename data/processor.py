@@ -1,9 +1,9 @@
 """``MeshProcessor``: the user-facing facade over loading, remeshing, sampling and supervision.
 
-    from data import MeshProcessor
-    processor = MeshProcessor(epsilon=2/256)
-    mesh = processor.load_mesh("chair.obj")
-    point_cloud = processor.sample_points(mesh, n_uniform=4096, n_salient=512)
+from data import MeshProcessor
+processor = MeshProcessor(epsilon=2/256)
+mesh = processor.load_mesh("chair.obj")
+point_cloud = processor.sample_points(mesh, n_uniform=4096, n_salient=512)
 """
 
 from __future__ import annotations
@@ -211,7 +211,9 @@ def decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
 
     target_reduction = 1.0 - max_faces / len(mesh.faces)
     vertices, faces = fast_simplification.simplify(
-        np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int32), target_reduction=target_reduction
+        np.asarray(mesh.vertices, np.float32),
+        np.asarray(mesh.faces, np.int32),
+        target_reduction=target_reduction,
     )
     if len(faces) == 0:
         raise MeshError(mesh.metadata.get("source", "<mesh>"), "decimation of a huge mesh left no faces")

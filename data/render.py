@@ -50,7 +50,9 @@ def _rasterise(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> np.nd
     return _rasterise_with_depth(x, y, z, width)[0]
 
 
-def _rasterise_with_depth(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _rasterise_with_depth(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`_rasterise`, plus the depth per pixel (W*W,) (larger = nearer the viewer, -inf = none)."""
     zbuffer = np.full(width * width, -np.inf)
     face_buffer = np.full(width * width, -1, dtype=np.int64)
@@ -72,14 +74,18 @@ def _rasterise_with_depth(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: in
         faces = np.flatnonzero(buckets == bucket)
         chunk = max(1, _FRAGMENT_BUDGET // (box_w * box_h))
         for start in range(0, len(faces), chunk):
-            f = faces[start:start + chunk]
+            f = faces[start : start + chunk]
             px = x0[f, None] + offset_x[None]  # (n, S)
             py = y0[f, None] + offset_y[None]  # (n, S)
             cx, cy = px + 0.5, py + 0.5
             fx, fy, fz, fa = x[f], y[f], z[f], area[f, None]
             # Barycentric weights from the edge functions, normalised by the signed area (either winding).
-            w0 = ((fx[:, 2:3] - fx[:, 1:2]) * (cy - fy[:, 1:2]) - (fy[:, 2:3] - fy[:, 1:2]) * (cx - fx[:, 1:2])) / fa
-            w1 = ((fx[:, 0:1] - fx[:, 2:3]) * (cy - fy[:, 2:3]) - (fy[:, 0:1] - fy[:, 2:3]) * (cx - fx[:, 2:3])) / fa
+            w0 = (
+                (fx[:, 2:3] - fx[:, 1:2]) * (cy - fy[:, 1:2]) - (fy[:, 2:3] - fy[:, 1:2]) * (cx - fx[:, 1:2])
+            ) / fa
+            w1 = (
+                (fx[:, 0:1] - fx[:, 2:3]) * (cy - fy[:, 2:3]) - (fy[:, 0:1] - fy[:, 2:3]) * (cx - fx[:, 2:3])
+            ) / fa
             w2 = 1.0 - w0 - w1
             inside = (px <= x1[f, None]) & (py <= y1[f, None]) & (w0 >= -1e-7) & (w1 >= -1e-7) & (w2 >= -1e-7)
             rows, cols = np.nonzero(inside)
@@ -98,8 +104,9 @@ def _rasterise_with_depth(x: np.ndarray, y: np.ndarray, z: np.ndarray, width: in
     return face_buffer, zbuffer
 
 
-def render_mesh_image(mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 45.0, size: int = 256,
-                      supersample: int = 2) -> np.ndarray:
+def render_mesh_image(
+    mesh: trimesh.Trimesh, elev: float = 30.0, azim: float = 45.0, size: int = 256, supersample: int = 2
+) -> np.ndarray:
     """(size, size, 3) uint8 view of ``mesh`` from (elev, azim) degrees, fitted to the frame; white background.
 
     Flat Lambert shading, two-sided (generated meshes may have flipped faces), a slight depth cue so parts in
@@ -170,8 +177,9 @@ class NormalMap:
         return 2.0 * self.half_width / self.depth.shape[0]
 
 
-def project_points(points: np.ndarray, elev: float, azim: float, resolution: int,
-                   half_width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project_points(
+    points: np.ndarray, elev: float, azim: float, resolution: int, half_width: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(column, row, depth) of world points (N, 3) in a fixed frame centred on the origin; columns and rows are
     continuous pixel coordinates (pixel (r, c) spans [c, c + 1) x [r, r + 1)), depth larger = nearer."""
     right, up, toward = _camera_basis(elev, azim)
@@ -180,8 +188,13 @@ def project_points(points: np.ndarray, elev: float, azim: float, resolution: int
     return resolution / 2 + points @ right * scale, resolution / 2 - points @ up * scale, points @ toward
 
 
-def render_normal_map(mesh: trimesh.Trimesh, elev: float, azim: float, resolution: int = 512,
-                      half_width: float = 1.05 * math.sqrt(3.0)) -> NormalMap:
+def render_normal_map(
+    mesh: trimesh.Trimesh,
+    elev: float,
+    azim: float,
+    resolution: int = 512,
+    half_width: float = 1.05 * math.sqrt(3.0),
+) -> NormalMap:
     """Normal map of ``mesh`` from (elev, azim) degrees at ``resolution`` px, one sample per pixel centre.
 
     The frame is fixed: the origin at the centre, ``half_width`` world units to each border (the default holds
@@ -200,7 +213,9 @@ def render_normal_map(mesh: trimesh.Trimesh, elev: float, azim: float, resolutio
     corners = vertices[faces]  # (F, 3, 3)
     face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # (F, 3)
     face_normals /= np.maximum(np.linalg.norm(face_normals, axis=1, keepdims=True), 1e-20)
-    camera_normals = np.stack([face_normals @ right, face_normals @ up, face_normals @ toward], axis=1)  # (F, 3)
+    camera_normals = np.stack(
+        [face_normals @ right, face_normals @ up, face_normals @ toward], axis=1
+    )  # (F, 3)
     camera_normals *= np.where(camera_normals[:, 2:3] < 0, -1.0, 1.0)  # facing the viewer
     covered = face_ids >= 0  # (R*R,)
     flat_normals = normals.reshape(-1, 3)
@@ -217,7 +232,9 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, max_lines: int
+) -> list[str]:
     lines: list[str] = []
     for word in text.split():
         if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
@@ -236,8 +253,13 @@ def _tile(mesh: trimesh.Trimesh, elev: float, azim: float, size: int) -> Image.I
     if len(mesh.faces) == 0:
         draw = ImageDraw.Draw(tile)
         draw.rectangle([0, 0, size - 1, size - 1], outline=(200, 200, 200))
-        draw.text((size / 2, size / 2), "empty mesh", fill=(150, 150, 150), font=_font(max(10, size // 14)),
-                  anchor="mm")
+        draw.text(
+            (size / 2, size / 2),
+            "empty mesh",
+            fill=(150, 150, 150),
+            font=_font(max(10, size // 14)),
+            anchor="mm",
+        )
     return tile
 
 
@@ -253,9 +275,13 @@ def _caption_strip(text: str, width: int, font_size: int, max_lines: int) -> Ima
     return strip
 
 
-def render_mesh_png(mesh: trimesh.Trimesh, path: str | Path,
-                    views: Sequence[tuple[float, float]] = ((30, 45), (30, 135), (90, 0)), size: int = 256,
-                    title: str | None = None) -> Path:
+def render_mesh_png(
+    mesh: trimesh.Trimesh,
+    path: str | Path,
+    views: Sequence[tuple[float, float]] = ((30, 45), (30, 135), (90, 0)),
+    size: int = 256,
+    title: str | None = None,
+) -> Path:
     """Several (elev, azim) views side by side, with an optional title above; returns the PNG path."""
     if not views:
         raise ValueError("render_mesh_png needs at least one (elev, azim) view")
@@ -273,8 +299,14 @@ def render_mesh_png(mesh: trimesh.Trimesh, path: str | Path,
     return path
 
 
-def render_grid_png(meshes: Sequence[trimesh.Trimesh], path: str | Path, titles: Sequence[str] | None = None,
-                    columns: int = 4, size: int = 256, view: tuple[float, float] = (25, 40)) -> Path:
+def render_grid_png(
+    meshes: Sequence[trimesh.Trimesh],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    columns: int = 4,
+    size: int = 256,
+    view: tuple[float, float] = (25, 40),
+) -> Path:
     """A grid of meshes, one view each, with each title wrapped under its tile; returns the PNG path."""
     if len(meshes) == 0:
         raise ValueError("render_grid_png needs at least one mesh")

@@ -140,7 +140,9 @@ def farthest_point_sampling(points: np.ndarray, count: int, seed: int = 0) -> np
         return np.zeros(0, np.int64)
     start = int(np.random.default_rng(seed).integers(total))
     height = 5 if total < 100_000 else 7  # bucket size 2**h, as fpsample's docs advise for the workload
-    index = fpsample.bucket_fps_kdline_sampling(np.ascontiguousarray(points[:, :3]), count, h=height, start_idx=start)
+    index = fpsample.bucket_fps_kdline_sampling(
+        np.ascontiguousarray(points[:, :3]), count, h=height, start_idx=start
+    )
     return np.asarray(index, dtype=np.int64)
 
 
@@ -212,7 +214,9 @@ def project_to_surface(
 
     vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float64)
     faces = np.ascontiguousarray(mesh.faces, dtype=np.int32)
-    _, face_index, barycentric = pcu.closest_points_on_mesh(np.ascontiguousarray(points, np.float64), vertices, faces)
+    _, face_index, barycentric = pcu.closest_points_on_mesh(
+        np.ascontiguousarray(points, np.float64), vertices, faces
+    )
     projected = pcu.interpolate_barycentric_coords(faces, face_index, barycentric, vertices)
     face_normals = mesh.face_normals[face_index]
     agree = np.einsum("ij,ij->i", face_normals, normals) > 0

@@ -58,7 +58,9 @@ def sample_query_points(
     points when the point cloud has no salient points."""
     volume = rng.uniform(-bounds, bounds, size=(n_volume, 3)).astype(np.float32)
     near = _around(point_cloud.uniform_points, n_near, uniform_scales, rng)
-    salient_source = point_cloud.salient_points if len(point_cloud.salient_points) else point_cloud.uniform_points
+    salient_source = (
+        point_cloud.salient_points if len(point_cloud.salient_points) else point_cloud.uniform_points
+    )
     sharp = _around(salient_source, n_sharp, salient_scales, rng)
     points = np.concatenate([volume, near, sharp]).astype(np.float32)
     group = np.concatenate(
@@ -113,8 +115,14 @@ def sample_supervision(
     ``near_noise_scales`` / ``sharp_noise_scales``: Gaussian noise sigmas of the two near-surface groups."""
     rng = np.random.default_rng(seed)
     points, group = sample_query_points(
-        point_cloud, n_volume, n_near, n_sharp, rng, bounds=bounds,
-        uniform_scales=near_noise_scales, salient_scales=sharp_noise_scales,
+        point_cloud,
+        n_volume,
+        n_near,
+        n_sharp,
+        rng,
+        bounds=bounds,
+        uniform_scales=near_noise_scales,
+        salient_scales=sharp_noise_scales,
     )
     occupancy, tsdf, _ = label_points(mesh, points, truncation)
     return Supervision(points=points, occupancy=occupancy, tsdf=tsdf, group=group)

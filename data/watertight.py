@@ -21,7 +21,9 @@ from skimage import measure
 
 from data.mesh_io import MeshError
 
-_BAND = 2  # voxels of dilation around the surface cells: covers grid points within ~2 * spacing of the surface
+_BAND = (
+    2  # voxels of dilation around the surface cells: covers grid points within ~2 * spacing of the surface
+)
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -33,7 +33,9 @@ class SamplingState:
     """What one denoising step reads and writes; a step callback may replace any field."""
 
     latents: torch.Tensor  # (B, N, C)
-    conditioning: TextEmbeddings  # (B', L, D), (B', L), (B', P) with B' = 2B under guidance, unconditional first
+    conditioning: (
+        TextEmbeddings  # (B', L, D), (B', L), (B', P) with B' = 2B under guidance, unconditional first
+    )
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -66,7 +68,9 @@ def encode_prompts(
         texts = negatives + texts
     hidden, mask, pooled = text_encoder.encode(texts, device=device)  # (B', L, D), (B', L), (B', P)
     # Each prompt's rows stay together: shape s of prompt p is row p*S + s.
-    return TextEmbeddings(*(tensor.repeat_interleave(num_per_prompt, dim=0) for tensor in (hidden, mask, pooled)))
+    return TextEmbeddings(
+        *(tensor.repeat_interleave(num_per_prompt, dim=0) for tensor in (hidden, mask, pooled))
+    )
 
 
 def initial_noise(
@@ -79,12 +83,17 @@ def initial_noise(
 ) -> torch.Tensor:
     """Pure noise at sigma = 1, (B, N, C); a list of generators must have one per row."""
     if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"got a list of {len(generator)} generators but the effective batch size is {batch_size}")
+        raise ValueError(
+            f"got a list of {len(generator)} generators but the effective batch size is {batch_size}"
+        )
     return randn_tensor((batch_size, num_tokens, channels), generator=generator, device=device, dtype=dtype)
 
 
 def sampling_timesteps(
-    scheduler: FlowMatchEulerDiscreteScheduler, num_inference_steps: int, num_tokens: int, device: torch.device | str
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    num_inference_steps: int,
+    num_tokens: int,
+    device: torch.device | str,
 ) -> torch.Tensor:
     """Set and return the scheduler's timesteps (sigma * 1000, from 1 down). A dynamic-shifting scheduler gets
     its shift ``mu`` from the token count."""
@@ -137,7 +146,9 @@ def guided_sample(
             if guidance:
                 velocity_uncond, velocity_text = velocity.chunk(2)  # (B, N, C) each
                 velocity = velocity_uncond + guidance_scale * (velocity_text - velocity_uncond)
-            state.latents = scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]  # (B, N, C)
+            state.latents = scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[
+                0
+            ]  # (B, N, C)
             if on_step is not None:
                 on_step(index, t, state)
     finally:
@@ -190,7 +201,8 @@ def sample_latents(
         if uncond.hidden_states.shape[0] == 1:
             uncond = TextEmbeddings(*(tensor.expand(batch_size, *tensor.shape[1:]) for tensor in uncond))
         conditioning = _merge_embeddings(uncond, conditioning)  # (2B, ...): unconditional first
-    latents = initial_noise(batch_size, num_tokens, in_channels or model.config.in_channels, dtype, device,
-                            generator)  # (B, N, C)
+    latents = initial_noise(
+        batch_size, num_tokens, in_channels or model.config.in_channels, dtype, device, generator
+    )  # (B, N, C)
     timesteps = sampling_timesteps(scheduler, num_steps, num_tokens, device)
     return guided_sample(model, scheduler, SamplingState(latents, conditioning), timesteps, guidance_scale)

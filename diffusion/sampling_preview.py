@@ -58,7 +58,9 @@ def sample_preview_latents(
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     text = encode_prompts(text_encoder, prompts, guidance=uses_guidance(guidance_scale), device=device)
     generator = torch.Generator(device).manual_seed(seed)
-    latents = initial_noise(len(prompts), num_tokens, model.config.in_channels, dtype, device, generator)  # (P,N,C)
+    latents = initial_noise(
+        len(prompts), num_tokens, model.config.in_channels, dtype, device, generator
+    )  # (P,N,C)
     timesteps = sampling_timesteps(scheduler, num_inference_steps, num_tokens, device)
     state = SamplingState(latents, text.to(device, dtype))
     return guided_sample(model, scheduler, state, timesteps, guidance_scale, generator=generator)  # (P,N,C)
@@ -80,9 +82,13 @@ def render_preview(
     mesh_resolution: int = 64,
 ) -> dict[str, float]:
     """Sample one shape per prompt (fixed seed), write ``path`` (PNG grid) when a VAE is given; return stats."""
-    latents = sample_preview_latents(model, text_encoder, prompts, num_tokens, num_inference_steps, guidance_scale,
-                                     shift, seed)  # (P,N,C) normalised
-    metrics = {"sample/latent_std": float(latents.float().std()), "sample/latent_mean": float(latents.float().mean())}
+    latents = sample_preview_latents(
+        model, text_encoder, prompts, num_tokens, num_inference_steps, guidance_scale, shift, seed
+    )  # (P,N,C) normalised
+    metrics = {
+        "sample/latent_std": float(latents.float().std()),
+        "sample/latent_mean": float(latents.float().mean()),
+    }
     if vae is None:
         return metrics
     from data.marching import extract_mesh
@@ -93,7 +99,9 @@ def render_preview(
     for index, prompt in enumerate(prompts):
         try:
             # one shape per decode: a DecodedLatents field queries every shape of its batch at each call
-            mesh = extract_mesh(vae.decode(vae_latents[index : index + 1]).field(0), resolution=mesh_resolution)
+            mesh = extract_mesh(
+                vae.decode(vae_latents[index : index + 1]).field(0), resolution=mesh_resolution
+            )
         except Exception as error:  # a bad sample must not stop training: log it and leave the tile empty
             logger.warning("preview %r: mesh extraction failed: %s", prompt, error)
             mesh = None

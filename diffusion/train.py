@@ -52,38 +52,40 @@ logger = logging.getLogger("dora.train_dit")
 
 @dataclass
 class DataConfig:
-    shards: str = "runs/latents"   # latent cache folder (manifest.json + shards) or manifest URL; --shards wins
-    in_memory: bool = True         # read the whole cache once (small caches); false = stream resampled shards
-    batch_size: int = 32           # per process and micro-step
-    num_workers: int = 2           # streaming only: DataLoader workers
-    shuffle_buffer: int = 1000     # streaming only: samples in webdataset's shuffle buffer
+    shards: str = (
+        "runs/latents"  # latent cache folder (manifest.json + shards) or manifest URL; --shards wins
+    )
+    in_memory: bool = True  # read the whole cache once (small caches); false = stream resampled shards
+    batch_size: int = 32  # per process and micro-step
+    num_workers: int = 2  # streaming only: DataLoader workers
+    shuffle_buffer: int = 1000  # streaming only: samples in webdataset's shuffle buffer
 
 
 @dataclass
 class TrainingConfig(LoopConfig):
     """The ``training:`` section: the core's keys (optimizer, precision, EMA, checkpoints, ...) + the objective."""
 
-    max_steps: int = 2000                # optimizer steps
+    max_steps: int = 2000  # optimizer steps
     learning_rate: float = 3e-4
     use_ema: bool = True
     gradient_checkpointing: bool = False
-    caption_dropout: float = 0.1         # per-sample probability of training on "" (classifier-free guidance)
-    timestep_sampling: str = "logit_normal"   # logit_normal | mode | uniform (diffusers.training_utils)
+    caption_dropout: float = 0.1  # per-sample probability of training on "" (classifier-free guidance)
+    timestep_sampling: str = "logit_normal"  # logit_normal | mode | uniform (diffusers.training_utils)
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    scheduler_shift: float = 1.0         # FlowMatchEulerDiscreteScheduler shift, used in training and exported
-    loss_weighting: str = "none"         # none | sigma_sqrt | cosmap (diffusers' SD3 weightings)
+    scheduler_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, used in training and exported
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' SD3 weightings)
     text_max_length: int = 77
 
 
 @dataclass
 class SamplingConfig:
-    every_steps: int = 0                 # preview every N steps (0 = only at the end)
-    final: bool = True                   # preview after training
-    prompts: list[str] = field(default_factory=list)   # empty = the first prompt of num_prompts categories
+    every_steps: int = 0  # preview every N steps (0 = only at the end)
+    final: bool = True  # preview after training
+    prompts: list[str] = field(default_factory=list)  # empty = the first prompt of num_prompts categories
     num_prompts: int = 8
-    num_tokens: int | None = None        # None = the schedule's largest token count
+    num_tokens: int | None = None  # None = the schedule's largest token count
     num_inference_steps: int = 25
     guidance_scale: float = 4.0
     mesh_resolution: int = 64
@@ -92,44 +94,62 @@ class SamplingConfig:
 
 @dataclass
 class DiTTrainConfig:
-    text_encoder: str = DEFAULT_TEXT_ENCODER            # TextEncoder.from_name argument (frozen)
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # TextEncoder.from_name argument (frozen)
     model: dict[str, Any] = field(default_factory=dict)  # passed unchanged to ShapeDiT(**model)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    init_from: str | None = None         # fine-tune a trained DiT folder (diffusion/finetune.py); --init-from
-    init_from_sha256: dict[str, str] | None = None   # recorded by the run: sha256 of that folder's weight files
-    lora: LoraConfig = field(default_factory=LoraConfig)   # rank > 0: train LoRA adapters only (needs init_from)
+    init_from: str | None = None  # fine-tune a trained DiT folder (diffusion/finetune.py); --init-from
+    init_from_sha256: dict[str, str] | None = (
+        None  # recorded by the run: sha256 of that folder's weight files
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig
+    )  # rank > 0: train LoRA adapters only (needs init_from)
 
 
 @dataclass
 class TrainResult:
     summary: dict[str, Any]
-    model: torch.nn.Module                # the trained (non-EMA) replica of this process
+    model: torch.nn.Module  # the trained (non-EMA) replica of this process
     ema: Any | None
 
 
-def check_compatibility(model_config: Any, manifest: dict[str, Any], encoder: Any, schedule: TokenSchedule,
-                        shards: str) -> None:
+def check_compatibility(
+    model_config: Any, manifest: dict[str, Any], encoder: Any, schedule: TokenSchedule, shards: str
+) -> None:
     """Clear errors for a DiT config that cannot train on this cache / with this text encoder."""
     channels = manifest.get("latent_channels") or len(manifest["stats"]["mean"])
     if model_config.in_channels != channels:
-        raise ValueError(f"{shards}: cached latents have {channels} channels but model.in_channels is "
-                         f"{model_config.in_channels}; set model.in_channels: {channels} in the DiT config")
+        raise ValueError(
+            f"{shards}: cached latents have {channels} channels but model.in_channels is "
+            f"{model_config.in_channels}; set model.in_channels: {channels} in the DiT config"
+        )
     cached = manifest.get("num_tokens")
     if cached is not None and schedule.max_tokens > int(cached):
-        raise ValueError(f"{shards}: the token schedule asks for up to {schedule.max_tokens} tokens but only "
-                         f"{cached} are cached; lower schedule tokens or re-cache with --num-tokens")
+        raise ValueError(
+            f"{shards}: the token schedule asks for up to {schedule.max_tokens} tokens but only "
+            f"{cached} are cached; lower schedule tokens or re-cache with --num-tokens"
+        )
     if encoder.hidden_size != model_config.cross_attention_dim:
-        raise ValueError(f"text encoder gives {encoder.hidden_size}-d tokens but model.cross_attention_dim is "
-                         f"{model_config.cross_attention_dim}")
-    if model_config.pooled_projection_dim is not None and encoder.pooled_size != model_config.pooled_projection_dim:
-        raise ValueError(f"text encoder gives a {encoder.pooled_size}-d pooled vector but "
-                         f"model.pooled_projection_dim is {model_config.pooled_projection_dim}")
+        raise ValueError(
+            f"text encoder gives {encoder.hidden_size}-d tokens but model.cross_attention_dim is "
+            f"{model_config.cross_attention_dim}"
+        )
+    if (
+        model_config.pooled_projection_dim is not None
+        and encoder.pooled_size != model_config.pooled_projection_dim
+    ):
+        raise ValueError(
+            f"text encoder gives a {encoder.pooled_size}-d pooled vector but "
+            f"model.pooled_projection_dim is {model_config.pooled_projection_dim}"
+        )
 
 
-def export_final(model: Any, ema: Any, directory: Path, config: DiTTrainConfig, manifest: dict[str, Any]) -> None:
+def export_final(
+    model: Any, ema: Any, directory: Path, config: DiTTrainConfig, manifest: dict[str, Any]
+) -> None:
     """EMA weights via ``save_pretrained`` + run config + latent statistics + the scheduler, in one folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -142,15 +162,27 @@ def export_final(model: Any, ema: Any, directory: Path, config: DiTTrainConfig, 
         with ema_weights(model, ema):
             model.save_pretrained(str(directory))
     save_yaml(to_dict(config), directory / "run_config.yaml")
-    stats = {"stats": manifest["stats"], "latent_channels": manifest.get("latent_channels"),
-             "num_tokens": manifest.get("num_tokens"), "vae": manifest.get("vae", {}).get("path"),
-             "vae_sha256": manifest.get("vae", {}).get("weights_sha256"), "shards": manifest.get("base_url")}
+    stats = {
+        "stats": manifest["stats"],
+        "latent_channels": manifest.get("latent_channels"),
+        "num_tokens": manifest.get("num_tokens"),
+        "vae": manifest.get("vae", {}).get("path"),
+        "vae_sha256": manifest.get("vae", {}).get("weights_sha256"),
+        "shards": manifest.get("base_url"),
+    }
     (directory / "latent_stats.json").write_text(json.dumps(stats, indent=2))
-    FlowMatchEulerDiscreteScheduler(shift=config.training.scheduler_shift).save_pretrained(str(directory / "scheduler"))
+    FlowMatchEulerDiscreteScheduler(shift=config.training.scheduler_shift).save_pretrained(
+        str(directory / "scheduler")
+    )
 
 
-def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = None,
-          max_minutes: float | None = None, vae_dir: str | None = None) -> TrainResult:
+def train(
+    config: DiTTrainConfig,
+    output_dir: str | Path,
+    resume: str | None = None,
+    max_minutes: float | None = None,
+    vae_dir: str | None = None,
+) -> TrainResult:
     """Train, checkpoint, preview and export; returns the summary and this process's model."""
     from data.latent_shards import LatentStats, load_manifest
     from diffusion.finetune import build_dit, prepare_finetune, register_lora_checkpointing
@@ -208,8 +240,12 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
     model, _ = trainer.prepare(model)
     unwrapped, ema = trainer.unwrapped, trainer.ema
     if config.lora.rank > 0:
-        register_lora_checkpointing(accelerator, unwrapped)  # checkpoints hold the adapter, not the frozen base
-    resumed_from = trainer.resume(resume, check=lambda checkpoint: check_resume_provenance(checkpoint, config))
+        register_lora_checkpointing(
+            accelerator, unwrapped
+        )  # checkpoints hold the adapter, not the frozen base
+    resumed_from = trainer.resume(
+        resume, check=lambda checkpoint: check_resume_provenance(checkpoint, config)
+    )
     state = trainer.state
 
     def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -221,22 +257,43 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
                 yield in_memory.epoch_of(micro), in_memory.batch(micro, generator)
         else:
             seed = tcfg.seed * 1_009 + state["global_step"]
-            for batch in streaming_batches(dcfg.shards, schedule.max_tokens, stats, dcfg.batch_size, seed,
-                                           dcfg.shuffle_buffer, dcfg.num_workers):
+            for batch in streaming_batches(
+                dcfg.shards,
+                schedule.max_tokens,
+                stats,
+                dcfg.batch_size,
+                seed,
+                dcfg.shuffle_buffer,
+                dcfg.num_workers,
+            ):
                 yield 0, batch
 
-    def loss_step(batch: dict[str, Any], context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_step(
+        batch: dict[str, Any], context: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rectified flow on the FPS prefix of ``context.num_tokens`` tokens (a coarse cover of the shape)."""
         generator = context.generator
         latents = batch["latents"][:, : context.num_tokens].to(device)  # (B,k,C)
         noise = torch.randn(latents.shape, generator=generator, device=device)  # (B,k,C)
         sigmas, timesteps = sample_timesteps(
-            latents.shape[0], tcfg.timestep_sampling, generator, device, tcfg.logit_mean, tcfg.logit_std,
-            tcfg.mode_scale, tcfg.scheduler_shift)  # (B,), (B,)
+            latents.shape[0],
+            tcfg.timestep_sampling,
+            generator,
+            device,
+            tcfg.logit_mean,
+            tcfg.logit_std,
+            tcfg.mode_scale,
+            tcfg.scheduler_shift,
+        )  # (B,), (B,)
         text = captions(drop_captions(batch["caption"], tcfg.caption_dropout, generator))
-        prediction = model(add_noise(latents, noise, sigmas), timesteps, text.hidden_states,
-                           encoder_attention_mask=text.attention_mask,
-                           pooled_projections=text.pooled if use_pooled else None, return_dict=False)[0]
+        prediction = model(
+            add_noise(latents, noise, sigmas),
+            timesteps,
+            text.hidden_states,
+            encoder_attention_mask=text.attention_mask,
+            pooled_projections=text.pooled if use_pooled else None,
+            return_dict=False,
+        )[0]
         loss = flow_matching_loss(prediction, velocity_target(latents, noise), tcfg.loss_weighting, sigmas)
         return loss, {"loss": loss}
 
@@ -248,29 +305,59 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
             from vae.modeling_dora_vae import DoraVAE
 
             vae = DoraVAE.from_pretrained(vae_dir).to(device).eval()
-        logger.info("%d shapes, %d cached captions, %s on %s x%d, %d parameters", num_shapes, len(captions),
-                    trainer.precision, device.type, world, sum(p.numel() for p in unwrapped.parameters()))
+        logger.info(
+            "%d shapes, %d cached captions, %s on %s x%d, %d parameters",
+            num_shapes,
+            len(captions),
+            trainer.precision,
+            device.type,
+            world,
+            sum(p.numel() for p in unwrapped.parameters()),
+        )
 
     def preview(tag: str) -> None:
         if not prompts:
             return
         with ema_weights(unwrapped, ema):
             metrics = render_preview(
-                unwrapped, text_encoder, prompts, stats, output_dir / "samples" / f"{tag}.png",
-                scfg.num_tokens or schedule.max_tokens, scfg.num_inference_steps, scfg.guidance_scale,
-                tcfg.scheduler_shift, scfg.seed, vae, scfg.mesh_resolution)
+                unwrapped,
+                text_encoder,
+                prompts,
+                stats,
+                output_dir / "samples" / f"{tag}.png",
+                scfg.num_tokens or schedule.max_tokens,
+                scfg.num_inference_steps,
+                scfg.guidance_scale,
+                tcfg.scheduler_shift,
+                scfg.seed,
+                vae,
+                scfg.mesh_resolution,
+            )
         accelerator.log(metrics, step=state["global_step"])
 
-    trainer.fit(loss_step, batches, schedule, evaluate=lambda step: preview(f"step{step:07d}"),
-                evaluate_every=scfg.every_steps)
+    trainer.fit(
+        loss_step,
+        batches,
+        schedule,
+        evaluate=lambda step: preview(f"step{step:07d}"),
+        evaluate_every=scfg.every_steps,
+    )
 
     last_checkpoint = trainer.save_checkpoint()
     history = state["history"]["loss"]
-    summary = {"steps": state["global_step"], "micro_steps": state["micro_step"], "resumed_from_step": resumed_from,
-               "stopped_by_time": trainer.out_of_time, "minutes": trainer.minutes(),
-               "num_shapes": num_shapes, "num_processes": world, "cached_captions": len(captions),
-               "final_loss": history[-1][1] if history else None,
-               "checkpoint": str(last_checkpoint), "export": str(output_dir / "final")}
+    summary = {
+        "steps": state["global_step"],
+        "micro_steps": state["micro_step"],
+        "resumed_from_step": resumed_from,
+        "stopped_by_time": trainer.out_of_time,
+        "minutes": trainer.minutes(),
+        "num_shapes": num_shapes,
+        "num_processes": world,
+        "cached_captions": len(captions),
+        "final_loss": history[-1][1] if history else None,
+        "checkpoint": str(last_checkpoint),
+        "export": str(output_dir / "final"),
+    }
     if trainer.is_main_process:
         if scfg.final:
             preview(f"final_step{state['global_step']:07d}")
@@ -282,10 +369,19 @@ def train(config: DiTTrainConfig, output_dir: str | Path, resume: str | None = N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora train-dit", description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "dit", "configs/dit/small.yaml", "checkpoint, preview and export",
-                      "fine-tune: start from this trained DiT folder (e.g. an earlier run's final/)")
-    parser.add_argument("--shards", default=None, help="latent cache folder with manifest.json (overrides data.shards)")
-    parser.add_argument("--vae", default=None, help="DoraVAE folder: preview samples are decoded to meshes + PNG")
+    add_run_arguments(
+        parser,
+        "dit",
+        "configs/dit/small.yaml",
+        "checkpoint, preview and export",
+        "fine-tune: start from this trained DiT folder (e.g. an earlier run's final/)",
+    )
+    parser.add_argument(
+        "--shards", default=None, help="latent cache folder with manifest.json (overrides data.shards)"
+    )
+    parser.add_argument(
+        "--vae", default=None, help="DoraVAE folder: preview samples are decoded to meshes + PNG"
+    )
     return parser
 
 

@@ -41,8 +41,14 @@ class CaptionEmbeddingCache:
     cache with very many distinct captions (the cache is simply cleared when full).
     """
 
-    def __init__(self, encoder: TextEncoder, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64, max_entries: int = 200_000) -> None:
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 64,
+        max_entries: int = 200_000,
+    ) -> None:
         self.encoder, self.device, self.dtype = encoder, torch.device(device), dtype
         self.batch_size, self.max_entries = batch_size, max_entries
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -70,7 +76,9 @@ class CaptionEmbeddingCache:
         items = [self.entries[caption] for caption in captions]
         length = max(hidden.shape[0] for hidden, _ in items)
         width = items[0][0].shape[1]
-        hidden_states = torch.zeros(len(items), length, width, device=self.device, dtype=self.dtype)  # (B,L,D)
+        hidden_states = torch.zeros(
+            len(items), length, width, device=self.device, dtype=self.dtype
+        )  # (B,L,D)
         attention_mask = torch.zeros(len(items), length, device=self.device, dtype=torch.long)  # (B,L)
         for index, (hidden, _) in enumerate(items):
             hidden_states[index, : hidden.shape[0]] = hidden
@@ -97,8 +105,15 @@ def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -
     """Read every sample of a latent cache (all views) through the real shard reader, sorted by shape id."""
     views: dict[str, dict[int, torch.Tensor]] = {}
     metas: dict[str, dict[str, Any]] = {}
-    dataset = LatentShardDataset(source, num_tokens=num_tokens, stats=stats, shuffle_buffer=0,
-                                 shardshuffle=False, split_by_node=False, view=0)
+    dataset = LatentShardDataset(
+        source,
+        num_tokens=num_tokens,
+        stats=stats,
+        shuffle_buffer=0,
+        shardshuffle=False,
+        split_by_node=False,
+        view=0,
+    )
     num_views = int((dataset.manifest or {}).get("num_views", 1) or 1)
     for view in range(num_views):
         dataset.view = view
@@ -108,12 +123,16 @@ def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -
     if not views:
         raise ValueError(f"latent cache {source} holds no samples")
     shape_ids = sorted(views)
-    latents = torch.stack([torch.stack([views[i][v] for v in range(num_views)]) for i in shape_ids])  # (S,V,N,C)
+    latents = torch.stack(
+        [torch.stack([views[i][v] for v in range(num_views)]) for i in shape_ids]
+    )  # (S,V,N,C)
     captions = []
     for shape_id in shape_ids:
         found = [c for c in (metas[shape_id].get("captions") or []) if isinstance(c, str) and c.strip()]
         if not found:
-            logger.warning("latent cache %s: shape %s has no caption; it trains as unconditional", source, shape_id)
+            logger.warning(
+                "latent cache %s: shape %s has no caption; it trains as unconditional", source, shape_id
+            )
         captions.append(found or [""])
     categories = [metas[shape_id].get("category") for shape_id in shape_ids]
     return LatentTable(latents, captions, shape_ids, categories)
@@ -131,8 +150,11 @@ class InMemoryBatches:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(len(self.table), generator=torch.Generator().manual_seed(
-                self.seed * 100_003 + epoch))}
+            self._orders = {
+                epoch: torch.randperm(
+                    len(self.table), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                )
+            }
         return self._orders[epoch]
 
     def epoch_of(self, micro_step: int) -> int:
@@ -150,17 +172,32 @@ class InMemoryBatches:
         view = torch.randint(num_views, (len(indices),), generator=generator).tolist()
         latents = torch.stack([self.table.latents[i, v] for i, v in zip(indices, view)])  # (B,N,C)
         picks = torch.rand(len(indices), generator=generator).tolist()
-        captions = [self.table.captions[i][int(p * len(self.table.captions[i]))] for i, p in zip(indices, picks)]
-        return {"latents": latents, "caption": captions, "shape_id": [self.table.shape_ids[i] for i in indices]}
+        captions = [
+            self.table.captions[i][int(p * len(self.table.captions[i]))] for i, p in zip(indices, picks)
+        ]
+        return {
+            "latents": latents,
+            "caption": captions,
+            "shape_id": [self.table.shape_ids[i] for i in indices],
+        }
 
 
-def streaming_batches(source: str | Path, num_tokens: int, stats: LatentStats, batch_size: int, seed: int,
-                      shuffle_buffer: int, num_workers: int) -> Iterator[dict[str, Any]]:
+def streaming_batches(
+    source: str | Path,
+    num_tokens: int,
+    stats: LatentStats,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int,
+    num_workers: int,
+) -> Iterator[dict[str, Any]]:
     """Endless batches from resampled shards (each rank/worker draws its own shards with replacement)."""
-    pipeline = latent_shard_pipeline(source, num_tokens=num_tokens, stats=stats, shuffle_buffer=shuffle_buffer,
-                                     resampled=True, seed=seed)
+    pipeline = latent_shard_pipeline(
+        source, num_tokens=num_tokens, stats=stats, shuffle_buffer=shuffle_buffer, resampled=True, seed=seed
+    )
     pipeline = pipeline.batched(batch_size, collation_fn=collate_latents, partial=False)
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
     while True:
         yield from loader

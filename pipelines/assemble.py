@@ -22,22 +22,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Assemble a trained Dora VAE, a trained ShapeDiT and their text encoder into a diffusers pipeline.",
     )
     parser.add_argument("--vae", required=True, help="DoraVAE folder (save_pretrained / train-vae output)")
-    parser.add_argument("--transformer", required=True, help="ShapeDiT folder (save_pretrained / train-dit output)")
-    parser.add_argument("--manifest", required=True, help="latent cache manifest.json (or its folder): latent statistics")
     parser.add_argument(
-        "--text-encoder", default=None,
+        "--transformer", required=True, help="ShapeDiT folder (save_pretrained / train-dit output)"
+    )
+    parser.add_argument(
+        "--manifest", required=True, help="latent cache manifest.json (or its folder): latent statistics"
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
         help=f"text encoder the DiT was trained with (default: the one in the run_config.yaml beside the DiT, "
         f"else {DEFAULT_TEXT_ENCODER})",
     )
-    parser.add_argument("--scheduler-shift", type=float, default=None,
-                        help="FlowMatchEulerDiscreteScheduler shift (default: the DiT's recorded scheduler, else 1.0)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="largest num_tokens the pipeline accepts (default: the VAE's recorded maximum)")
-    parser.add_argument("--num-tokens", type=int, default=None,
-                        help="default num_tokens at generation (default: the DiT run's sampling/schedule token "
-                             "count, else the token count of the cached latents)")
-    parser.add_argument("--allow-vae-mismatch", action="store_true",
-                        help="accept a --vae whose weights differ from the VAE the manifest's latents came from")
+    parser.add_argument(
+        "--scheduler-shift",
+        type=float,
+        default=None,
+        help="FlowMatchEulerDiscreteScheduler shift (default: the DiT's recorded scheduler, else 1.0)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="largest num_tokens the pipeline accepts (default: the VAE's recorded maximum)",
+    )
+    parser.add_argument(
+        "--num-tokens",
+        type=int,
+        default=None,
+        help="default num_tokens at generation (default: the DiT run's sampling/schedule token "
+        "count, else the token count of the cached latents)",
+    )
+    parser.add_argument(
+        "--allow-vae-mismatch",
+        action="store_true",
+        help="accept a --vae whose weights differ from the VAE the manifest's latents came from",
+    )
     parser.add_argument("--out", required=True, help="output pipeline folder")
     return parser
 
@@ -138,7 +158,9 @@ def assemble(
             f"pooled_projection_dim is {pooled_dim}; pass the --text-encoder the DiT was trained with"
         )
     if vae.config.latent_channels != channels:
-        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the DiT expects {channels}")
+        raise ValueError(
+            f"the VAE has {vae.config.latent_channels} latent channels but the DiT expects {channels}"
+        )
     pipe = DoraTextTo3DPipeline(
         vae=vae,
         transformer=transformer,
@@ -158,15 +180,25 @@ def assemble(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag, path in (("--vae", args.vae), ("--transformer", args.transformer), ("--manifest", args.manifest)):
+    for flag, path in (
+        ("--vae", args.vae),
+        ("--transformer", args.transformer),
+        ("--manifest", args.manifest),
+    ):
         if not Path(path).exists():
             print(f"dora assemble-pipeline: {flag} {path} does not exist", file=sys.stderr)
             return 2
     try:
         assemble(
-            args.vae, args.transformer, args.manifest, args.out,
-            text_encoder=args.text_encoder, scheduler_shift=args.scheduler_shift,
-            max_tokens=args.max_tokens, num_tokens=args.num_tokens, allow_vae_mismatch=args.allow_vae_mismatch,
+            args.vae,
+            args.transformer,
+            args.manifest,
+            args.out,
+            text_encoder=args.text_encoder,
+            scheduler_shift=args.scheduler_shift,
+            max_tokens=args.max_tokens,
+            num_tokens=args.num_tokens,
+            allow_vae_mismatch=args.allow_vae_mismatch,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"dora assemble-pipeline: {error}", file=sys.stderr)

@@ -14,15 +14,27 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-dataset": ("data.procedural", "write the built-in procedural dataset (meshes + captions index)"),
     "prepare": ("data.prepare", "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision"),
-    "convert-prepared": ("data.prepare_convert", "rewrite prepared samples as uncompressed (fast) or compressed npz"),
+    "convert-prepared": (
+        "data.prepare_convert",
+        "rewrite prepared samples as uncompressed (fast) or compressed npz",
+    ),
     "train-vae": ("vae.train", "train the Dora VAE with accelerate (progressive token schedule)"),
-    "bench": ("vae.bench.run", "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling"),
+    "bench": (
+        "vae.bench.run",
+        "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling",
+    ),
     "convert-dora-checkpoint": ("vae.convert_dora", "convert the released Dora-VAE v1.1 checkpoint"),
     "cache-latents": ("vae.cache_latents", "encode a prepared dataset into WebDataset latent shards"),
     "train-dit": ("diffusion.train", "train the text-conditioned DiT on cached latent shards"),
-    "assemble-pipeline": ("pipelines.assemble", "assemble VAE + DiT + text encoder into a diffusers pipeline"),
+    "assemble-pipeline": (
+        "pipelines.assemble",
+        "assemble VAE + DiT + text encoder into a diffusers pipeline",
+    ),
     "generate": ("pipelines.generate", "text -> mesh file(s) + preview PNG"),
-    "bench-generation": ("pipelines.bench_generation", "judge generated shapes: 1-NNA/COV/MMD, text following, structure"),
+    "bench-generation": (
+        "pipelines.bench_generation",
+        "judge generated shapes: 1-NNA/COV/MMD, text following, structure",
+    ),
     "quickstart": ("pipelines.quickstart", "the whole chain on the built-in dataset, offline, on a CPU"),
     "demo": ("pipelines.demo", "Gradio web demo"),
 }

@@ -83,13 +83,17 @@ def build_demo(
                 raise gr.Error(str(error)) from error
             mesh = result.meshes[0]
             if len(mesh.faces) == 0:
-                raise gr.Error("The generated field has no surface at this threshold; try another seed or prompt.")
+                raise gr.Error(
+                    "The generated field has no surface at this threshold; try another seed or prompt."
+                )
             path = output_dir / f"shape_{next(counter):05d}_seed{seed}.glb"
             export_mesh(mesh, path)
         return str(path), str(path)
 
     with gr.Blocks(title="Dora text-to-3D", analytics_enabled=False) as demo:
-        gr.Markdown("# Dora text-to-3D\nType a description, press **Generate**, inspect and download the mesh.")
+        gr.Markdown(
+            "# Dora text-to-3D\nType a description, press **Generate**, inspect and download the mesh."
+        )
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPTS[0], lines=2, elem_id="prompt")
@@ -106,7 +110,9 @@ def build_demo(
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
             with gr.Column(scale=2):
-                viewer = gr.Model3D(label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer")
+                viewer = gr.Model3D(
+                    label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer"
+                )
                 download = gr.DownloadButton("Download .glb", elem_id="download")
         inputs = [prompt, steps, guidance, tokens, seed]
         button.click(generate, inputs=inputs, outputs=[viewer, download], api_name="generate")
@@ -115,7 +121,9 @@ def build_demo(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dora demo", description="Gradio web demo for a saved text-to-3D pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="dora demo", description="Gradio web demo for a saved text-to-3D pipeline."
+    )
     parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)

@@ -15,25 +15,46 @@ MESH_SUFFIXES = (".glb", ".obj", ".ply", ".stl")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dora generate", description="Generate mesh(es) from a text prompt with a saved DoraTextTo3DPipeline."
+        prog="dora generate",
+        description="Generate mesh(es) from a text prompt with a saved DoraTextTo3DPipeline.",
     )
     parser.add_argument("prompt", help="what to generate, e.g. 'a round table with one central leg'")
     parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
-    parser.add_argument("-o", "--output", required=True, help="mesh path; the extension picks the format (.glb/.obj/.ply/.stl)")
-    parser.add_argument("--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="mesh path; the extension picks the format (.glb/.obj/.ply/.stl)",
+    )
+    parser.add_argument(
+        "--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)"
+    )
     parser.add_argument("--steps", type=int, default=30, help="Euler steps of the flow ODE (default 30)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<=1 disables)")
-    parser.add_argument("--tokens", type=int, default=None, help="latent tokens per shape (default: the pipeline's)")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (<=1 disables)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="latent tokens per shape (default: the pipeline's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same shapes)")
-    parser.add_argument("--num", type=int, default=1, help="number of shapes; several are written as NAME_<i>.EXT")
-    parser.add_argument("--resolution", type=int, default=256, help="finest grid resolution of mesh extraction")
+    parser.add_argument(
+        "--num", type=int, default=1, help="number of shapes; several are written as NAME_<i>.EXT"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=256, help="finest grid resolution of mesh extraction"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="iso-level of the occupancy field")
     parser.add_argument("--faces", type=int, default=None, help="reduce each mesh to about this many faces")
     parser.add_argument("--keep-floaters", action="store_true", help="keep small disconnected components")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
-                        help="a LoRA adapter folder from `dora train-dit` (lora.rank > 0) with an optional scale "
-                             "(default 1.0); repeat to combine adapters")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="DIR[:SCALE]",
+        help="a LoRA adapter folder from `dora train-dit` (lora.rank > 0) with an optional scale "
+        "(default 1.0); repeat to combine adapters",
+    )
     return parser
 
 
@@ -64,10 +85,17 @@ def load_loras(pipe: Any, specs: list[str], transformer_dir: Path | None = None)
         if not (folder / ADAPTER_FILE).is_file():
             raise ValueError(f"--lora {spec}: {folder} holds no LoRA adapter ({ADAPTER_FILE})")
         record = folder / "run_config.yaml"
-        trained_on = (yaml.safe_load(record.read_text()) or {}).get("init_from_sha256") if record.is_file() else None
+        trained_on = (
+            (yaml.safe_load(record.read_text()) or {}).get("init_from_sha256") if record.is_file() else None
+        )
         if base and trained_on and trained_on != base:
-            logger.warning("--lora %s was trained on DiT weights %s, but this pipeline's transformer is %s: "
-                           "the adapter may not fit it", spec, trained_on, base)
+            logger.warning(
+                "--lora %s was trained on DiT weights %s, but this pipeline's transformer is %s: "
+                "the adapter may not fit it",
+                spec,
+                trained_on,
+                base,
+            )
         name = f"lora{index}_{folder.parent.name if folder.name == 'final' else folder.name}"
         pipe.load_lora_weights(str(folder), adapter_name=name)
         names.append(name)
@@ -89,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
     if output.suffix.lower() not in MESH_SUFFIXES:
-        print(f"dora generate: --output {output} must end with one of {', '.join(MESH_SUFFIXES)}", file=sys.stderr)
+        print(
+            f"dora generate: --output {output} must end with one of {', '.join(MESH_SUFFIXES)}",
+            file=sys.stderr,
+        )
         return 2
     if args.num <= 0:
         print(f"dora generate: --num must be positive, got {args.num}", file=sys.stderr)
@@ -135,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     for index, (mesh, path) in enumerate(zip(result.meshes, output_paths(output, len(result.meshes)))):
         if len(mesh.faces) == 0:
             # An empty mesh is no valid file in any of the formats: report it, keep going with the others.
-            logger.warning("shape %d: the field never crosses %.3f, so its mesh is empty; %s not written",
-                           index, args.threshold, path)
+            logger.warning(
+                "shape %d: the field never crosses %.3f, so its mesh is empty; %s not written",
+                index,
+                args.threshold,
+                path,
+            )
             meshes.append(mesh)
             continue
         if args.faces is not None and len(mesh.faces) > args.faces:
@@ -153,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         render_grid_png(meshes, preview, titles=[f"{args.prompt} #{index}" for index in range(len(meshes))])
     print(f"wrote {preview}")
     if written == 0:
-        print("dora generate: every generated mesh was empty (try another --seed or --threshold)", file=sys.stderr)
+        print(
+            "dora generate: every generated mesh was empty (try another --seed or --threshold)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -20,9 +20,10 @@ from data.render import (  # noqa: F401  (re-exported: the pipeline's public pre
 EXPORT_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
 
 
-
 # ------------------------------------------------------------------------------------------ post-processing
-def remove_floaters(mesh: trimesh.Trimesh, min_fraction: float = 0.05, measure: str = "area") -> trimesh.Trimesh:
+def remove_floaters(
+    mesh: trimesh.Trimesh, min_fraction: float = 0.05, measure: str = "area"
+) -> trimesh.Trimesh:
     """Drop connected components smaller than ``min_fraction`` of the largest one; keep all others.
 
     ``measure`` is "area" (default: a coarse big part with few faces is not a floater) or "faces".
@@ -36,7 +37,9 @@ def remove_floaters(mesh: trimesh.Trimesh, min_fraction: float = 0.05, measure: 
     if len(result.faces) == 0:
         return result
     result.merge_vertices()
-    labels = trimesh.graph.connected_component_labels(result.face_adjacency, node_count=len(result.faces))  # (F,)
+    labels = trimesh.graph.connected_component_labels(
+        result.face_adjacency, node_count=len(result.faces)
+    )  # (F,)
     weights = result.area_faces if measure == "area" else np.ones(len(result.faces))
     sizes = np.bincount(labels, weights=weights)  # (num_components,)
     keep_faces = sizes[labels] >= min_fraction * sizes.max()
@@ -57,8 +60,10 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     import fast_simplification  # imported here: only simplification needs the compiled extension
 
     vertices, faces = fast_simplification.simplify(
-        np.ascontiguousarray(mesh.vertices, dtype=np.float64), np.ascontiguousarray(mesh.faces, dtype=np.int64),
-        target_count=int(target_faces))
+        np.ascontiguousarray(mesh.vertices, dtype=np.float64),
+        np.ascontiguousarray(mesh.faces, dtype=np.int64),
+        target_count=int(target_faces),
+    )
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=True)
 
 
@@ -67,8 +72,10 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
     path = Path(path)
     file_type = EXPORT_FORMATS.get(path.suffix.lower())
     if file_type is None:
-        raise ValueError(f"cannot export {path}: unsupported extension {path.suffix!r}; "
-                         f"use one of {', '.join(EXPORT_FORMATS)}")
+        raise ValueError(
+            f"cannot export {path}: unsupported extension {path.suffix!r}; "
+            f"use one of {', '.join(EXPORT_FORMATS)}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     _as_trimesh(mesh).export(path, file_type=file_type)
     return path

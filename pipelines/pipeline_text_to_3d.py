@@ -113,17 +113,27 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
         )
         if text_encoder_kind is not None and text_encoder_kind not in TEXT_ENCODER_KINDS:
-            raise ValueError(f"text_encoder_kind must be one of {TEXT_ENCODER_KINDS}, got {text_encoder_kind!r}")
+            raise ValueError(
+                f"text_encoder_kind must be one of {TEXT_ENCODER_KINDS}, got {text_encoder_kind!r}"
+            )
         if (latent_mean is None) != (latent_std is None):
-            raise ValueError("latent_mean and latent_std must be given together (both from the cache manifest)")
+            raise ValueError(
+                "latent_mean and latent_std must be given together (both from the cache manifest)"
+            )
         if latent_mean is not None:
             latent_mean = [float(value) for value in latent_mean]
             latent_std = [float(value) for value in latent_std]
             if len(latent_mean) != len(latent_std):
-                raise ValueError(f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}")
+                raise ValueError(
+                    f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}"
+                )
             if len(latent_mean) != self.latent_channels:
                 raise ValueError(
                     f"latent statistics have {len(latent_mean)} channels but the models use {self.latent_channels}"
@@ -203,8 +213,12 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
                     f"`negative_prompt` has {len(negatives)} items but `prompt` has {len(prompts)}; "
                     "give one negative prompt per prompt or a single string"
                 )
-        for name, value in (("num_inference_steps", num_inference_steps), ("num_tokens", num_tokens),
-                            ("num_shapes_per_prompt", num_shapes_per_prompt), ("mesh_resolution", mesh_resolution)):
+        for name, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("num_tokens", num_tokens),
+            ("num_shapes_per_prompt", num_shapes_per_prompt),
+            ("mesh_resolution", mesh_resolution),
+        ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         limit = self.token_limit
@@ -245,8 +259,14 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         """
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return encode_prompts(self.text_encoder_wrapper(), prompts, negative_prompt, do_classifier_free_guidance,
-                              num_shapes_per_prompt, device)
+        return encode_prompts(
+            self.text_encoder_wrapper(),
+            prompts,
+            negative_prompt,
+            do_classifier_free_guidance,
+            num_shapes_per_prompt,
+            device,
+        )
 
     def prepare_latents(
         self,
@@ -259,7 +279,9 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     ) -> torch.Tensor:
         if latents is not None:
             return latents.to(device=device, dtype=dtype)
-        return initial_noise(batch_size, num_tokens, self.latent_channels, dtype, device, generator)  # (B, N, C)
+        return initial_noise(
+            batch_size, num_tokens, self.latent_channels, dtype, device, generator
+        )  # (B, N, C)
 
     def unnormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT space -> VAE space with the cache manifest's per-channel statistics."""
@@ -315,7 +337,10 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         mesh_threshold: float = 0.5,
         remove_floaters: bool = True,
         return_dict: bool = True,
-        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DoraTextTo3DPipelineOutput | tuple:
         r"""Generate shapes from text.
@@ -372,14 +397,20 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
         # 4. Denoising loop (diffusion.sampling.guided_sample, the one the training previews run): Euler steps
         #    along the guided velocity; the callback may replace the latents and the text conditioning.
-        state = SamplingState(latents, TextEmbeddings(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds))
+        state = SamplingState(
+            latents, TextEmbeddings(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)
+        )
         with self.progress_bar(total=len(timesteps)) as progress_bar:
 
             def on_step(step: int, t: torch.Tensor, state: SamplingState) -> None:
                 if callback_on_step_end is not None:
                     text = state.conditioning
-                    available = {"latents": state.latents, "prompt_embeds": text.hidden_states,
-                                 "prompt_attention_mask": text.attention_mask, "pooled_prompt_embeds": text.pooled}
+                    available = {
+                        "latents": state.latents,
+                        "prompt_embeds": text.hidden_states,
+                        "prompt_attention_mask": text.attention_mask,
+                        "pooled_prompt_embeds": text.pooled,
+                    }
                     callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
                     state.latents = outputs.pop("latents", state.latents)
@@ -390,21 +421,31 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
                     )
                 progress_bar.update()
 
-            latents = guided_sample(self.transformer, self.scheduler, state, timesteps, self.guidance_scale,
-                                    generator=step_generator, on_step=on_step,
-                                    interrupted=lambda: self.interrupt)  # (B*S, N, C)
+            latents = guided_sample(
+                self.transformer,
+                self.scheduler,
+                state,
+                timesteps,
+                self.guidance_scale,
+                generator=step_generator,
+                on_step=on_step,
+                interrupted=lambda: self.interrupt,
+            )  # (B*S, N, C)
 
         # 5. Back to VAE space, then the field -> meshes.
         vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)
         meshes = None
         if output_type != "latent":
             meshes = self.decode_latents(
-                vae_latents, mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold,
+                vae_latents,
+                mesh_resolution=mesh_resolution,
+                mesh_threshold=mesh_threshold,
                 remove_floaters=remove_floaters,
             )
         if output_type == "np":
             meshes = [
-                (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)) for mesh in meshes
+                (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64))
+                for mesh in meshes
             ]
             vae_latents = vae_latents.cpu().numpy()
 

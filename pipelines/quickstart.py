@@ -52,7 +52,9 @@ class TrainStage:
     # The budget is the stage YAML's training.max_steps, so a busy machine gives the same run, only later. This is
     # a safety cap on wall-clock time (None = none): the training warns loudly when it cuts a run.
     max_minutes: float | None = None
-    calibrated_seconds: float = 0.0  # the stage's time on a free 2-core machine (for the ETA printed up front)
+    calibrated_seconds: float = (
+        0.0  # the stage's time on a free 2-core machine (for the ETA printed up front)
+    )
 
 
 @dataclass
@@ -163,53 +165,122 @@ class Quickstart:
     # ------------------------------------------------------------------------------------------ stages
     def build_dataset(self) -> dict[str, Any]:
         cfg = self.config.dataset
-        self._dora("build-dataset", "--out", str(self.out / "dataset"), "--num-shapes", str(cfg.num_shapes),
-                   "--seed", str(cfg.seed))
+        self._dora(
+            "build-dataset",
+            "--out",
+            str(self.out / "dataset"),
+            "--num-shapes",
+            str(cfg.num_shapes),
+            "--seed",
+            str(cfg.seed),
+        )
         return {"num_shapes": cfg.num_shapes}
 
     def prepare(self) -> dict[str, Any]:
-        self._dora("prepare", str(self.out / "dataset" / "index.jsonl"), "--out", str(self.out / "prepared"),
-                   "--config", str(_stage_yaml(self.config_dir, "prepare")),
-                   "--workers", str(self.config.prepare.workers))
+        self._dora(
+            "prepare",
+            str(self.out / "dataset" / "index.jsonl"),
+            "--out",
+            str(self.out / "prepared"),
+            "--config",
+            str(_stage_yaml(self.config_dir, "prepare")),
+            "--workers",
+            str(self.config.prepare.workers),
+        )
         summary = self.out / "prepared" / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
 
-    def _train(self, command: str, config_name: str, run_dir: Path, minutes: float | None, *extra: str) -> None:
-        args = [command, "--config", str(_stage_yaml(self.config_dir, config_name)), "--output-dir", str(run_dir),
-                *(["--max-minutes", str(minutes)] if minutes else []), *extra]
+    def _train(
+        self, command: str, config_name: str, run_dir: Path, minutes: float | None, *extra: str
+    ) -> None:
+        args = [
+            command,
+            "--config",
+            str(_stage_yaml(self.config_dir, config_name)),
+            "--output-dir",
+            str(run_dir),
+            *(["--max-minutes", str(minutes)] if minutes else []),
+            *extra,
+        ]
         # An interrupted training resumes from its last checkpoint instead of starting over.
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             args += ["--resume", "latest"]
         self._dora(*args)
 
     def train_vae(self) -> dict[str, Any]:
-        self._train("train-vae", "vae", self.out / "vae", self.config.vae.max_minutes,
-                    "--data", str(self.out / "prepared"))
+        self._train(
+            "train-vae",
+            "vae",
+            self.out / "vae",
+            self.config.vae.max_minutes,
+            "--data",
+            str(self.out / "prepared"),
+        )
         return _read_json(self.out / "vae" / "final" / "metrics.json")
 
     def bench(self) -> dict[str, Any]:
         cfg = self.config.bench
-        self._dora("bench", "--vae", str(self.out / "vae" / "final"), "--names", "quickstart-vae",
-                   "--meshes", str(self.out / "dataset" / "index.jsonl"), "--out", str(self.out / "bench"),
-                   "--config", str(_stage_yaml(self.config_dir, "bench")), "--limit", str(cfg.limit),
-                   "--resolution", str(cfg.resolution), "--tokens", *[str(t) for t in cfg.tokens])
+        self._dora(
+            "bench",
+            "--vae",
+            str(self.out / "vae" / "final"),
+            "--names",
+            "quickstart-vae",
+            "--meshes",
+            str(self.out / "dataset" / "index.jsonl"),
+            "--out",
+            str(self.out / "bench"),
+            "--config",
+            str(_stage_yaml(self.config_dir, "bench")),
+            "--limit",
+            str(cfg.limit),
+            "--resolution",
+            str(cfg.resolution),
+            "--tokens",
+            *[str(t) for t in cfg.tokens],
+        )
         return {}
 
     def cache_latents(self) -> dict[str, Any]:
-        self._dora("cache-latents", "--vae", str(self.out / "vae" / "final"), "--data", str(self.out / "prepared"),
-                   "--out", str(self.out / "latents"), "--config", str(_stage_yaml(self.config_dir, "cache")))
+        self._dora(
+            "cache-latents",
+            "--vae",
+            str(self.out / "vae" / "final"),
+            "--data",
+            str(self.out / "prepared"),
+            "--out",
+            str(self.out / "latents"),
+            "--config",
+            str(_stage_yaml(self.config_dir, "cache")),
+        )
         manifest = _read_json(self.out / "latents" / "manifest.json")
         return {key: manifest.get(key) for key in ("num_samples", "num_tokens", "latent_channels", "dtype")}
 
     def train_dit(self) -> dict[str, Any]:
-        self._train("train-dit", "dit", self.out / "dit", self.config.dit.max_minutes,
-                    "--shards", str(self.out / "latents"), "--vae", str(self.out / "vae" / "final"))
+        self._train(
+            "train-dit",
+            "dit",
+            self.out / "dit",
+            self.config.dit.max_minutes,
+            "--shards",
+            str(self.out / "latents"),
+            "--vae",
+            str(self.out / "vae" / "final"),
+        )
         return {}
 
     def assemble(self) -> dict[str, Any]:
-        self._dora("assemble-pipeline", "--vae", str(self.out / "vae" / "final"),
-                   "--transformer", str(self.out / "dit" / "final"),
-                   "--manifest", str(self.out / "latents" / "manifest.json"), "--out", str(self.out / "pipeline"))
+        self._dora(
+            "assemble-pipeline",
+            "--vae",
+            str(self.out / "vae" / "final"),
+            "--transformer",
+            str(self.out / "dit" / "final"),
+            "--manifest",
+            str(self.out / "latents" / "manifest.json"),
+            "--out",
+            str(self.out / "pipeline"),
+        )
         return {}
 
     def generate(self) -> dict[str, Any]:
@@ -219,34 +290,59 @@ class Quickstart:
         return generate_samples(self.out / "pipeline", self.out / "samples", self.config.generate)
 
     def bench_generation(self) -> dict[str, Any]:
-        self._dora("bench-generation", "--pipeline", str(self.out / "pipeline"),
-                   "--out", str(self.out / "bench_generation"), "--reference", str(self.out / "prepared"),
-                   "--config", str(_stage_yaml(self.config_dir, "bench_generation")))
+        self._dora(
+            "bench-generation",
+            "--pipeline",
+            str(self.out / "pipeline"),
+            "--out",
+            str(self.out / "bench_generation"),
+            "--reference",
+            str(self.out / "prepared"),
+            "--config",
+            str(_stage_yaml(self.config_dir, "bench_generation")),
+        )
         results = _read_json(self.out / "bench_generation" / "results.json")
-        return {name: {key: figures["overall"].get(key) for key in ("text_accuracy_pct", "1-NNA-CD")}
-                for name, figures in results.get("sets", {}).items()}
+        return {
+            name: {key: figures["overall"].get(key) for key in ("text_accuracy_pct", "1-NNA-CD")}
+            for name, figures in results.get("sets", {}).items()
+        }
 
     def eta_message(self) -> str:
         """Step budgets and the expected time, from the calibration scaled by this machine's matmul rate now."""
-        steps = {name: int(load_yaml(_stage_yaml(self.config_dir, name))["training"]["max_steps"])
-                 for name in ("vae", "dit")}
+        steps = {
+            name: int(load_yaml(_stage_yaml(self.config_dir, name))["training"]["max_steps"])
+            for name in ("vae", "dit")
+        }
         budget = f"budgets: VAE {steps['vae']} steps, DiT {steps['dit']} steps"
         calibration = self.config.calibration
-        seconds = calibration.other_stages_seconds + self.config.vae.calibrated_seconds + self.config.dit.calibrated_seconds
+        seconds = (
+            calibration.other_stages_seconds
+            + self.config.vae.calibrated_seconds
+            + self.config.dit.calibrated_seconds
+        )
         if calibration.matmul_gflops <= 0 or seconds <= 0:
             return budget
         rate = measure_matmul_gflops()
         expected = seconds * calibration.matmul_gflops / rate
-        return (f"{budget}; ~{seconds / 60:.0f} min on a free 2-core machine ({calibration.matmul_gflops:.0f} GFLOP/s "
-                f"fp32 matmul); this machine does {rate:.0f} GFLOP/s now: ETA ~{expected / 60:.0f} min (later on a busy "
-                f"machine, with the same steps and results)")
+        return (
+            f"{budget}; ~{seconds / 60:.0f} min on a free 2-core machine ({calibration.matmul_gflops:.0f} GFLOP/s "
+            f"fp32 matmul); this machine does {rate:.0f} GFLOP/s now: ETA ~{expected / 60:.0f} min (later on a busy "
+            f"machine, with the same steps and results)"
+        )
 
     def run(self, stop_after: str | None = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        stages = [("build-dataset", self.build_dataset), ("prepare", self.prepare), ("train-vae", self.train_vae),
-                  ("bench", self.bench), ("cache-latents", self.cache_latents), ("train-dit", self.train_dit),
-                  ("assemble-pipeline", self.assemble), ("generate", self.generate),
-                  ("bench-generation", self.bench_generation)]
+        stages = [
+            ("build-dataset", self.build_dataset),
+            ("prepare", self.prepare),
+            ("train-vae", self.train_vae),
+            ("bench", self.bench),
+            ("cache-latents", self.cache_latents),
+            ("train-dit", self.train_dit),
+            ("assemble-pipeline", self.assemble),
+            ("generate", self.generate),
+            ("bench-generation", self.bench_generation),
+        ]
         start = time.perf_counter()
         self._log(f"dora quickstart -> {self.out} (configs: {self.config_dir})")
         self._log(self.eta_message())
@@ -274,15 +370,27 @@ def measure_matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dora quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dora quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="outputs/quickstart", help="output folder (default: %(default)s)")
-    parser.add_argument("--configs", default=str(QUICKSTART_CONFIGS),
-                        help="folder of the stage YAMLs (default: configs/quickstart)")
-    parser.add_argument("--vae-minutes", type=float, default=None,
-                        help="wall-clock safety cap of the VAE training (its budget is steps, in vae.yaml)")
-    parser.add_argument("--dit-minutes", type=float, default=None,
-                        help="wall-clock safety cap of the DiT training (its budget is steps, in dit.yaml)")
+    parser.add_argument(
+        "--configs",
+        default=str(QUICKSTART_CONFIGS),
+        help="folder of the stage YAMLs (default: configs/quickstart)",
+    )
+    parser.add_argument(
+        "--vae-minutes",
+        type=float,
+        default=None,
+        help="wall-clock safety cap of the VAE training (its budget is steps, in vae.yaml)",
+    )
+    parser.add_argument(
+        "--dit-minutes",
+        type=float,
+        default=None,
+        help="wall-clock safety cap of the DiT training (its budget is steps, in dit.yaml)",
+    )
     parser.add_argument("--num-shapes", type=int, default=None, help="override the dataset size")
     parser.add_argument("--stop-after", default=None, help="stop after this stage (e.g. train-vae)")
     args = parser.parse_args(argv)

@@ -32,17 +32,27 @@ def generate_samples(pipeline_dir: Path, out_dir: Path, cfg: Any) -> dict[str, A
     pipeline.set_progress_bar_config(desc="generate", leave=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    output = pipeline(prompt=list(cfg.prompts), num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                      generator=generator, mesh_resolution=cfg.resolution)
+    output = pipeline(
+        prompt=list(cfg.prompts),
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        generator=generator,
+        mesh_resolution=cfg.resolution,
+    )
     rows, meshes = [], []
     for index, (prompt, mesh) in enumerate(zip(cfg.prompts, output.meshes)):
         path = out_dir / f"{index:02d}-{_slug(prompt)}.glb"
         empty = mesh is None or len(mesh.faces) == 0
         if not empty:
             export_mesh(mesh, path)
-        rows.append({"prompt": prompt, "path": None if empty else path.name,
-                     "faces": 0 if empty else int(len(mesh.faces)),
-                     "watertight": False if empty else bool(mesh.is_watertight)})
+        rows.append(
+            {
+                "prompt": prompt,
+                "path": None if empty else path.name,
+                "faces": 0 if empty else int(len(mesh.faces)),
+                "watertight": False if empty else bool(mesh.is_watertight),
+            }
+        )
         meshes.append(mesh)
     render_grid_png(meshes, out_dir / "grid.png", titles=list(cfg.prompts), columns=4)
     (out_dir / "samples.json").write_text(json.dumps(rows, indent=2))
@@ -71,21 +81,34 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
 
     vae = _read_json(out / "vae" / "summary.json")
     if vae:
-        lines += ["## VAE (held-out reconstruction)", "", *_cut_warning(vae),
-                  f"Steps: {vae.get('steps')}; held-out shapes: {vae.get('held_out_shapes')}. "
-                  "IoU is volume IoU of occupancy on uniform points; Chamfer in the [-1, 1] frame.", "",
-                  _format_metrics(vae.get("final", {})), "![VAE curves](vae/curves.png)", ""]
+        lines += [
+            "## VAE (held-out reconstruction)",
+            "",
+            *_cut_warning(vae),
+            f"Steps: {vae.get('steps')}; held-out shapes: {vae.get('held_out_shapes')}. "
+            "IoU is volume IoU of occupancy on uniform points; Chamfer in the [-1, 1] frame.",
+            "",
+            _format_metrics(vae.get("final", {})),
+            "![VAE curves](vae/curves.png)",
+            "",
+        ]
 
     bench = _read_json(out / "bench" / "results.json")
     if bench.get("aggregates"):
-        lines += ["## Dora-bench (brief, overall)", "", "| model | tokens | shapes | CD-L1 | F@0.01 | volume IoU (field) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Dora-bench (brief, overall)",
+            "",
+            "| model | tokens | shapes | CD-L1 | F@0.01 | volume IoU (field) |",
+            "|---|---|---|---|---|---|",
+        ]
         for model, per_tokens in bench["aggregates"].items():
             for tokens, groups in per_tokens.items():
                 row = groups.get("overall", {})
                 cells = [row.get(key) for key in ("chamfer_l1", "f_score@0.01", "volume_iou")]
                 text = ["-" if value is None else f"{value:.4f}" for value in cells]
-                lines.append(f"| {model} | {tokens} | {row.get('num_shapes', 0)} | " + " | ".join(text) + " |")
+                lines.append(
+                    f"| {model} | {tokens} | {row.get('num_shapes', 0)} | " + " | ".join(text) + " |"
+                )
         lines += ["", "Per level, latent quality and plots: [bench/results.md](bench/results.md)", ""]
 
     manifest = _read_json(out / "latents" / "manifest.json")
@@ -95,14 +118,28 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
 
     dit = _read_json(out / "dit" / "summary.json")
     if dit:
-        lines += ["## DiT", "", *_cut_warning(dit), f"Steps: {dit.get('steps')}; final loss: {dit.get('final_loss')}", ""]
+        lines += [
+            "## DiT",
+            "",
+            *_cut_warning(dit),
+            f"Steps: {dit.get('steps')}; final loss: {dit.get('final_loss')}",
+            "",
+        ]
 
     samples = out / "samples" / "samples.json"
     if samples.exists():
         rows = json.loads(samples.read_text())
-        lines += ["## Samples", "", "![samples](samples/grid.png)", "", "| prompt | mesh | faces | watertight |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['prompt']} | {r['path'] or '(empty)'} | {r['faces']} | {r['watertight']} |" for r in rows]
+        lines += [
+            "## Samples",
+            "",
+            "![samples](samples/grid.png)",
+            "",
+            "| prompt | mesh | faces | watertight |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['prompt']} | {r['path'] or '(empty)'} | {r['faces']} | {r['watertight']} |" for r in rows
+        ]
         lines.append("")
     lines += _generation_section(out)
     path = out / "report.md"
@@ -114,8 +151,11 @@ def _cut_warning(summary: dict[str, Any]) -> list[str]:
     """A training cut by the wall-clock safety cap did not run its step budget: say so where its figures stand."""
     if not summary.get("stopped_by_time"):
         return []
-    return [f"**Warning: the wall-clock cap stopped this training after {summary.get('steps')} steps, before its "
-            "step budget: the figures below are not those of the configured run.**", ""]
+    return [
+        f"**Warning: the wall-clock cap stopped this training after {summary.get('steps')} steps, before its "
+        "step budget: the figures below are not those of the configured run.**",
+        "",
+    ]
 
 
 def _generation_section(out: Path) -> list[str]:
@@ -124,26 +164,48 @@ def _generation_section(out: Path) -> list[str]:
     if not results.get("sets"):
         return []
     settings, judge = results.get("settings", {}), results.get("judge") or {}
-    lines = ["## Generation", "",
-             f"`dora bench-generation`: {settings.get('samples_per_prompt')} sample(s) per prompt, "
-             f"{settings.get('steps')} steps, guidance {settings.get('guidance')}, {settings.get('resolution')}³, "
-             f"{settings.get('points')} points per shape; reference: the {results['reference']['num_shapes']} "
-             f"{results['reference']['split']} shapes."]
+    lines = [
+        "## Generation",
+        "",
+        f"`dora bench-generation`: {settings.get('samples_per_prompt')} sample(s) per prompt, "
+        f"{settings.get('steps')} steps, guidance {settings.get('guidance')}, {settings.get('resolution')}³, "
+        f"{settings.get('points')} points per shape; reference: the {results['reference']['num_shapes']} "
+        f"{results['reference']['split']} shapes.",
+    ]
     if judge:
-        lines[-1] += (f" Judge: {judge['method']}, {judge['accuracy_pct']:.0f}% on its {judge['num_held_out']} "
-                      f"held-out reference shapes (chance {judge['chance_pct']:.0f}%).")
-    lines += ["", "| prompts | samples | text accuracy % | 1-NNA-CD % | COV-CD % | MMD-CD ×1e3 | one component % | "
-              "floater share % | empty/failed |", "|---|---|---|---|---|---|---|---|---|"]
+        lines[-1] += (
+            f" Judge: {judge['method']}, {judge['accuracy_pct']:.0f}% on its {judge['num_held_out']} "
+            f"held-out reference shapes (chance {judge['chance_pct']:.0f}%)."
+        )
+    lines += [
+        "",
+        "| prompts | samples | text accuracy % | 1-NNA-CD % | COV-CD % | MMD-CD ×1e3 | one component % | "
+        "floater share % | empty/failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, figures in results["sets"].items():
         row = figures["overall"]
-        cells = [_number(row.get("text_accuracy_pct")), _number(row.get("1-NNA-CD")), _number(row.get("COV-CD")),
-                 _number(row.get("MMD-CD"), 1e3), _number(row.get("structure_single_component_pct")),
-                 _number(row.get("structure_mean_floater_share_pct"))]
-        lines.append(f"| {name} | {row.get('num_samples')} | " + " | ".join(cells)
-                     + f" | {row.get('structure_empty_or_failed')} |")
+        cells = [
+            _number(row.get("text_accuracy_pct")),
+            _number(row.get("1-NNA-CD")),
+            _number(row.get("COV-CD")),
+            _number(row.get("MMD-CD"), 1e3),
+            _number(row.get("structure_single_component_pct")),
+            _number(row.get("structure_mean_floater_share_pct")),
+        ]
+        lines.append(
+            f"| {name} | {row.get('num_samples')} | "
+            + " | ".join(cells)
+            + f" | {row.get('structure_empty_or_failed')} |"
+        )
     first = next(iter(results["sets"]))
-    lines += ["", "Protocol and per-category tables: [bench_generation/results.md](bench_generation/results.md)", "",
-              f"![{first}](bench_generation/contact_sheet_{first}.png)", ""]
+    lines += [
+        "",
+        "Protocol and per-category tables: [bench_generation/results.md](bench_generation/results.md)",
+        "",
+        f"![{first}](bench_generation/contact_sheet_{first}.png)",
+        "",
+    ]
     return lines
 
 

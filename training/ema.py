@@ -42,7 +42,9 @@ def save_ema(ema: Any, model: torch.nn.Module, directory: str | Path) -> None:
 
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    tensors = {name: p.detach().cpu().contiguous() for name, p in zip(_parameter_names(model), shadow, strict=True)}
+    tensors = {
+        name: p.detach().cpu().contiguous() for name, p in zip(_parameter_names(model), shadow, strict=True)
+    }
     save_file(tensors, str(Path(directory) / EMA_WEIGHTS))
     (Path(directory) / EMA_COUNTERS).write_text(json.dumps(state))
 
@@ -61,7 +63,9 @@ def load_ema(ema: Any, model: torch.nn.Module, directory: str | Path, device: to
         (weights,) = sorted(old.glob("*.safetensors"))
         tensors = load_file(str(weights))
         recorded = json.loads((old / "config.json").read_text())
-        counters = {key: recorded[key] for key in ema.state_dict() if key in recorded and key != "shadow_params"}
+        counters = {
+            key: recorded[key] for key in ema.state_dict() if key in recorded and key != "shadow_params"
+        }
     else:
         raise FileNotFoundError(f"checkpoint {directory} has no EMA weights ({EMA_WEIGHTS}); was EMA off?")
     missing = [name for name in names if name not in tensors]

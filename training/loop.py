@@ -54,8 +54,8 @@ from training.schedules import TokenSchedule
 class StepContext:
     """What a step function gets besides its batch."""
 
-    num_tokens: int                # this step's token count (the schedule's draw, the same on every rank)
-    generator: torch.Generator     # on the device, seeded by (seed, micro-step, rank): resume-exact randomness
+    num_tokens: int  # this step's token count (the schedule's draw, the same on every rank)
+    generator: torch.Generator  # on the device, seeded by (seed, micro-step, rank): resume-exact randomness
     micro_step: int
     global_step: int
 
@@ -82,9 +82,15 @@ def choose_precision(mixed_precision: str) -> str:
 def warn_cut_by_time(log: logging.Logger, step: int, max_steps: int, max_minutes: float) -> None:
     """Loud: a run cut by the wall-clock cap is not the configured run (fewer steps, other figures)."""
     bar = "!" * 100
-    log.warning("\n%s\nWALL-CLOCK CAP: --max-minutes %g stopped training at step %d of %d. The results are NOT those "
-                "of the configured step budget; rerun with --resume latest (or without the cap) to finish it.\n%s",
-                bar, max_minutes, step, max_steps, bar)
+    log.warning(
+        "\n%s\nWALL-CLOCK CAP: --max-minutes %g stopped training at step %d of %d. The results are NOT those "
+        "of the configured step budget; rerun with --resume latest (or without the cap) to finish it.\n%s",
+        bar,
+        max_minutes,
+        step,
+        max_steps,
+        bar,
+    )
 
 
 def loader_batches(accelerator: Any, loader: Any) -> BatchSource:
@@ -112,8 +118,10 @@ class RunningMeans:
         self.device, self.keys, self.sums = device, [], None
 
     def add(self, values: dict[str, Any]) -> None:
-        row = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float32).reshape(()) for v in values.values()]
-                          + [torch.ones((), device=self.device)])
+        row = torch.stack(
+            [torch.as_tensor(v).detach().to(self.device, torch.float32).reshape(()) for v in values.values()]
+            + [torch.ones((), device=self.device)]
+        )
         if self.sums is None:
             self.keys, self.sums = list(values), torch.zeros_like(row)
         self.sums += row
@@ -130,8 +138,15 @@ class RunningMeans:
 class Trainer:
     """The shared loop; see the module docstring for the order of calls."""
 
-    def __init__(self, loop: LoopConfig, output_dir: str | Path, stage: str, log: logging.Logger,
-                 max_minutes: float | None = None, started: float | None = None) -> None:
+    def __init__(
+        self,
+        loop: LoopConfig,
+        output_dir: str | Path,
+        stage: str,
+        log: logging.Logger,
+        max_minutes: float | None = None,
+        started: float | None = None,
+    ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -140,15 +155,18 @@ class Trainer:
         self.started = time.monotonic() if started is None else started
         self.precision = choose_precision(loop.mixed_precision)
         self.accelerator = Accelerator(
-            cpu=is_multi_cpu_run(), mixed_precision=self.precision,
-            gradient_accumulation_steps=loop.gradient_accumulation_steps, log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
-                                                logging_dir=str(self.output_dir / "logs")),
+            cpu=is_multi_cpu_run(),
+            mixed_precision=self.precision,
+            gradient_accumulation_steps=loop.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
         )
         self.device = self.accelerator.device
         self.state: dict[str, Any] = {"global_step": 0, "micro_step": 0, "history": {"loss": []}}
-        self.model: Any = None          # as prepared (DDP-wrapped on several processes)
-        self.unwrapped: Any = None      # the model itself (save_pretrained, EMA, validation)
+        self.model: Any = None  # as prepared (DDP-wrapped on several processes)
+        self.unwrapped: Any = None  # the model itself (save_pretrained, EMA, validation)
         self.optimizer: Any = None
         self.lr_scheduler: Any = None
         self.ema: Any = None
@@ -174,16 +192,25 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         loop, world = self.loop, self.accelerator.num_processes
-        trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or e.g. LoRA layers only
-        optimizer = torch.optim.AdamW(trainable, lr=loop.learning_rate, betas=tuple(loop.adam_betas),
-                                      weight_decay=loop.weight_decay)
+        trainable = [
+            p for p in model.parameters() if p.requires_grad
+        ]  # all of them, or e.g. LoRA layers only
+        optimizer = torch.optim.AdamW(
+            trainable, lr=loop.learning_rate, betas=tuple(loop.adam_betas), weight_decay=loop.weight_decay
+        )
         # accelerate steps a prepared scheduler once per process per optimizer step: scale like diffusers' examples.
-        lr_scheduler = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.warmup_steps * world,
-                                     num_training_steps=loop.max_steps * world)
+        lr_scheduler = get_scheduler(
+            loop.lr_scheduler,
+            optimizer,
+            num_warmup_steps=loop.warmup_steps * world,
+            num_training_steps=loop.max_steps * world,
+        )
         if loader is None:
             model, optimizer, lr_scheduler = self.accelerator.prepare(model, optimizer, lr_scheduler)
         else:
-            model, optimizer, loader, lr_scheduler = self.accelerator.prepare(model, optimizer, loader, lr_scheduler)
+            model, optimizer, loader, lr_scheduler = self.accelerator.prepare(
+                model, optimizer, loader, lr_scheduler
+            )
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.unwrapped = self.accelerator.unwrap_model(model)
         if loop.use_ema:
@@ -196,7 +223,9 @@ class Trainer:
         checkpoint = find_checkpoint(self.output_dir, resume) if resume else None
         if checkpoint is None:
             if resume:
-                self.log.warning("--resume %s: no checkpoint under %s, starting from scratch", resume, self.output_dir)
+                self.log.warning(
+                    "--resume %s: no checkpoint under %s, starting from scratch", resume, self.output_dir
+                )
             return None
         if check is not None:
             check(checkpoint)
@@ -216,15 +245,26 @@ class Trainer:
             save_yaml(to_dict(run_config), self.output_dir / "run_config.yaml")
 
     # -------------------------------------------------------------------------------------------------- loop
-    def fit(self, step_fn: StepFn, batches: BatchSource, schedule: TokenSchedule, loss_key: str = "loss",
-            evaluate: Callable[[int], None] | None = None, evaluate_every: int = 0) -> None:
+    def fit(
+        self,
+        step_fn: StepFn,
+        batches: BatchSource,
+        schedule: TokenSchedule,
+        loss_key: str = "loss",
+        evaluate: Callable[[int], None] | None = None,
+        evaluate_every: int = 0,
+    ) -> None:
         """Train until ``max_steps`` or the wall-clock budget. ``evaluate(step)`` runs on the main process every
         ``evaluate_every`` steps (never at the last step: the stage evaluates its final model itself)."""
         from tqdm.auto import tqdm
 
         loop, accelerator, state = self.loop, self.accelerator, self.state
-        progress = tqdm(total=loop.max_steps, initial=state["global_step"], desc=f"train-{self.stage}",
-                        disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=loop.max_steps,
+            initial=state["global_step"],
+            desc=f"train-{self.stage}",
+            disable=not accelerator.is_local_main_process,
+        )
         self.model.train()
         running = RunningMeans(self.device)
         source = batches(state["micro_step"])
@@ -272,7 +312,9 @@ class Trainer:
         """Whether any rank is past ``max_minutes``: every rank must agree on stopping, so the flags are summed."""
         if self.max_minutes is None:
             return False
-        flag = torch.tensor(float(time.monotonic() - self.started > 60.0 * self.max_minutes), device=self.device)
+        flag = torch.tensor(
+            float(time.monotonic() - self.started > 60.0 * self.max_minutes), device=self.device
+        )
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     # ------------------------------------------------------------------------------------- checkpoints, end

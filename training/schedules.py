@@ -34,7 +34,9 @@ def _normalised(probs: list[float] | None, count: int, where: str) -> np.ndarray
         return np.full(count, 1.0 / count)
     values = np.asarray(probs, dtype=np.float64)
     if values.shape != (count,) or (values < 0).any() or values.sum() <= 0:
-        raise ValueError(f"{where}: probs must be {count} non-negative numbers with a positive sum, got {probs}")
+        raise ValueError(
+            f"{where}: probs must be {count} non-negative numbers with a positive sum, got {probs}"
+        )
     return values / values.sum()
 
 
@@ -66,7 +68,13 @@ class TokenSchedule:
                 raise ValueError(f"{where}: 'tokens' must be a non-empty list of token counts")
             tokens = [int(t) for t in phase["tokens"]]
             until = phase.get("until_step")
-            self.phases.append((None if until is None else int(until), tokens, _normalised(phase.get("probs"), len(tokens), where)))
+            self.phases.append(
+                (
+                    None if until is None else int(until),
+                    tokens,
+                    _normalised(phase.get("probs"), len(tokens), where),
+                )
+            )
         if self.mixture is None and not self.phases:
             raise ValueError("schedule: give either 'phases' or 'mixture'")
         bounds = [until for until, _, _ in self.phases if until is not None]

@@ -148,7 +148,9 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         self.norm_query = nn.LayerNorm(width, eps=layer_norm_eps)
         self.norm_context = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.attn = attention if attention is not None else MultiHeadAttention(width, heads, qkv_bias, qk_norm)
+        self.attn = (
+            attention if attention is not None else MultiHeadAttention(width, heads, qkv_bias, qk_norm)
+        )
         self.norm_mlp = nn.LayerNorm(width, eps=layer_norm_eps)
         self.mlp = FeedForward(width, int(width * mlp_ratio))
 

@@ -69,7 +69,9 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def view_points(points: np.ndarray, normals: np.ndarray, count: int, seed: int, keep_all: bool) -> torch.Tensor:
+def view_points(
+    points: np.ndarray, normals: np.ndarray, count: int, seed: int, keep_all: bool
+) -> torch.Tensor:
     """(P, 3) points + normals -> (count, 6): all in order when ``keep_all`` and P == count, else a seeded random
     subset (with replacement only if P < count)."""
     cloud = torch.from_numpy(np.concatenate([points, normals], axis=1).astype(np.float32))  # (P, 6)
@@ -85,7 +87,9 @@ class PreparedViews(torch.utils.data.Dataset):
     """Prepared sample -> its V views of (uniform (V, n_u, 6), salient (V, n_s, 6)); errors are returned, not
     raised, so one corrupt file is logged and skipped instead of killing a worker."""
 
-    def __init__(self, items: list[tuple[str, Path]], n_uniform: int, n_salient: int, num_views: int, seed: int):
+    def __init__(
+        self, items: list[tuple[str, Path]], n_uniform: int, n_salient: int, num_views: int, seed: int
+    ):
         self.items, self.n_uniform, self.n_salient = items, n_uniform, n_salient
         self.num_views, self.seed = num_views, seed
 
@@ -97,23 +101,46 @@ class PreparedViews(torch.utils.data.Dataset):
         try:
             sample = load_prepared(path)  # clear error naming the file when corrupt
             keep_all = self.num_views == 1
-            views = [(view_points(sample["uniform_points"], sample["uniform_normals"], self.n_uniform,
-                                  stable_seed(self.seed, shape_id, view, "uniform"), keep_all),
-                      view_points(sample["salient_points"], sample["salient_normals"], self.n_salient,
-                                  stable_seed(self.seed, shape_id, view, "salient"), keep_all))
-                     for view in range(self.num_views)]
+            views = [
+                (
+                    view_points(
+                        sample["uniform_points"],
+                        sample["uniform_normals"],
+                        self.n_uniform,
+                        stable_seed(self.seed, shape_id, view, "uniform"),
+                        keep_all,
+                    ),
+                    view_points(
+                        sample["salient_points"],
+                        sample["salient_normals"],
+                        self.n_salient,
+                        stable_seed(self.seed, shape_id, view, "salient"),
+                        keep_all,
+                    ),
+                )
+                for view in range(self.num_views)
+            ]
         except Exception as error:  # a batch job logs, skips and goes on
             return {"shape_id": shape_id, "path": str(path), "error": f"{type(error).__name__}: {error}"}
-        return {"shape_id": shape_id, "path": str(path), "meta": sample["meta"],
-                "uniform": torch.stack([u for u, _ in views]), "salient": torch.stack([s for _, s in views])}
+        return {
+            "shape_id": shape_id,
+            "path": str(path),
+            "meta": sample["meta"],
+            "uniform": torch.stack([u for u, _ in views]),
+            "salient": torch.stack([s for _, s in views]),
+        }
 
 
 def vae_identity(vae_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
     """The VAE's config and the sha256 of its weight file(s): what the manifest pins the latents to."""
     from vae.provenance import weight_hashes
 
-    return {"path": str(vae_dir), "class": type(model).__name__, "config": dict(model.config),
-            "weights_sha256": weight_hashes(vae_dir)}
+    return {
+        "path": str(vae_dir),
+        "class": type(model).__name__,
+        "config": dict(model.config),
+        "weights_sha256": weight_hashes(vae_dir),
+    }
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -150,7 +177,9 @@ def recover(out_dir: Path) -> None:
             path.unlink()
 
 
-def my_shapes(all_ids: list[str], done: set[str], world_sizes: set[int], rank: int, world_size: int) -> list[str]:
+def my_shapes(
+    all_ids: list[str], done: set[str], world_sizes: set[int], rank: int, world_size: int
+) -> list[str]:
     """This rank's shapes: every W-th of all ids (stable for one world size), minus those already done; after a
     world-size change, every W-th of the not-yet-done ids (balanced for the new ranks)."""
     if world_sizes <= {world_size}:
@@ -164,8 +193,12 @@ def check_settings(out_dir: Path, settings: dict[str, Any], write: bool = True) 
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != json.loads(json.dumps(settings, default=str)):
-            changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
-            raise ValueError(f"{out_dir} holds shards cached with other settings ({changed}); use a new --out")
+            changed = sorted(
+                key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key)
+            )
+            raise ValueError(
+                f"{out_dir} holds shards cached with other settings ({changed}); use a new --out"
+            )
     elif write:
         path.with_suffix(".tmp").write_text(json.dumps(settings, indent=2, default=str))
         os.replace(path.with_suffix(".tmp"), path)
@@ -178,18 +211,31 @@ def encode_batch(model: Any, batch: list[dict[str, Any]], config: CacheConfig) -
     uniform = torch.cat([item["uniform"] for item in batch])  # (B*V, n_u, 6)
     salient = torch.cat([item["salient"] for item in batch])  # (B*V, n_s, 6)
     generator = None
-    if config.sample_posterior:  # one generator per row (diffusers' randn_tensor takes a list): batching-proof
-        generator = [torch.Generator().manual_seed(stable_seed(config.seed, item["shape_id"], view, "posterior"))
-                     for item in batch for view in range(config.num_views)]
+    if (
+        config.sample_posterior
+    ):  # one generator per row (diffusers' randn_tensor takes a list): batching-proof
+        generator = [
+            torch.Generator().manual_seed(stable_seed(config.seed, item["shape_id"], view, "posterior"))
+            for item in batch
+            for view in range(config.num_views)
+        ]
     with torch.no_grad():
-        latents = model.encode({"uniform": uniform, "salient": salient, "epsilon": epsilon},
-                               num_tokens=config.num_tokens, sample_posterior=config.sample_posterior,
-                               generator=generator)  # (B*V, N, C)
+        latents = model.encode(
+            {"uniform": uniform, "salient": salient, "epsilon": epsilon},
+            num_tokens=config.num_tokens,
+            sample_posterior=config.sample_posterior,
+            generator=generator,
+        )  # (B*V, N, C)
     return latents.reshape(len(batch), config.num_views, *latents.shape[1:])  # (B, V, N, C)
 
 
-def cache_latents(vae_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, config: CacheConfig,
-                  limit: int | None = None) -> dict[str, Any] | None:
+def cache_latents(
+    vae_dir: str | Path,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    config: CacheConfig,
+    limit: int | None = None,
+) -> dict[str, Any] | None:
     """Encode every prepared shape not yet cached into ``out_dir``; returns the manifest on rank 0."""
     from vae import DoraVAE
 
@@ -208,8 +254,10 @@ def cache_latents(vae_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     n_salient = config.n_salient or int(model.config.n_salient)
     uniform_tokens, salient_tokens = model.token_split(config.num_tokens)
     if uniform_tokens > n_uniform or (model.config.use_salient and salient_tokens > n_salient):
-        raise ValueError(f"num_tokens={config.num_tokens} needs {uniform_tokens} uniform / {salient_tokens} salient "
-                         f"points per view, but n_uniform={n_uniform}, n_salient={n_salient}")
+        raise ValueError(
+            f"num_tokens={config.num_tokens} needs {uniform_tokens} uniform / {salient_tokens} salient "
+            f"points per view, but n_uniform={n_uniform}, n_salient={n_salient}"
+        )
     identity = vae_identity(vae_dir, model)
     # what decides the latents' content and layout; batch size, workers and shard bounds may change on resume
     settings = {key: value for key, value in to_dict(config).items() if key in CONTENT_KEYS}
@@ -229,18 +277,29 @@ def cache_latents(vae_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     log_path, failure_path = progress / f"rank-{rank:05d}.jsonl", progress / f"failures-{rank:05d}.jsonl"
 
     def commit(record: ShardRecord) -> None:
-        append_jsonl(log_path, {**record.to_dict(), "rank": rank, "world_size": world_size, "time": time.time()})
+        append_jsonl(
+            log_path, {**record.to_dict(), "rank": rank, "world_size": world_size, "time": time.time()}
+        )
 
     def fail(item: dict[str, Any], error: str) -> None:
         append_jsonl(failure_path, {"shape_id": item["shape_id"], "path": item["path"], "error": error})
 
-    dataset = PreparedViews([(shape, files[shape]) for shape in mine], n_uniform, n_salient, config.num_views,
-                            config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=list,
-                                         num_workers=config.num_workers if len(mine) > config.batch_size else 0)
+    dataset = PreparedViews(
+        [(shape, files[shape]) for shape in mine], n_uniform, n_salient, config.num_views, config.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        collate_fn=list,
+        num_workers=config.num_workers if len(mine) > config.batch_size else 0,
+    )
     start_time, encoded = time.perf_counter(), 0
-    bar = tqdm(total=len(mine), unit="shape", desc=f"caching latents (rank {rank}/{world_size})",
-               disable=not state.is_local_main_process)
+    bar = tqdm(
+        total=len(mine),
+        unit="shape",
+        desc=f"caching latents (rank {rank}/{world_size})",
+        disable=not state.is_local_main_process,
+    )
     with LatentShardWriter(out_dir, rank, start, config.max_samples, config.max_bytes, commit) as writer:
         for batch in loader:
             good = []
@@ -266,13 +325,26 @@ def cache_latents(vae_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
                 captions = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
                 if isinstance(captions, str):
                     captions = [captions]
-                metadata = {"shape_id": item["shape_id"], "captions": captions, "category": meta.get("category"),
-                            "source": meta.get("source"), "prepared_path": item["path"],
-                            "num_tokens": config.num_tokens, "num_views": config.num_views,
-                            "latent_channels": int(shape_latents.shape[-1]), "dtype": config.dtype,
-                            "token_order": "fps", "meta": meta}
-                writer.write(item["shape_id"], to_storage(shape_latents, config.dtype), captions,
-                             str(meta.get("source") or item["path"]), metadata)
+                metadata = {
+                    "shape_id": item["shape_id"],
+                    "captions": captions,
+                    "category": meta.get("category"),
+                    "source": meta.get("source"),
+                    "prepared_path": item["path"],
+                    "num_tokens": config.num_tokens,
+                    "num_views": config.num_views,
+                    "latent_channels": int(shape_latents.shape[-1]),
+                    "dtype": config.dtype,
+                    "token_order": "fps",
+                    "meta": meta,
+                }
+                writer.write(
+                    item["shape_id"],
+                    to_storage(shape_latents, config.dtype),
+                    captions,
+                    str(meta.get("source") or item["path"]),
+                    metadata,
+                )
                 encoded += 1
             bar.update(len(batch))
     bar.close()
@@ -282,15 +354,26 @@ def cache_latents(vae_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     return finish(out_dir, state, identity, config, settings, int(model.config.latent_channels), all_ids, run)
 
 
-def finish(out_dir: Path, state: PartialState, identity: dict[str, Any], config: CacheConfig,
-           settings: dict[str, Any], channels: int, all_ids: list[str], run: dict[str, Any]) -> dict[str, Any] | None:
+def finish(
+    out_dir: Path,
+    state: PartialState,
+    identity: dict[str, Any],
+    config: CacheConfig,
+    settings: dict[str, Any],
+    channels: int,
+    all_ids: list[str],
+    run: dict[str, Any],
+) -> dict[str, Any] | None:
     """Reduce the statistics across ranks and write the manifest once (rank 0)."""
     progress = out_dir / PROGRESS_DIR
     rank, world_size = state.process_index, state.num_processes
     # Each rank adds up the shards logged under its rank (from this and earlier runs); rank 0 also takes logs of
     # ranks beyond the current world size. The per-shard sums make the statistics exact across resumes.
-    owned = [log for log in sorted(progress.glob("rank-*.jsonl"))
-             if int(log.stem[5:]) == rank or (rank == 0 and int(log.stem[5:]) >= world_size)]
+    owned = [
+        log
+        for log in sorted(progress.glob("rank-*.jsonl"))
+        if int(log.stem[5:]) == rank or (rank == 0 and int(log.stem[5:]) >= world_size)
+    ]
     sums = LatentSums(0, np.zeros(channels), np.zeros(channels))
     for log in owned:
         for record in read_jsonl(log):
@@ -305,22 +388,43 @@ def finish(out_dir: Path, state: PartialState, identity: dict[str, Any], config:
     run["shapes_per_second"] = round(run["shapes_encoded"] / max(run["seconds"], 1e-9), 3)
     if not state.is_main_process:
         return None
-    total = LatentSums(int(packed[0].item()), packed[1:1 + channels].numpy(), packed[1 + channels:].numpy())
-    records = [ShardRecord.from_dict(r) for log in sorted(progress.glob("rank-*.jsonl")) for r in read_jsonl(log)]
+    total = LatentSums(
+        int(packed[0].item()), packed[1 : 1 + channels].numpy(), packed[1 + channels :].numpy()
+    )
+    records = [
+        ShardRecord.from_dict(r) for log in sorted(progress.glob("rank-*.jsonl")) for r in read_jsonl(log)
+    ]
     cached = [shape for record in records for shape in record.shape_ids]
     if len(cached) != len(set(cached)):
-        raise RuntimeError(f"{out_dir}: a shape is recorded in two shards; the progress logs are inconsistent")
-    failures = {r["shape_id"]: r for log in sorted(progress.glob("failures-*.jsonl")) for r in read_jsonl(log)}
+        raise RuntimeError(
+            f"{out_dir}: a shape is recorded in two shards; the progress logs are inconsistent"
+        )
+    failures = {
+        r["shape_id"]: r for log in sorted(progress.glob("failures-*.jsonl")) for r in read_jsonl(log)
+    }
     failures = [failure for shape, failure in sorted(failures.items()) if shape not in set(cached)]
     manifest = build_manifest(
-        records, total, vae=identity, epsilon=identity["config"].get("epsilon"), num_tokens=config.num_tokens,
+        records,
+        total,
+        vae=identity,
+        epsilon=identity["config"].get("epsilon"),
+        num_tokens=config.num_tokens,
         token_order="fps: tokens are farthest-point-sampling ordered (uniform/salient interleaved); any prefix "
         "latents[:, :k] is a coarse cover, so train on fewer tokens by truncating",
-        latent_channels=channels, num_views=config.num_views, dtype=config.dtype,
+        latent_channels=channels,
+        num_views=config.num_views,
+        dtype=config.dtype,
         storage_dtype="uint16 (raw bfloat16 bits)" if config.dtype == "bf16" else config.dtype,
-        latent_shape=["num_views", "num_tokens", "latent_channels"], cache_config=to_dict(config), settings=settings,
-        world_size=world_size, last_run=run, num_input_shapes=len(all_ids), num_failures=len(failures), failures=failures,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        latent_shape=["num_views", "num_tokens", "latent_channels"],
+        cache_config=to_dict(config),
+        settings=settings,
+        world_size=world_size,
+        last_run=run,
+        num_input_shapes=len(all_ids),
+        num_failures=len(failures),
+        failures=failures,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     assert manifest["num_samples"] == len(cached) and total.count == sum(r.sums.count for r in records)
     write_manifest(out_dir, manifest)
     return manifest
@@ -331,11 +435,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae", required=True, help="VAE folder written by save_pretrained")
     parser.add_argument("--data", required=True, help="prepared dataset root (PREPARED, with samples/*.npz)")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--config", default="cache/default.yaml", help="YAML (CacheConfig); flags override it")
+    parser.add_argument(
+        "--config", default="cache/default.yaml", help="YAML (CacheConfig); flags override it"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (sorted by id)")
-    for name, kind in [("num-tokens", int), ("num-views", int), ("batch-size", int), ("max-samples", int),
-                       ("max-bytes", int), ("seed", int), ("num-workers", int), ("n-uniform", int),
-                       ("n-salient", int)]:
+    for name, kind in [
+        ("num-tokens", int),
+        ("num-views", int),
+        ("batch-size", int),
+        ("max-samples", int),
+        ("max-bytes", int),
+        ("seed", int),
+        ("num-workers", int),
+        ("n-uniform", int),
+        ("n-salient", int),
+    ]:
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
     parser.add_argument("--sample-posterior", action="store_true", default=None)
@@ -344,8 +458,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items()
-                 if key not in {"vae", "data", "out", "config", "limit"} and value is not None}
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in {"vae", "data", "out", "config", "limit"} and value is not None
+    }
     config = load_config(CacheConfig, args.config, overrides)
     try:
         manifest = cache_latents(args.vae, args.data, args.out, config, limit=args.limit)
@@ -357,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if manifest is not None:
-        print(f"cached {manifest['num_samples']} shapes in {manifest['num_shards']} shards -> {args.out} "
-              f"({manifest['num_failures']} failures)")
+        print(
+            f"cached {manifest['num_samples']} shapes in {manifest['num_shards']} shards -> {args.out} "
+            f"({manifest['num_failures']} failures)"
+        )
     return 0
 
 

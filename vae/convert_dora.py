@@ -46,14 +46,21 @@ PREFIX_MAP: list[tuple[str, str, str]] = [
     (r"decoder\.output_proj\.", "output_proj.", "plain"),
 ]
 # Renames inside a block (the fused c_qkv / c_kv are handled separately).
-COMMON_BLOCK_RENAMES = {"attn.c_q.": "attn.to_q.", "attn.c_proj.": "attn.to_out.", "mlp.c_fc.": "mlp.fc1.",
-                        "mlp.c_proj.": "mlp.fc2."}
+COMMON_BLOCK_RENAMES = {
+    "attn.c_q.": "attn.to_q.",
+    "attn.c_proj.": "attn.to_out.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
 BLOCK_RENAMES = {
     "self": {**COMMON_BLOCK_RENAMES, "ln_1.": "norm_attn.", "ln_2.": "norm_mlp."},
     "cross": {**COMMON_BLOCK_RENAMES, "ln_1.": "norm_query.", "ln_2.": "norm_context.", "ln_3.": "norm_mlp."},
     "plain": {},
 }
-FUSED = {"attn.c_qkv.": ("attn.to_q.", "attn.to_k.", "attn.to_v."), "attn.c_kv.": ("attn.to_k.", "attn.to_v.")}
+FUSED = {
+    "attn.c_qkv.": ("attn.to_q.", "attn.to_k.", "attn.to_v."),
+    "attn.c_kv.": ("attn.to_k.", "attn.to_v."),
+}
 
 
 class _Placeholder:
@@ -79,12 +86,18 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([(_Placeholder, name) for name in unsafe]):
             content = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a dict (Lightning checkpoint or state dict), got {type(content).__name__}")
+        raise ValueError(
+            f"{path}: expected a dict (Lightning checkpoint or state dict), got {type(content).__name__}"
+        )
     state = content.get("state_dict", content)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
     if any(key.startswith(OFFICIAL_PREFIX) for key in state):
-        state = {key[len(OFFICIAL_PREFIX):]: value for key, value in state.items() if key.startswith(OFFICIAL_PREFIX)}
+        state = {
+            key[len(OFFICIAL_PREFIX) :]: value
+            for key, value in state.items()
+            if key.startswith(OFFICIAL_PREFIX)
+        }
     bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
@@ -95,7 +108,9 @@ def split_per_head(fused: torch.Tensor, heads: int, parts: int) -> list[torch.Te
     """Undo Dora's per-head interleaving: rows ``h*parts*D + s*D + c`` -> ``parts`` tensors of rows ``h*D + c``."""
     rows = fused.shape[0]
     if rows % (heads * parts):
-        raise ValueError(f"fused projection with {rows} rows cannot be split into {heads} heads x {parts} parts")
+        raise ValueError(
+            f"fused projection with {rows} rows cannot be split into {heads} heads x {parts} parts"
+        )
     grouped = rearrange(fused, "(h p d) ... -> p (h d) ...", h=heads, p=parts)  # (parts, H*D, ...)
     return [part.clone() for part in grouped]  # own storage each: safetensors refuses shared tensors
 
@@ -105,7 +120,7 @@ def map_official_key(key: str) -> tuple[str, str, str]:
     for pattern, target, kind in PREFIX_MAP:
         match = re.match(pattern, key)
         if match:
-            return target.format(*match.groups()), key[match.end():], kind
+            return target.format(*match.groups()), key[match.end() :], kind
     raise KeyError(key)
 
 
@@ -124,11 +139,11 @@ def convert_state_dict(official: dict[str, torch.Tensor], heads: int = 12) -> di
         if fused is not None and kind != "plain":
             outputs = FUSED[fused]
             for name, part in zip(outputs, split_per_head(tensor, heads, len(outputs))):
-                converted[target + name + rest[len(fused):]] = part
+                converted[target + name + rest[len(fused) :]] = part
             continue
         for old, new in BLOCK_RENAMES[kind].items():
             if rest.startswith(old):
-                rest = new + rest[len(old):]
+                rest = new + rest[len(old) :]
                 break
         converted[target + rest] = tensor
     if unmapped:
@@ -187,8 +202,14 @@ def build_model(official: dict[str, torch.Tensor], heads: int = 12, **overrides:
     missing = sorted(set(ours) - set(converted))
     extra = sorted(set(converted) - set(ours))
     if missing or extra:
-        raise ValueError(f"key mismatch after conversion: ours not filled {missing[:8]}, unexpected {extra[:8]}")
-    wrong = [f"{k}: {tuple(converted[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if converted[k].shape != v.shape]
+        raise ValueError(
+            f"key mismatch after conversion: ours not filled {missing[:8]}, unexpected {extra[:8]}"
+        )
+    wrong = [
+        f"{k}: {tuple(converted[k].shape)} vs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if converted[k].shape != v.shape
+    ]
     if wrong:
         raise ValueError(f"shape mismatch after conversion: {wrong[:8]}")
     model.load_state_dict(converted, strict=True, assign=True)
@@ -211,10 +232,16 @@ def convert_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dora convert-dora-checkpoint", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="official dora_vae_1_1.ckpt (Lightning checkpoint or plain state dict)")
+    parser.add_argument(
+        "checkpoint", help="official dora_vae_1_1.ckpt (Lightning checkpoint or plain state dict)"
+    )
     parser.add_argument("out_dir", help="output folder for DoraVAE.from_pretrained")
-    parser.add_argument("--heads", type=int, default=12, help="attention heads (not stored in the weights; 12 for v1.1)")
-    parser.add_argument("--epsilon", type=float, default=2 / 256, help="watertight/sampling epsilon to record")
+    parser.add_argument(
+        "--heads", type=int, default=12, help="attention heads (not stored in the weights; 12 for v1.1)"
+    )
+    parser.add_argument(
+        "--epsilon", type=float, default=2 / 256, help="watertight/sampling epsilon to record"
+    )
     args = parser.parse_args(argv)
     try:
         model = convert_checkpoint(args.checkpoint, args.out_dir, heads=args.heads, epsilon=args.epsilon)
@@ -222,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert-dora-checkpoint: {error}", file=sys.stderr)
         return 1
     count = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out_dir}: DoraVAE with {count:,} parameters, all {len(model.state_dict())} tensors mapped")
+    print(
+        f"wrote {args.out_dir}: DoraVAE with {count:,} parameters, all {len(model.state_dict())} tensors mapped"
+    )
     return 0
 
 

@@ -34,7 +34,9 @@ def farthest_point_indices(points: torch.Tensor, num_samples: int, backend: str 
     "fpsample" or "torch".
     """
     if points.dim() != 3 or points.shape[-1] != 3:
-        raise ValueError(f"farthest_point_indices expects points of shape (B, N, 3), got {tuple(points.shape)}")
+        raise ValueError(
+            f"farthest_point_indices expects points of shape (B, N, 3), got {tuple(points.shape)}"
+        )
     batch, count, _ = points.shape
     if num_samples > count:
         raise ValueError(f"cannot pick {num_samples} farthest points from a cloud of {count} points")

@@ -20,7 +20,9 @@ class LatentPosterior:
 
     mean: torch.Tensor  # (B, N, C)
     logvar: torch.Tensor  # (B, N, C), already clamped to [-30, 20]
-    positions: torch.Tensor | None = None  # (B, N, 6): xyz + normal of the FPS point each token was taken from
+    positions: torch.Tensor | None = (
+        None  # (B, N, 6): xyz + normal of the FPS point each token was taken from
+    )
 
     @property
     def std(self) -> torch.Tensor:
@@ -30,7 +32,9 @@ class LatentPosterior:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = randn_tensor(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + self.std * noise  # (B, N, C)
 
     def kl(self) -> torch.Tensor:
@@ -56,9 +60,14 @@ def interleave_order(num_uniform: int, num_salient: int) -> torch.Tensor:
 
 def stream_array(point_cloud: Any, stream: str) -> np.ndarray:
     """(N, 6) xyz+normal of one stream of a PointCloud-like object (duck-typed to keep data and vae decoupled)."""
-    points, normals = getattr(point_cloud, f"{stream}_points", None), getattr(point_cloud, f"{stream}_normals", None)
+    points, normals = (
+        getattr(point_cloud, f"{stream}_points", None),
+        getattr(point_cloud, f"{stream}_normals", None),
+    )
     if points is None or normals is None:
-        raise ValueError(f"point cloud has no {stream}_points/{stream}_normals (got {type(point_cloud).__name__})")
+        raise ValueError(
+            f"point cloud has no {stream}_points/{stream}_normals (got {type(point_cloud).__name__})"
+        )
     return np.concatenate([np.asarray(points, np.float32), np.asarray(normals, np.float32)], axis=-1)
 
 
@@ -67,7 +76,11 @@ class TokenQuery(Protocol):
     (B, N, W) at query points."""
 
     def _query_tokens(
-        self, tokens: torch.Tensor, query_points: Any, output: str = "occupancy", chunk_size: int | None = None
+        self,
+        tokens: torch.Tensor,
+        query_points: Any,
+        output: str = "occupancy",
+        chunk_size: int | None = None,
     ) -> torch.Tensor: ...
 
 

@@ -61,7 +61,9 @@ class LocalMultiHeadAttention(MultiHeadAttention):
     ) -> None:
         super().__init__(width, heads, qkv_bias=qkv_bias, qk_norm=qk_norm)
         if len(locality_sigmas) != heads or min(locality_sigmas) <= 0:
-            raise ValueError(f"locality_sigmas needs {heads} positive lengths (one per head), got {locality_sigmas}")
+            raise ValueError(
+                f"locality_sigmas needs {heads} positive lengths (one per head), got {locality_sigmas}"
+            )
         inverse_variance = torch.tensor([1.0 / float(sigma) ** 2 for sigma in locality_sigmas])
         self.log_locality = nn.Parameter(inverse_variance.log())  # (H,)
         # Each head also reports the geometry it looked at (see _local_attention), projected into the output.
@@ -91,18 +93,36 @@ class LocalMultiHeadAttention(MultiHeadAttention):
         strength = self.log_locality.exp().view(1, heads, 1, 1)  # (1, H, 1, 1)
         q_pos = query_positions.float()[:, None].expand(-1, heads, -1, -1)  # (B, H, Nq, 3)
         k_pos = key_positions.float()[:, None].expand(-1, heads, -1, -1)  # (B, H, Nk, 3)
-        k_normal = torch.zeros_like(k_pos) if key_normals is None else key_normals.float()[:, None].expand_as(k_pos)
+        k_normal = (
+            torch.zeros_like(k_pos) if key_normals is None else key_normals.float()[:, None].expand_as(k_pos)
+        )
         q_zeros, k_zeros = q_pos.new_zeros(*q_pos.shape[:3], 4), k_pos.new_zeros(*k_pos.shape[:3], 4)
-        query = torch.cat([query.float() / math.sqrt(dim), 2 * strength * q_pos, -strength.expand_as(q_pos[..., :1]),
-                           q_zeros], dim=-1)  # (B, H, Nq, D + 8)
-        key = torch.cat([key.float(), k_pos, k_pos.pow(2).sum(-1, keepdim=True), k_zeros], dim=-1)  # (B, H, Nk, D + 8)
+        query = torch.cat(
+            [
+                query.float() / math.sqrt(dim),
+                2 * strength * q_pos,
+                -strength.expand_as(q_pos[..., :1]),
+                q_zeros,
+            ],
+            dim=-1,
+        )  # (B, H, Nq, D + 8)
+        key = torch.cat(
+            [key.float(), k_pos, k_pos.pow(2).sum(-1, keepdim=True), k_zeros], dim=-1
+        )  # (B, H, Nk, D + 8)
         plane = (k_pos * k_normal).sum(-1, keepdim=True)  # (B, H, Nk, 1)
-        value = torch.cat([value.float(), k_pos, k_normal, plane, k_zeros[..., :1]], dim=-1)  # (B, H, Nk, D + 8)
+        value = torch.cat(
+            [value.float(), k_pos, k_normal, plane, k_zeros[..., :1]], dim=-1
+        )  # (B, H, Nk, D + 8)
         attended = F.scaled_dot_product_attention(query, key, value, scale=1.0)  # (B, H, Nq, D + 8)
-        mean_pos, mean_normal = attended[..., dim:dim + 3], attended[..., dim + 3:dim + 6]  # (B, H, Nq, 3) each
+        mean_pos, mean_normal = (
+            attended[..., dim : dim + 3],
+            attended[..., dim + 3 : dim + 6],
+        )  # (B, H, Nq, 3) each
         sigma = self.log_locality.mul(-0.5).exp().view(1, heads, 1, 1)  # (1, H, 1, 1)
         offset = (q_pos - mean_pos) / sigma  # (B, H, Nq, 3)
-        distance = ((q_pos * mean_normal).sum(-1, keepdim=True) - attended[..., dim + 6:dim + 7]) / sigma  # (B, H, Nq, 1)
+        distance = (
+            (q_pos * mean_normal).sum(-1, keepdim=True) - attended[..., dim + 6 : dim + 7]
+        ) / sigma  # (B, H, Nq, 1)
         geometry = torch.cat([offset, mean_normal, distance], dim=-1)  # (B, H, Nq, GEOMETRY_FEATURES)
         dtype = self.to_out.weight.dtype
         out = rearrange(attended[..., :dim].to(dtype), "b h n d -> b n (h d)")  # (B, Nq, H*D)
@@ -120,7 +140,9 @@ class LocalMultiHeadAttention(MultiHeadAttention):
         if query_positions is None or key_positions is None:
             return super().forward(x, context)
         query, key, value = self._project(x, context)  # (B, H, Nq, D), (B, H, Nk, D) x 2
-        return self._local_attention(query, key, value, query_positions, key_positions, key_normals)  # (B, Nq, W)
+        return self._local_attention(
+            query, key, value, query_positions, key_positions, key_normals
+        )  # (B, Nq, W)
 
 
 class LocalCrossAttentionBlock(CrossAttentionBlock):
@@ -137,10 +159,18 @@ class LocalCrossAttentionBlock(CrossAttentionBlock):
         layer_norm_eps: float = 1e-5,
         locality_sigmas: Sequence[float] = (0.1,),
     ) -> None:
-        attention = LocalMultiHeadAttention(width, heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                                            locality_sigmas=locality_sigmas)
-        super().__init__(width, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         layer_norm_eps=layer_norm_eps, attention=attention)
+        attention = LocalMultiHeadAttention(
+            width, heads, qkv_bias=qkv_bias, qk_norm=qk_norm, locality_sigmas=locality_sigmas
+        )
+        super().__init__(
+            width,
+            heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            layer_norm_eps=layer_norm_eps,
+            attention=attention,
+        )
 
     def forward(
         self,
@@ -150,12 +180,15 @@ class LocalCrossAttentionBlock(CrossAttentionBlock):
         key_positions: torch.Tensor | None = None,
         key_normals: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_query(x), self.norm_context(context), query_positions, key_positions,
-                          key_normals)  # (B, Nq, W)
+        x = x + self.attn(
+            self.norm_query(x), self.norm_context(context), query_positions, key_positions, key_normals
+        )  # (B, Nq, W)
         return x + self.mlp(self.norm_mlp(x))  # (B, Nq, W)
 
 
-def cross_attention_block(heads: int, locality_sigmas: Sequence[float] | None) -> Callable[..., LocalCrossAttentionBlock]:
+def cross_attention_block(
+    heads: int, locality_sigmas: Sequence[float] | None
+) -> Callable[..., LocalCrossAttentionBlock]:
     """The block constructor ``DoraVAE`` uses instead of ``CrossAttentionBlock`` (same arguments)."""
     sigmas = default_locality_sigmas(heads) if locality_sigmas is None else locality_sigmas
     return functools.partial(LocalCrossAttentionBlock, locality_sigmas=[float(sigma) for sigma in sigmas])

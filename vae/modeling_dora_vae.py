@@ -94,7 +94,12 @@ class DoraVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"num_query_layers must be at least 1, got {num_query_layers}")
         if not 0.0 <= salient_token_fraction <= 1.0:
             raise ValueError(f"salient_token_fraction must lie in [0, 1], got {salient_token_fraction}")
-        blocks = {"mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "qk_norm": qk_norm, "layer_norm_eps": layer_norm_eps}
+        blocks = {
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+            "qk_norm": qk_norm,
+            "layer_norm_eps": layer_norm_eps,
+        }
         cross_block = CrossAttentionBlock
         if local_attention:  # local attention: the same blocks with a per-head distance term
             cross_block = local.cross_attention_block(heads, locality_sigmas)
@@ -105,12 +110,16 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self.cross_attn_uniform = cross_block(width, heads, **blocks)
         self.salient_proj = nn.Linear(point_dim, width) if use_salient else None
         self.cross_attn_salient = cross_block(width, heads, **blocks) if use_salient else None
-        self.encoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_encoder_layers))
+        self.encoder_blocks = nn.ModuleList(
+            SelfAttentionBlock(width, heads, **blocks) for _ in range(num_encoder_layers)
+        )
         self.encoder_norm_out = nn.LayerNorm(width, eps=layer_norm_eps)
         self.pre_kl = nn.Linear(width, 2 * latent_channels)
         # Decoder.
         self.post_kl = nn.Linear(latent_channels, width)
-        self.decoder_blocks = nn.ModuleList(SelfAttentionBlock(width, heads, **blocks) for _ in range(num_decoder_layers))
+        self.decoder_blocks = nn.ModuleList(
+            SelfAttentionBlock(width, heads, **blocks) for _ in range(num_decoder_layers)
+        )
         self.query_proj = nn.Linear(self.fourier.output_dim(3), width)
         self.cross_attn_decoder = cross_block(width, heads, **blocks)
         # Dora has one query cross-attention; more let a query refine where it looks (a coarse pass, then a local
@@ -137,7 +146,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
             tensor = tensor[None]
         expected = 3 + self.config.point_feature_dim
         if tensor.dim() != 3 or tensor.shape[-1] != expected:
-            raise ValueError(f"{name}: expected shape (B, N, {expected}) (xyz + normal), got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name}: expected shape (B, N, {expected}) (xyz + normal), got {tuple(tensor.shape)}"
+            )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name}: contains NaN or infinite values")
         return tensor
@@ -164,11 +175,15 @@ class DoraVAE(ModelMixin, ConfigMixin):
             self._warn_epsilon([point_cloud.get("epsilon")])
             salient = point_cloud.get("salient") if use_salient else None
             if use_salient and salient is None:
-                raise ValueError("this model uses the salient stream (use_salient=True): input dict needs 'salient'")
+                raise ValueError(
+                    "this model uses the salient stream (use_salient=True): input dict needs 'salient'"
+                )
             uniform = self._to_model(point_cloud["uniform"], "uniform")
             salient = None if salient is None else self._to_model(salient, "salient")
             if salient is not None and salient.shape[0] != uniform.shape[0]:
-                raise ValueError(f"uniform and salient batch sizes differ: {uniform.shape[0]} vs {salient.shape[0]}")
+                raise ValueError(
+                    f"uniform and salient batch sizes differ: {uniform.shape[0]} vs {salient.shape[0]}"
+                )
             return [(uniform, salient)]
         clouds = list(point_cloud) if isinstance(point_cloud, (list, tuple)) else [point_cloud]
         if not clouds:
@@ -177,7 +192,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         arrays = []
         for index, cloud in enumerate(clouds):
             try:
-                arrays.append((stream_array(cloud, "uniform"), stream_array(cloud, "salient") if use_salient else None))
+                arrays.append(
+                    (stream_array(cloud, "uniform"), stream_array(cloud, "salient") if use_salient else None)
+                )
             except ValueError as error:
                 raise ValueError(f"point cloud {index}: {error}") from None
         shapes = {(a.shape, None if b is None else b.shape) for a, b in arrays}
@@ -211,7 +228,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
             )
         indices = farthest_point_indices(points[..., :3], count)  # (B, K)
         picked = torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[-1]))  # (B, K, W)
-        return picked, torch.gather(points, 1, indices[..., None].expand(-1, -1, points.shape[-1]))  # (B, K, 6)
+        return picked, torch.gather(
+            points, 1, indices[..., None].expand(-1, -1, points.shape[-1])
+        )  # (B, K, 6)
 
     def _key_geometry(self, positions: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Extra arguments of an encoder cross-attention: none on the Dora path; with local attention the
@@ -220,7 +239,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
             return ()
         return local.encoder_geometry(positions[..., :3], points)
 
-    def _encode_group(self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int) -> LatentPosterior:
+    def _encode_group(
+        self, uniform: torch.Tensor, salient: torch.Tensor | None, num_tokens: int
+    ) -> LatentPosterior:
         num_uniform, num_salient = self.token_split(num_tokens)
         uniform_features = self.uniform_proj(self._embed_points(uniform))  # (B, Nu, W)
         picked = [self._queries(uniform_features, uniform, num_uniform, "uniform")]
@@ -228,15 +249,19 @@ class DoraVAE(ModelMixin, ConfigMixin):
             salient_features = self.salient_proj(self._embed_points(salient))  # (B, Ns, W)
             picked.append(self._queries(salient_features, salient, num_salient, "salient"))
         order = interleave_order(num_uniform, num_salient if self.config.use_salient else 0).to(self.device)
-        queries = torch.cat([features for features, _ in picked], dim=1)[:, order]  # (B, N, W), FPS-interleaved
+        queries = torch.cat([features for features, _ in picked], dim=1)[
+            :, order
+        ]  # (B, N, W), FPS-interleaved
         positions = torch.cat([point for _, point in picked], dim=1)[:, order]  # (B, N, 6) xyz + normal
-        tokens = self._run_block(self.cross_attn_uniform, queries, uniform_features,
-                                 *self._key_geometry(positions, uniform))  # (B, N, W)
+        tokens = self._run_block(
+            self.cross_attn_uniform, queries, uniform_features, *self._key_geometry(positions, uniform)
+        )  # (B, N, W)
         if self.config.use_salient:
             # As in Dora: both blocks keep their residual, so the sum holds the queries twice. Kept on purpose,
             # the released weights were trained that way.
-            tokens = tokens + self._run_block(self.cross_attn_salient, queries, salient_features,
-                                              *self._key_geometry(positions, salient))  # (B, N, W)
+            tokens = tokens + self._run_block(
+                self.cross_attn_salient, queries, salient_features, *self._key_geometry(positions, salient)
+            )  # (B, N, W)
         for block in self.encoder_blocks:
             tokens = self._run_block(block, tokens)  # (B, N, W)
         moments = self.pre_kl(self.encoder_norm_out(tokens))  # (B, N, 2C)
@@ -294,8 +319,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         path)."""
         return None if self.anchor_head is None else self.anchor_head(tokens)
 
-    def _query_raw(self, tokens: torch.Tensor, query_points: torch.Tensor,
-                   anchors: torch.Tensor | None) -> torch.Tensor:
+    def _query_raw(
+        self, tokens: torch.Tensor, query_points: torch.Tensor, anchors: torch.Tensor | None
+    ) -> torch.Tensor:
         """Raw output (B, M) at query points; ``anchors`` from :meth:`token_anchors` (None without local attention)."""
         queries = self.query_proj(self.fourier(query_points))  # (B, M, W)
         geometry = () if anchors is None else local.decoder_geometry(query_points, anchors)  # local attention
@@ -311,7 +337,11 @@ class DoraVAE(ModelMixin, ConfigMixin):
         return ((raw + 1.0) * 0.5).clamp(0.0, 1.0)
 
     def _query_tokens(
-        self, tokens: torch.Tensor, query_points: Any, output: str = "occupancy", chunk_size: int | None = None
+        self,
+        tokens: torch.Tensor,
+        query_points: Any,
+        output: str = "occupancy",
+        chunk_size: int | None = None,
     ) -> torch.Tensor:
         if output not in ("occupancy", "raw"):
             raise ValueError(f"output must be 'occupancy' or 'raw', got {output!r}")
@@ -362,7 +392,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
         if latent_noise > 0:
             spread = latents.detach().flatten(0, 1).std(0)  # (C,)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            noise = torch.randn(
+                latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+            )
             latents = latents + latent_noise * spread * noise  # (B, N, C)
         tokens = self.post_kl(latents)  # (B, N, W)
         for block in self.decoder_blocks:
@@ -372,7 +404,13 @@ class DoraVAE(ModelMixin, ConfigMixin):
             points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
         anchors = self.token_anchors(tokens)  # (B, N, 6) or None
         raw = self._query_raw(tokens, points, anchors)  # (B, M)
-        out = {"raw": raw, "kl": posterior.kl(), "latents": latents, "mean": posterior.mean, "logvar": posterior.logvar}
+        out = {
+            "raw": raw,
+            "kl": posterior.kl(),
+            "latents": latents,
+            "mean": posterior.mean,
+            "logvar": posterior.logvar,
+        }
         if anchors is not None:  # local attention
             out["anchor_loss"] = local.anchor_loss(anchors, posterior.positions)  # (B,)
         return out

@@ -30,14 +30,14 @@ logger = logging.getLogger("dora.train_vae")
 
 @dataclass
 class DataConfig:
-    root: str = "runs/prepared"          # a `dora prepare` output folder (holds samples/*.npz)
-    n_uniform: int | None = None         # per-item subsampling of the stored point clouds (None = all)
+    root: str = "runs/prepared"  # a `dora prepare` output folder (holds samples/*.npz)
+    n_uniform: int | None = None  # per-item subsampling of the stored point clouds (None = all)
     n_salient: int | None = None
-    n_supervision: int | None = None     # supervision points per item and step (None = all)
-    val_fraction: float = 0.1            # held-out split by shape-id hash (fixed across runs)
-    batch_size: int = 8                  # per process
+    n_supervision: int | None = None  # supervision points per item and step (None = all)
+    val_fraction: float = 0.1  # held-out split by shape-id hash (fixed across runs)
+    batch_size: int = 8  # per process
     num_workers: int = 0
-    cache_in_memory: bool = False        # keep decoded samples in RAM (small data sets: no npz decode per step)
+    cache_in_memory: bool = False  # keep decoded samples in RAM (small data sets: no npz decode per step)
 
 
 @dataclass
@@ -48,37 +48,41 @@ class TrainingConfig(LoopConfig):
     # point count (configs/vae/small.yaml shows the per-point equivalent it uses).
     volume_weight: float = 1.0
     near_weight: float = 1.0
-    sharp_weight: float = 2.0            # Dora weights the sharp-near term 2x
+    sharp_weight: float = 2.0  # Dora weights the sharp-near term 2x
     kl_weight: float = 1e-3
-    anchor_weight: float = 1.0           # models with local_attention: squared error of each token's xyz + normal
-    sample_posterior: bool = True        # False: decode the posterior mean (KL still regularises it); see small.yaml
-    latent_noise: float = 0.0            # decode codes + this x their per-channel std x N(0,1): robust to DiT errors
+    anchor_weight: float = 1.0  # models with local_attention: squared error of each token's xyz + normal
+    sample_posterior: bool = (
+        True  # False: decode the posterior mean (KL still regularises it); see small.yaml
+    )
+    latent_noise: float = 0.0  # decode codes + this x their per-channel std x N(0,1): robust to DiT errors
 
 
 @dataclass
 class ValidationConfig:
-    every_steps: int = 500               # 0 = only at the end
-    token_counts: list[int] = field(default_factory=lambda: [512])       # IoU during training
+    every_steps: int = 500  # 0 = only at the end
+    token_counts: list[int] = field(default_factory=lambda: [512])  # IoU during training
     final_token_counts: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     mesh_token_counts: list[int] = field(default_factory=lambda: [512])  # Chamfer + PNG (mesh extraction)
-    mesh_every_validation: bool = True   # False: meshes/Chamfer/PNG only at the final validation (CPU budgets)
-    best_metric_tokens: int = 512        # OUT/best = highest iou@this
-    max_shapes: int = 16                 # held-out shapes used (0 = all)
+    mesh_every_validation: bool = True  # False: meshes/Chamfer/PNG only at the final validation (CPU budgets)
+    best_metric_tokens: int = 512  # OUT/best = highest iou@this
+    max_shapes: int = 16  # held-out shapes used (0 = all)
     mesh_shapes: int = 4
     mesh_resolution: int = 64
     chamfer_points: int = 4096
-    use_ema: bool = True                 # validate/export EMA weights when EMA is on
+    use_ema: bool = True  # validate/export EMA weights when EMA is on
 
 
 @dataclass
 class VAETrainConfig:
-    model: dict[str, Any] = field(default_factory=dict)   # passed unchanged to DoraVAE(**model)
+    model: dict[str, Any] = field(default_factory=dict)  # passed unchanged to DoraVAE(**model)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    init_from: str | None = None         # start from a save_pretrained VAE folder (vae/provenance.py); --init-from
-    init_from_sha256: dict[str, str] | None = None   # recorded by the run: sha256 of that folder's weight files
+    init_from: str | None = None  # start from a save_pretrained VAE folder (vae/provenance.py); --init-from
+    init_from_sha256: dict[str, str] | None = (
+        None  # recorded by the run: sha256 of that folder's weight files
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- loss
@@ -87,13 +91,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type: str,
-                 training: TrainingConfig, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    model: Any,
+    batch: dict[str, Any],
+    num_tokens: int,
+    output_type: str,
+    training: TrainingConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
     anchor term of models with local attention)."""
-    out = model(uniform=batch["uniform"], salient=batch["salient"], query_points=batch["sup_points"], num_tokens=num_tokens,
-                sample_posterior=training.sample_posterior, generator=generator, latent_noise=training.latent_noise)
+    out = model(
+        uniform=batch["uniform"],
+        salient=batch["salient"],
+        query_points=batch["sup_points"],
+        num_tokens=num_tokens,
+        sample_posterior=training.sample_posterior,
+        generator=generator,
+        latent_noise=training.latent_noise,
+    )
     raw = out["raw"].float()  # (B, M)
     if output_type == "occupancy":
         per_point = F.binary_cross_entropy_with_logits(raw, batch["sup_occupancy"].float(), reduction="none")
@@ -102,10 +118,18 @@ def compute_loss(model: Any, batch: dict[str, Any], num_tokens: int, output_type
     else:
         raise ValueError(f"model.output_type must be 'occupancy' or 'tsdf', got {output_type!r}")
     group = batch["sup_group"]  # (B, M): 0 volume, 1 near-surface, 2 sharp-near
-    parts = {"volume": masked_mean(per_point, group == 0), "near": masked_mean(per_point, group == 1),
-             "sharp": masked_mean(per_point, group == 2), "kl": out["kl"].float().mean()}
-    loss = (training.volume_weight * parts["volume"] + training.near_weight * parts["near"]
-            + training.sharp_weight * parts["sharp"] + training.kl_weight * parts["kl"])
+    parts = {
+        "volume": masked_mean(per_point, group == 0),
+        "near": masked_mean(per_point, group == 1),
+        "sharp": masked_mean(per_point, group == 2),
+        "kl": out["kl"].float().mean(),
+    }
+    loss = (
+        training.volume_weight * parts["volume"]
+        + training.near_weight * parts["near"]
+        + training.sharp_weight * parts["sharp"]
+        + training.kl_weight * parts["kl"]
+    )
     if "anchor_loss" in out:  # local attention: each token learns where it sits (its FPS point)
         parts["anchor"] = out["anchor_loss"].float().mean()
         loss = loss + training.anchor_weight * parts["anchor"]
@@ -123,8 +147,9 @@ def build_model(config: VAETrainConfig) -> Any:
     return model
 
 
-def export_model(model: Any, ema: Any, use_ema: bool, directory: Path, config: VAETrainConfig,
-                 metrics: dict[str, Any]) -> None:
+def export_model(
+    model: Any, ema: Any, use_ema: bool, directory: Path, config: VAETrainConfig, metrics: dict[str, Any]
+) -> None:
     """``save_pretrained`` (config.json + safetensors) + the full run config and metrics beside it."""
     from training.ema import ema_weights
 
@@ -135,8 +160,13 @@ def export_model(model: Any, ema: Any, use_ema: bool, directory: Path, config: V
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = None,
-          max_minutes: float | None = None, data_root: str | None = None) -> dict[str, Any]:
+def train(
+    config: VAETrainConfig,
+    output_dir: str | Path,
+    resume: str | None = None,
+    max_minutes: float | None = None,
+    data_root: str | None = None,
+) -> dict[str, Any]:
     """Train, validate, checkpoint and export; returns a summary (steps, final metrics, paths)."""
     from training.ema import ema_weights
     from training.loop import Trainer, loader_batches
@@ -158,9 +188,12 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     output_type = model.config.output_type
     train_set, val_set, train_idx, val_idx = build_datasets(config, data_root or config.data.root)
     loader = torch.utils.data.DataLoader(
-        SeededItems(train_set, train_idx), batch_size=config.data.batch_size,
-        sampler=EpochPermutationSampler(len(train_idx), tcfg.seed), collate_fn=collate,
-        num_workers=config.data.num_workers, drop_last=len(train_idx) >= config.data.batch_size,
+        SeededItems(train_set, train_idx),
+        batch_size=config.data.batch_size,
+        sampler=EpochPermutationSampler(len(train_idx), tcfg.seed),
+        collate_fn=collate,
+        num_workers=config.data.num_workers,
+        drop_last=len(train_idx) >= config.data.batch_size,
     )
     model, loader = trainer.prepare(model, loader)
     unwrapped, ema = trainer.unwrapped, trainer.ema
@@ -173,21 +206,36 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     held_out = [held_out_items[(i, 12_345 + i)] for i in range(len(held_out_items))]
     data_epsilon = train_set[train_idx[0]]["meta"].get("epsilon") if len(train_idx) else None
     if data_epsilon is not None and abs(float(data_epsilon) - float(unwrapped.config.epsilon)) > 1e-9:
-        logger.warning("data prepared at epsilon=%g but model.epsilon=%g: set model.epsilon to the data's so the "
-                       "exported model records (and warns about) the right scale", data_epsilon,
-                       unwrapped.config.epsilon)
+        logger.warning(
+            "data prepared at epsilon=%g but model.epsilon=%g: set model.epsilon to the data's so the "
+            "exported model records (and warns about) the right scale",
+            data_epsilon,
+            unwrapped.config.epsilon,
+        )
     trainer.start(config)
     if trainer.is_main_process:
-        logger.info("%d training / %d held-out shapes; %s precision on %s", len(train_idx), len(val_idx),
-                    trainer.precision, accelerator.device)
+        logger.info(
+            "%d training / %d held-out shapes; %s precision on %s",
+            len(train_idx),
+            len(val_idx),
+            trainer.precision,
+            accelerator.device,
+        )
 
     def run_validation(token_counts: list[int], tag: str) -> dict[str, float]:
         step = state["global_step"]
         mesh_tokens = vcfg.mesh_token_counts if (tag == "final" or vcfg.mesh_every_validation) else []
         with ema_weights(unwrapped, ema if vcfg.use_ema else None):
-            metrics, meshes = validate(unwrapped, held_out, token_counts, mesh_tokens,
-                                       vcfg.mesh_resolution, vcfg.mesh_shapes, vcfg.chamfer_points,
-                                       accelerator.device)
+            metrics, meshes = validate(
+                unwrapped,
+                held_out,
+                token_counts,
+                mesh_tokens,
+                vcfg.mesh_resolution,
+                vcfg.mesh_shapes,
+                vcfg.chamfer_points,
+                accelerator.device,
+            )
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
         for key, value in metrics.items():
             if key.startswith("iou@"):
@@ -204,8 +252,14 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     def loss_step(batch: dict[str, Any], context: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return compute_loss(model, batch, context.num_tokens, output_type, tcfg, context.generator)
 
-    trainer.fit(loss_step, loader_batches(accelerator, loader), schedule, loss_key="loss/total",
-                evaluate=lambda step: run_validation(vcfg.token_counts, "val"), evaluate_every=vcfg.every_steps)
+    trainer.fit(
+        loss_step,
+        loader_batches(accelerator, loader),
+        schedule,
+        loss_key="loss/total",
+        evaluate=lambda step: run_validation(vcfg.token_counts, "val"),
+        evaluate_every=vcfg.every_steps,
+    )
 
     final_metrics: dict[str, float] = {}
     if trainer.is_main_process and held_out:
@@ -213,23 +267,46 @@ def train(config: VAETrainConfig, output_dir: str | Path, resume: str | None = N
     accelerator.wait_for_everyone()
     trainer.save_checkpoint()
     if trainer.is_main_process:
-        export_model(unwrapped, ema, vcfg.use_ema, output_dir / "final", config,
-                     final_metrics | {"step": state["global_step"]})
+        export_model(
+            unwrapped,
+            ema,
+            vcfg.use_ema,
+            output_dir / "final",
+            config,
+            final_metrics | {"step": state["global_step"]},
+        )
         save_curves_png(state["history"], output_dir / "curves.png")
-        summary = {"steps": state["global_step"], "minutes": trainer.minutes(),
-                   "stopped_by_time": trainer.out_of_time, "final": final_metrics, "best_step": state["best_step"],
-                   "best_metric": state["best_metric"], "train_shapes": len(train_idx), "held_out_shapes": len(val_idx),
-                   "num_processes": accelerator.num_processes}
+        summary = {
+            "steps": state["global_step"],
+            "minutes": trainer.minutes(),
+            "stopped_by_time": trainer.out_of_time,
+            "final": final_metrics,
+            "best_step": state["best_step"],
+            "best_metric": state["best_metric"],
+            "train_shapes": len(train_idx),
+            "held_out_shapes": len(val_idx),
+            "num_processes": accelerator.num_processes,
+        }
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.end()
-    return {"steps": state["global_step"], "final": final_metrics, "output_dir": str(output_dir),
-            "stopped_by_time": trainer.out_of_time, "num_processes": accelerator.num_processes}
+    return {
+        "steps": state["global_step"],
+        "final": final_metrics,
+        "output_dir": str(output_dir),
+        "stopped_by_time": trainer.out_of_time,
+        "num_processes": accelerator.num_processes,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora train-vae", description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "vae", "configs/vae/small.yaml", "stop, validate and export",
-                      "fine-tune: start from this save_pretrained VAE folder (its config is the model's)")
+    add_run_arguments(
+        parser,
+        "vae",
+        "configs/vae/small.yaml",
+        "stop, validate and export",
+        "fine-tune: start from this save_pretrained VAE folder (its config is the model's)",
+    )
     parser.add_argument("--data", default=None, help="prepared data folder (overrides data.root)")
     return parser
 

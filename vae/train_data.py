@@ -26,8 +26,10 @@ class EpochPermutationSampler(torch.utils.data.Sampler[tuple[int, int]]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        return iter((item, (self.seed * 100_003 + self.epoch) * 1_000_003 + position)
-                    for position, item in enumerate(order))
+        return iter(
+            (item, (self.seed * 100_003 + self.epoch) * 1_000_003 + position)
+            for position, item in enumerate(order)
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -75,14 +77,26 @@ def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[in
     from data.prepare import PreparedDataset
 
     if not (Path(root) / "samples").is_dir():
-        raise FileNotFoundError(f"prepared data not found: {root}/samples (run `dora prepare --builtin 240 --out {root}`)")
+        raise FileNotFoundError(
+            f"prepared data not found: {root}/samples (run `dora prepare --builtin 240 --out {root}`)"
+        )
     data = config.data
-    train_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient,
-                                n_supervision=data.n_supervision, seed=config.training.seed,
-                                cache_in_memory=data.cache_in_memory)
+    train_set = PreparedDataset(
+        root,
+        n_uniform=data.n_uniform,
+        n_salient=data.n_salient,
+        n_supervision=data.n_supervision,
+        seed=config.training.seed,
+        cache_in_memory=data.cache_in_memory,
+    )
     # Validation uses all supervision points: a stable IoU estimate.
-    val_set = PreparedDataset(root, n_uniform=data.n_uniform, n_salient=data.n_salient, seed=config.training.seed,
-                              cache_in_memory=data.cache_in_memory)
+    val_set = PreparedDataset(
+        root,
+        n_uniform=data.n_uniform,
+        n_salient=data.n_salient,
+        seed=config.training.seed,
+        cache_in_memory=data.cache_in_memory,
+    )
     train_idx, val_idx = split_indices(shape_ids_of(train_set), data.val_fraction)
     if not train_idx:
         raise ValueError(f"{root}: no training shapes (found {len(train_set)} samples)")

@@ -67,11 +67,15 @@ def validate(
         ious, chamfers = [], []
         for index, item in enumerate(items):
             uniform, salient = _item_inputs(item, device)
-            latents = model.encode({"uniform": uniform, "salient": salient}, num_tokens=num_tokens)  # (1, K, C)
+            latents = model.encode(
+                {"uniform": uniform, "salient": salient}, num_tokens=num_tokens
+            )  # (1, K, C)
             if num_tokens in token_counts:
                 volume = item["sup_group"] == 0
                 query = item["sup_points"][volume].to(device)  # (M, 3)
-                occupancy = model.decode_at_points(latents, query, output="occupancy")[0].float().cpu()  # (M,)
+                occupancy = (
+                    model.decode_at_points(latents, query, output="occupancy")[0].float().cpu()
+                )  # (M,)
                 ious.append(volume_iou(occupancy > 0.5, item["sup_occupancy"][volume] > 0.5))
             if num_tokens in mesh_token_counts and index < mesh_shapes:
                 # decode() runs the latent transformer once; extraction then only queries the field.
@@ -97,7 +101,9 @@ def chamfer(mesh: Any, surface_points: np.ndarray, num_points: int) -> float:
     if mesh is None or len(getattr(mesh, "faces", [])) == 0:
         return float("nan")  # nothing extracted: reported as an empty mesh, not as a distance
     samples, _ = trimesh.sample.sample_surface(mesh, num_points, seed=0)
-    return float(pcu.chamfer_distance(np.asarray(samples, dtype=np.float32), surface_points.astype(np.float32)))
+    return float(
+        pcu.chamfer_distance(np.asarray(samples, dtype=np.float32), surface_points.astype(np.float32))
+    )
 
 
 def _scatter(axis: Any, points: np.ndarray, title: str) -> None:
@@ -124,9 +130,17 @@ def save_reconstruction_png(
     figure = plt.figure(figsize=(2.2 * (1 + len(token_counts)), 2.2 * rows))
     for row in range(rows):
         gt = items[row]["uniform"][:points, :3].numpy()
-        _scatter(figure.add_subplot(rows, 1 + len(token_counts), row * (1 + len(token_counts)) + 1, projection="3d"), gt, "ground truth")
+        _scatter(
+            figure.add_subplot(
+                rows, 1 + len(token_counts), row * (1 + len(token_counts)) + 1, projection="3d"
+            ),
+            gt,
+            "ground truth",
+        )
         for column, num_tokens in enumerate(token_counts):
-            axis = figure.add_subplot(rows, 1 + len(token_counts), row * (1 + len(token_counts)) + column + 2, projection="3d")
+            axis = figure.add_subplot(
+                rows, 1 + len(token_counts), row * (1 + len(token_counts)) + column + 2, projection="3d"
+            )
             mesh = meshes[num_tokens][row]
             if mesh is None or len(mesh.faces) == 0:
                 axis.set_title(f"{num_tokens} tokens: empty", fontsize=7)

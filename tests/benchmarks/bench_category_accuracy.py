@@ -62,7 +62,9 @@ def set_chamfer(queries: torch.Tensor, references: torch.Tensor, chunk: int = 16
         refs = references[start : start + chunk]  # (r,M,C)
         for index, query in enumerate(queries):
             squared = torch.cdist(query[None].expand(len(refs), -1, -1), refs).square()  # (r,N,M)
-            out[index, start : start + len(refs)] = squared.min(2).values.mean(1) + squared.min(1).values.mean(1)
+            out[index, start : start + len(refs)] = squared.min(2).values.mean(1) + squared.min(
+                1
+            ).values.mean(1)
     return out
 
 
@@ -80,12 +82,21 @@ def load_dit(dit_dir: Path) -> tuple[ShapeDiT, TextEncoder, object, dict]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     model = ShapeDiT.from_pretrained(dit_dir).eval()
-    run_config = yaml.safe_load((dit_dir / "run_config.yaml").read_text()) if (dit_dir / "run_config.yaml").is_file() else {}
-    encoder = TextEncoder.from_name(run_config.get("text_encoder", "builtin:all-MiniLM-L6-v2"),
-                                    max_length=run_config.get("training", {}).get("text_max_length", 77))
+    run_config = (
+        yaml.safe_load((dit_dir / "run_config.yaml").read_text())
+        if (dit_dir / "run_config.yaml").is_file()
+        else {}
+    )
+    encoder = TextEncoder.from_name(
+        run_config.get("text_encoder", "builtin:all-MiniLM-L6-v2"),
+        max_length=run_config.get("training", {}).get("text_max_length", 77),
+    )
     scheduler_dir = dit_dir / "scheduler"
-    scheduler = (FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_dir) if scheduler_dir.is_dir()
-                 else FlowMatchEulerDiscreteScheduler())
+    scheduler = (
+        FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_dir)
+        if scheduler_dir.is_dir()
+        else FlowMatchEulerDiscreteScheduler()
+    )
     return model, encoder, scheduler, run_config
 
 
@@ -129,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     model, encoder, scheduler, run_config = load_dit(args.dit)
     manifest = load_manifest(args.shards)
     stats = LatentStats.from_manifest(manifest)
-    num_tokens = (args.num_tokens or run_config.get("sampling", {}).get("num_tokens")
-                  or min(int(manifest.get("num_tokens") or 256), 256))
+    num_tokens = (
+        args.num_tokens
+        or run_config.get("sampling", {}).get("num_tokens")
+        or min(int(manifest.get("num_tokens") or 256), 256)
+    )
     table = load_latent_table(args.shards, num_tokens, stats)
     train_latents = table.latents[:, 0].float()  # (S,N,C) normalised, first view
     train_categories = [str(category) for category in table.categories]
@@ -139,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.shards}: needs shapes of >= 2 procedural categories, found {categories}")
     ceiling = leave_one_out_accuracy(train_latents, train_categories)
 
-    items = [(category, prompt, seed) for category in categories
-             for prompt in captions_for_category(category)[: args.prompts_per_category] for seed in range(args.seeds)]
+    items = [
+        (category, prompt, seed)
+        for category in categories
+        for prompt in captions_for_category(category)[: args.prompts_per_category]
+        for seed in range(args.seeds)
+    ]
     uncond = encoder.encode([""])
     results: dict[str, dict] = {}
     generated: dict[float, torch.Tensor] = {}
@@ -151,18 +169,25 @@ def main(argv: list[str] | None = None) -> int:
             text = encoder.encode([prompt for _, prompt, _ in chunk])
             # One generator per batch, seeded by the batch's first item: identical noise at every guidance scale.
             generator = torch.Generator().manual_seed(1000 * start + chunk[0][2])
-            batches.append(sample_latents(model, scheduler, text, uncond, num_tokens, args.steps, guidance,
-                                          generator=generator).float())  # (b,N,C)
+            batches.append(
+                sample_latents(
+                    model, scheduler, text, uncond, num_tokens, args.steps, guidance, generator=generator
+                ).float()
+            )  # (b,N,C)
         latents = torch.cat(batches)  # (G,N,C) normalised
         generated[guidance] = latents
         distances = set_chamfer(latents, train_latents)  # (G,S)
         nearest = [train_categories[i] for i in distances.argmin(1).tolist()]
         correct = [category == found for (category, _, _), found in zip(items, nearest)]
-        per_category = {c: float(np.mean([ok for (cat, _, _), ok in zip(items, correct) if cat == c]))
-                        for c in categories}
-        results[f"{guidance:g}"] = {"latent_accuracy": float(np.mean(correct)), "per_category": per_category,
-                                    "mean_nearest_distance": float(distances.min(1).values.mean()),
-                                    "latent_std": float(latents.std())}
+        per_category = {
+            c: float(np.mean([ok for (cat, _, _), ok in zip(items, correct) if cat == c])) for c in categories
+        }
+        results[f"{guidance:g}"] = {
+            "latent_accuracy": float(np.mean(correct)),
+            "per_category": per_category,
+            "mean_nearest_distance": float(distances.min(1).values.mean()),
+            "latent_std": float(latents.std()),
+        }
 
     if args.vae is not None and args.prepared is not None and args.mesh_per_category > 0:
         from data.prepare import load_prepared
@@ -178,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
                 references.append(torch.from_numpy(points[rng.choice(len(points), args.mesh_points)]).float())
                 reference_categories.append(category)
         if not references:
-            print(f"no prepared samples of the cached shapes under {args.prepared}/samples; mesh check skipped")
+            print(
+                f"no prepared samples of the cached shapes under {args.prepared}/samples; mesh check skipped"
+            )
         else:
             reference_sets = torch.stack(references)  # (S',P,3)
             # seed-0 samples of the first prompts of each category
-            chosen = [i for c in categories for i in
-                      [j for j, (cat, _, seed) in enumerate(items) if cat == c and seed == 0][: args.mesh_per_category]]
+            chosen = [
+                i
+                for c in categories
+                for i in [j for j, (cat, _, seed) in enumerate(items) if cat == c and seed == 0][
+                    : args.mesh_per_category
+                ]
+            ]
             for guidance in args.guidance:
                 latents = stats.denormalize(generated[guidance][chosen])  # (m,N,C) VAE space
                 clouds = mesh_points(vae, latents, args.mesh_resolution, args.mesh_points)
@@ -196,27 +228,43 @@ def main(argv: list[str] | None = None) -> int:
                     found.append(reference_categories[int(distance.argmin())])
                     hits.append(found[-1] == items[index][0])
                 results[f"{guidance:g}"] |= {
-                    "mesh_accuracy": float(np.mean(hits)), "mesh_samples": len(hits),
+                    "mesh_accuracy": float(np.mean(hits)),
+                    "mesh_samples": len(hits),
                     "mesh_empty": sum(cloud is None for cloud in clouds),
                     # a weak VAE decodes everything to similar blobs: then one category absorbs all samples
-                    "mesh_nearest_categories": {c: found.count(c) for c in sorted(set(found))}}
+                    "mesh_nearest_categories": {c: found.count(c) for c in sorted(set(found))},
+                }
 
-    report = {"num_categories": len(categories), "chance": 1.0 / len(categories), "samples_per_guidance": len(items),
-              "prompts_per_category": args.prompts_per_category, "seeds": args.seeds, "num_tokens": num_tokens,
-              "steps": args.steps, "train_shapes": len(table), "metric_ceiling_leave_one_out": ceiling,
-              "guidance": results, "seconds": time.monotonic() - started}
+    report = {
+        "num_categories": len(categories),
+        "chance": 1.0 / len(categories),
+        "samples_per_guidance": len(items),
+        "prompts_per_category": args.prompts_per_category,
+        "seeds": args.seeds,
+        "num_tokens": num_tokens,
+        "steps": args.steps,
+        "train_shapes": len(table),
+        "metric_ceiling_leave_one_out": ceiling,
+        "guidance": results,
+        "seconds": time.monotonic() - started,
+    }
     scales = list(results)
     if "1" in results and "4" in results:
         report["guidance_gain_4_vs_1"] = results["4"]["latent_accuracy"] - results["1"]["latent_accuracy"]
-    print(f"\ncategory accuracy (nearest training shape by latent-set Chamfer); {len(categories)} categories, "
-          f"chance {1 / len(categories):.1%}, metric ceiling (leave-one-out on training latents) {ceiling:.1%}")
+    print(
+        f"\ncategory accuracy (nearest training shape by latent-set Chamfer); {len(categories)} categories, "
+        f"chance {1 / len(categories):.1%}, metric ceiling (leave-one-out on training latents) {ceiling:.1%}"
+    )
     print(f"{'category':<10}" + "".join(f"{'g=' + s:>9}" for s in scales))
     for category in categories:
         print(f"{category:<10}" + "".join(f"{results[s]['per_category'][category]:>9.0%}" for s in scales))
     print(f"{'overall':<10}" + "".join(f"{results[s]['latent_accuracy']:>9.1%}" for s in scales))
     if all("mesh_accuracy" in results[s] for s in scales):
-        print(f"{'mesh CD':<10}" + "".join(f"{results[s]['mesh_accuracy']:>9.1%}" for s in scales)
-              + f"   ({results[scales[0]]['mesh_samples']} decoded samples per scale)")
+        print(
+            f"{'mesh CD':<10}"
+            + "".join(f"{results[s]['mesh_accuracy']:>9.1%}" for s in scales)
+            + f"   ({results[scales[0]]['mesh_samples']} decoded samples per scale)"
+        )
     print(json.dumps(report, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

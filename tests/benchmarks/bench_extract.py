@@ -55,7 +55,9 @@ class StandInOccupancyField(ModelMixin, ConfigMixin):
 
     def logits(self, points: torch.Tensor) -> torch.Tensor:
         angles = points[..., None] * self.frequencies  # (M, 3, F)
-        features = torch.cat([points, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)  # (M, 3+6F)
+        features = torch.cat(
+            [points, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1
+        )  # (M, 3+6F)
         return self.mlp(features).squeeze(-1)  # (M,)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,9 @@ def fit_stand_in(mesh_path: Path, steps: int, seed: int) -> tuple[StandInOccupan
     rng = np.random.default_rng(seed)
     mesh = MeshProcessor(seed=seed).load_mesh(mesh_path)
     surface, _ = sample_surface(mesh, 100_000, seed)
-    points = np.concatenate([surface + rng.normal(scale=0.02, size=surface.shape), rng.uniform(-1.05, 1.05, (100_000, 3))])
+    points = np.concatenate(
+        [surface + rng.normal(scale=0.02, size=surface.shape), rng.uniform(-1.05, 1.05, (100_000, 3))]
+    )
     labels = mesh_occupancy(mesh, points).astype(np.float32)
     points_t, labels_t = torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels)
     model = StandInOccupancyField()
@@ -85,7 +89,11 @@ def fit_stand_in(mesh_path: Path, steps: int, seed: int) -> tuple[StandInOccupan
     test = rng.uniform(-1.05, 1.05, (100_000, 3))
     with torch.no_grad():
         predicted = model(torch.from_numpy(test.astype(np.float32))).numpy() > 0.5
-    info = {"mesh": str(mesh_path), "fit_steps": steps, "fit_volume_iou": volume_iou(predicted, mesh_occupancy(mesh, test))}
+    info = {
+        "mesh": str(mesh_path),
+        "fit_steps": steps,
+        "fit_volume_iou": volume_iou(predicted, mesh_occupancy(mesh, test)),
+    }
     return model, info
 
 
@@ -123,8 +131,12 @@ def run_method(field, method: str, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", default=None, help="DoraVAE save_pretrained folder (default: stand-in field)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vae", default=None, help="DoraVAE save_pretrained folder (default: stand-in field)"
+    )
     parser.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
     parser.add_argument("--num-tokens", type=int, default=2048)
     parser.add_argument("--resolution", type=int, default=256)
@@ -177,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "volume_iou>=0.99": mesh_iou >= 0.99,
     }
 
-    print(f"\nmesh extraction at {args.resolution}^3 ({'VAE ' + args.vae if args.vae else 'stand-in MLP field'})")
+    print(
+        f"\nmesh extraction at {args.resolution}^3 ({'VAE ' + args.vae if args.vae else 'stand-in MLP field'})"
+    )
     print(f"{'method':<13}{'queries':>12}{'field s':>10}{'total s':>10}{'faces':>10}{'watertight':>12}")
     for row in (row_h, row_d):
         print(

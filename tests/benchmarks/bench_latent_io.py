@@ -43,8 +43,16 @@ from data.latent_shards import (  # noqa: E402
     write_manifest,
 )
 
-VAE_CONFIG = dict(width=128, heads=4, num_encoder_layers=2, num_decoder_layers=1, latent_channels=32,
-                  output_type="occupancy", n_uniform=2048, n_salient=512)
+VAE_CONFIG = dict(
+    width=128,
+    heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=1,
+    latent_channels=32,
+    output_type="occupancy",
+    n_uniform=2048,
+    n_salient=512,
+)
 NUM_TOKENS = 256
 
 
@@ -55,12 +63,25 @@ def write_prepared(root: Path, count: int) -> None:
     for index in range(count):
         points = rng.normal(size=(2560, 3)).astype(np.float32)
         points /= np.linalg.norm(points, axis=1, keepdims=True)
-        meta = {"shape_id": f"shape_{index:04d}", "caption": f"a sphere {index}", "category": "sphere",
-                "source": "synthetic", "epsilon": 2 / 256}
-        np.savez(samples / f"shape_{index:04d}.npz", uniform_points=points[:2048], uniform_normals=points[:2048],
-                 salient_points=points[2048:], salient_normals=points[2048:], sup_points=points[:64],
-                 sup_occupancy=np.zeros(64, np.float32), sup_tsdf=np.zeros(64, np.float32),
-                 sup_group=np.zeros(64, np.int8), meta=np.array(json.dumps(meta)))
+        meta = {
+            "shape_id": f"shape_{index:04d}",
+            "caption": f"a sphere {index}",
+            "category": "sphere",
+            "source": "synthetic",
+            "epsilon": 2 / 256,
+        }
+        np.savez(
+            samples / f"shape_{index:04d}.npz",
+            uniform_points=points[:2048],
+            uniform_normals=points[:2048],
+            salient_points=points[2048:],
+            salient_normals=points[2048:],
+            sup_points=points[:64],
+            sup_occupancy=np.zeros(64, np.float32),
+            sup_tsdf=np.zeros(64, np.float32),
+            sup_group=np.zeros(64, np.int8),
+            meta=np.array(json.dumps(meta)),
+        )
 
 
 def cache_throughput(work: Path, shapes: int) -> dict[str, float]:
@@ -70,15 +91,42 @@ def cache_throughput(work: Path, shapes: int) -> dict[str, float]:
     DoraVAE(**VAE_CONFIG).save_pretrained(work / "vae")
     write_prepared(work / "prepared", shapes)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["--vae", str(work / "vae"), "--data", str(work / "prepared"), "--num-tokens", str(NUM_TOKENS),
-            "--batch-size", "4", "--num-workers", "0", "--max-samples", "16"]
+    args = [
+        "--vae",
+        str(work / "vae"),
+        "--data",
+        str(work / "prepared"),
+        "--num-tokens",
+        str(NUM_TOKENS),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--max-samples",
+        "16",
+    ]
     results = {}
     for processes in (1, 2):
         out = work / f"latents_{processes}"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(processes)] if processes > 1 else [sys.executable]
-        subprocess.run([*launcher, "-m", "vae.cache_latents", *args, "--out", str(out)], cwd=PROJECT_ROOT,
-                       env=env, check=True, capture_output=True)
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+            ]
+            if processes > 1
+            else [sys.executable]
+        )
+        subprocess.run(
+            [*launcher, "-m", "vae.cache_latents", *args, "--out", str(out)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         run = load_manifest(out)["last_run"]
         assert run["shapes_encoded"] == shapes and run["world_size"] == processes
         results[processes] = run["shapes_per_second"]
@@ -107,8 +155,12 @@ def loading_throughput(work: Path, count: int) -> dict[str, dict[str, float]]:
             metadata = {"shape_id": shape_id, "captions": [caption], "dtype": "fp16", "num_tokens": 512}
             writer.write(shape_id, to_storage(latents[index], "fp16"), [caption], "synthetic", metadata)
             np.save(npy_dir / f"{shape_id}.npy", latents[index, 0])
-            np.savez(npz_dir / f"{shape_id}.npz", latents=latents[index, 0], caption=np.array(caption),
-                     meta=np.array(json.dumps(metadata)))
+            np.savez(
+                npz_dir / f"{shape_id}.npz",
+                latents=latents[index, 0],
+                caption=np.array(caption),
+                meta=np.array(json.dumps(metadata)),
+            )
     sums = LatentSums()
     for record in records:
         sums = sums.merge(record.sums)
@@ -131,8 +183,11 @@ def loading_throughput(work: Path, count: int) -> dict[str, dict[str, float]]:
         return count
 
     results = {}
-    for name, reader, folder in (("shards", read_shards, shard_dir), ("npy_per_sample", read_npy, npy_dir),
-                                 ("npz_per_sample", read_npz, npz_dir)):
+    for name, reader, folder in (
+        ("shards", read_shards, shard_dir),
+        ("npy_per_sample", read_npy, npy_dir),
+        ("npz_per_sample", read_npz, npz_dir),
+    ):
         files = sorted(folder.glob("*.tar" if name == "shards" else "*.np*"))
         reader()  # warm up: page cache, imports, header caches
         start = time.perf_counter()
@@ -157,15 +212,20 @@ def main() -> int:
         work = Path(folder)
         loading = loading_throughput(work / "load", args.load_samples)
         cache = {} if args.skip_cache else cache_throughput(work / "cache", args.shapes)
-    rows = [("cache-latents, 1 process (shapes/s)", cache.get(1)), ("cache-latents, 2 processes (shapes/s)",
-                                                                     cache.get(2))]
+    rows = [
+        ("cache-latents, 1 process (shapes/s)", cache.get(1)),
+        ("cache-latents, 2 processes (shapes/s)", cache.get(2)),
+    ]
     for name, figures in loading.items():
         for temperature in ("warm", "cold"):
             rows.append((f"load {name}, {temperature} (samples/s, 1 core)", figures[temperature]))
     ratios = {
         "cache_2proc_over_1proc": round(cache[2] / cache[1], 3) if cache else None,
-        **{f"shards_over_{name}_{t}": round(loading["shards"][t] / loading[name][t], 2)
-           for name in ("npy_per_sample", "npz_per_sample") for t in ("warm", "cold")},
+        **{
+            f"shards_over_{name}_{t}": round(loading["shards"][t] / loading[name][t], 2)
+            for name in ("npy_per_sample", "npz_per_sample")
+            for t in ("warm", "cold")
+        },
     }
     width = max(len(name) for name, _ in rows)
     print(f"{'measurement':<{width}}  value")
@@ -173,8 +233,18 @@ def main() -> int:
         print(f"{name:<{width}}  {value if value is not None else 'skipped'}")
     for name, value in ratios.items():
         print(f"{name:<{width}}  {value}")
-    print(json.dumps({"cache_shapes_per_second": cache, "loading_samples_per_second": loading, "ratios": ratios,
-                      "vae_config": VAE_CONFIG, "num_tokens": NUM_TOKENS, "cpu_count": os.cpu_count()}))
+    print(
+        json.dumps(
+            {
+                "cache_shapes_per_second": cache,
+                "loading_samples_per_second": loading,
+                "ratios": ratios,
+                "vae_config": VAE_CONFIG,
+                "num_tokens": NUM_TOKENS,
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
     return 0
 
 

@@ -113,7 +113,9 @@ def run_naive(mesh_path: str, subset: int, distance: str) -> dict:
 
     def dense_distance(points: np.ndarray) -> None:
         if distance == "trimesh":
-            for chunk in np.array_split(points, max(1, len(points) // 50)):  # trimesh's candidate lists are big
+            for chunk in np.array_split(
+                points, max(1, len(points) // 50)
+            ):  # trimesh's candidate lists are big
                 trimesh.proximity.closest_point(mesh, chunk)
         else:
             import point_cloud_utils as pcu
@@ -162,7 +164,9 @@ def run_naive(mesh_path: str, subset: int, distance: str) -> dict:
         tick = time.process_time()
         for chunk in np.array_split(queries, 40):
             mesh.contains(chunk)
-        stages["labels (contains + distance, distance extrapolated)"] = time.process_time() - tick + distance_seconds
+        stages["labels (contains + distance, distance extrapolated)"] = (
+            time.process_time() - tick + distance_seconds
+        )
         notes.append(f"TSDF distances timed on 1000 of {num_queries} queries, extrapolated")
     else:
         from data.supervision import label_points
@@ -208,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = {kind: _spawn(kind, args) for kind in ("ours", "naive", "dense-pcu")}
     ours = results["ours"]["seconds"]
-    print(f"\nprepare benchmark: {Path(args.mesh).name}, epsilon 2/256, 32k+32k points, 40k supervision, 1 core\n")
+    print(
+        f"\nprepare benchmark: {Path(args.mesh).name}, epsilon 2/256, 32k+32k points, 40k supervision, 1 core\n"
+    )
     print(f"{'method':<12} {'s/shape/core':>13} {'peak MiB':>9} {'vs ours':>8}  stages (s)")
     for kind, result in results.items():
         stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in result["stages"].items())

@@ -41,8 +41,9 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwar
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any,
-                                  **kwargs: Any) -> int:
+def _cpu_attention_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any
+) -> int:
     # Model FLOPs: twice the forward (the gradients of Q, K, V), as the meta device's decomposed attention counts;
     # the kernel's recompute of the scores is hardware work, not model work.
     return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)

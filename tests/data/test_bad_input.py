@@ -146,9 +146,32 @@ def test_batch_logs_every_bad_file_and_goes_on(tmp_path):
     _write_off(folder / "nofaces.off", [[0, 0, 0], [1, 0, 0], [0, 1, 0]], [])
     trimesh.creation.box().export(folder / "good.obj")
     out = tmp_path / "prepared"
-    assert main([str(folder), "--out", str(out), "--epsilon", str(8 / 256), "--n-uniform", "64", "--n-salient", "16",
-                 "--n-volume", "16", "--n-near", "16", "--n-sharp", "8"]) == 0
-    failures = {row["shape_id"]: row["reason"] for row in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert (
+        main(
+            [
+                str(folder),
+                "--out",
+                str(out),
+                "--epsilon",
+                str(8 / 256),
+                "--n-uniform",
+                "64",
+                "--n-salient",
+                "16",
+                "--n-volume",
+                "16",
+                "--n-near",
+                "16",
+                "--n-sharp",
+                "8",
+            ]
+        )
+        == 0
+    )
+    failures = {
+        row["shape_id"]: row["reason"]
+        for row in map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+    }
     assert set(failures) == {"empty", "garbage", "nofaces"}
     assert "empty file" in failures["empty"] and "empty.obj" in failures["empty"]
     assert [p.name for p in (out / "samples").glob("*.npz")] == ["good.npz"]
@@ -163,11 +186,33 @@ def test_valid_box_at_extreme_scale_prepares(tmp_path, scale):
     _write_off(folder / "box.off", (box.vertices * scale).tolist(), box.faces.tolist())
     mesh = load_mesh(folder / "box.off")
     assert len(mesh.faces) == 12 and mesh.is_watertight
-    np.testing.assert_allclose(mesh.bounds, [[-0.95 / 3, -0.95 * 2 / 3, -0.95], [0.95 / 3, 0.95 * 2 / 3, 0.95]])
+    np.testing.assert_allclose(
+        mesh.bounds, [[-0.95 / 3, -0.95 * 2 / 3, -0.95], [0.95 / 3, 0.95 * 2 / 3, 0.95]]
+    )
     assert mesh.metadata["normalization"]["scale"] == pytest.approx(0.95 / (1.5 * scale))
     out = tmp_path / "prepared"
-    assert main([str(folder), "--out", str(out), "--epsilon", str(8 / 256), "--n-uniform", "64", "--n-salient", "16",
-                 "--n-volume", "16", "--n-near", "16", "--n-sharp", "8"]) == 0
+    assert (
+        main(
+            [
+                str(folder),
+                "--out",
+                str(out),
+                "--epsilon",
+                str(8 / 256),
+                "--n-uniform",
+                "64",
+                "--n-salient",
+                "16",
+                "--n-volume",
+                "16",
+                "--n-near",
+                "16",
+                "--n-sharp",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert not (out / "failures.jsonl").exists() or not (out / "failures.jsonl").read_text().strip()
     assert [p.name for p in (out / "samples").glob("*.npz")] == ["box.npz"]
 
@@ -176,8 +221,11 @@ def test_valid_box_at_extreme_scale_prepares(tmp_path, scale):
 def test_degenerate_input_at_extreme_scale_still_fails(tmp_path, scale):
     # Rescaling must not rescue a flat or collapsed input: collinear triangles and a single repeated point stay
     # degenerate at every scale, with the same reason.
-    flat = _write_off(tmp_path / "flat.off", (np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]]) * scale).tolist(),
-                      [[0, 1, 2], [0, 0, 1]])
+    flat = _write_off(
+        tmp_path / "flat.off",
+        (np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]]) * scale).tolist(),
+        [[0, 1, 2], [0, 0, 1]],
+    )
     with pytest.raises(MeshError, match=r"flat\.off: all 2 faces are degenerate"):
         load_mesh(flat)
     point = _write_off(tmp_path / "point.off", [[scale, scale, scale]] * 3, [[0, 1, 2]])

@@ -29,16 +29,20 @@ from data.latent_shards import (
 NUM_VIEWS, NUM_TOKENS, CHANNELS = 2, 12, 4
 
 
-def write_shards(out_dir: Path, num_shapes: int = 9, dtype: str = "fp32", max_samples: int = 3,
-                 max_bytes: int = 2**30) -> dict[str, dict]:
+def write_shards(
+    out_dir: Path, num_shapes: int = 9, dtype: str = "fp32", max_samples: int = 3, max_bytes: int = 2**30
+) -> dict[str, dict]:
     """Random latents for ``num_shapes`` shapes (ids with dots/slashes) -> shards + manifest; returns the truth."""
     rng = np.random.default_rng(0)
     truth, records = {}, []
-    with LatentShardWriter(out_dir, rank=0, max_samples=max_samples, max_bytes=max_bytes,
-                           on_shard_closed=records.append) as writer:
+    with LatentShardWriter(
+        out_dir, rank=0, max_samples=max_samples, max_bytes=max_bytes, on_shard_closed=records.append
+    ) as writer:
         for index in range(num_shapes):
             shape_id = f"set.a/shape.{index}"
-            latents = rng.normal(1.0, 2.0, size=(NUM_VIEWS, NUM_TOKENS, CHANNELS)) * np.arange(1, CHANNELS + 1)
+            latents = rng.normal(1.0, 2.0, size=(NUM_VIEWS, NUM_TOKENS, CHANNELS)) * np.arange(
+                1, CHANNELS + 1
+            )
             stored = to_storage(latents, dtype)
             captions = [f"caption {index}", f"other caption {index}"]
             metadata = {"shape_id": shape_id, "captions": captions, "dtype": dtype, "num_tokens": NUM_TOKENS}
@@ -91,13 +95,17 @@ def test_shards_are_bounded_and_the_manifest_matches_the_files(tmp_path):
 
 def test_manifest_statistics_equal_direct_computation(tmp_path):
     truth = write_shards(tmp_path, dtype="fp16")
-    everything = np.concatenate([item["latents"].reshape(-1, CHANNELS) for item in truth.values()]).astype(np.float64)
+    everything = np.concatenate([item["latents"].reshape(-1, CHANNELS) for item in truth.values()]).astype(
+        np.float64
+    )
     stats = LatentStats.from_manifest(load_manifest(tmp_path))
     assert stats.count == len(everything)
     np.testing.assert_allclose(stats.mean, everything.mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(stats.std, everything.std(axis=0), rtol=1e-10)
     # the reader normalises with them: all views together are standardised
-    normalized = torch.cat([torch.cat([s["latents"] for s in read_all(tmp_path, view=v)]) for v in range(NUM_VIEWS)])
+    normalized = torch.cat(
+        [torch.cat([s["latents"] for s in read_all(tmp_path, view=v)]) for v in range(NUM_VIEWS)]
+    )
     np.testing.assert_allclose(normalized.double().mean(0).numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(normalized.double().std(0, unbiased=False).numpy(), 1.0, atol=1e-5)
 
@@ -187,7 +195,9 @@ def test_shard_urls_and_manifest_paths(tmp_path):
     truth = write_shards(tmp_path, num_shapes=4, max_samples=2)
     manifest = load_manifest(tmp_path / "manifest.json")
     urls = [f"pipe:cat {tmp_path / shard['name']}" for shard in manifest["shards"]]
-    samples = read_all(urls, manifest=manifest, verify=True)  # a pipe: URL list + the manifest's stats/checksums
+    samples = read_all(
+        urls, manifest=manifest, verify=True
+    )  # a pipe: URL list + the manifest's stats/checksums
     assert sorted(sample["shape_id"] for sample in samples) == sorted(truth)
     assert isinstance(latent_shard_pipeline(tmp_path), LatentShardDataset)
     with pytest.raises(ValueError, match="normalize=True needs"):

@@ -35,7 +35,9 @@ def union(*fields):
 def thin_plate_field(points: torch.Tensor) -> torch.Tensor:
     # 0.09 thick (11 voxels at 128^3, 1.4 coarse cells at 32^3): thin, yet seen by the coarse level.
     extents = torch.tensor([0.7, 0.5, 0.045])
-    return torch.sigmoid(4 * SHARPNESS * (extents - (points - torch.tensor([0.0, 0.0, 0.013])).abs()).min(dim=-1).values)
+    return torch.sigmoid(
+        4 * SHARPNESS * (extents - (points - torch.tensor([0.0, 0.0, 0.013])).abs()).min(dim=-1).values
+    )
 
 
 FIELDS = {
@@ -96,10 +98,14 @@ def test_sphere_is_watertight_outward_and_in_world_coordinates():
 
 def test_remove_floaters_drops_a_tiny_ball_and_keeps_two_big_ones():
     field = union(
-        sphere_field((-0.45, 0.0, 0.0), 0.35), sphere_field((0.45, 0.0, 0.0), 0.35), sphere_field((0.0, 0.7, 0.0), 0.05)
+        sphere_field((-0.45, 0.0, 0.0), 0.35),
+        sphere_field((0.45, 0.0, 0.0), 0.35),
+        sphere_field((0.0, 0.7, 0.0), 0.05),
     )
     kept_all = extract_mesh(field, resolution=96, coarse_resolution=24)
-    cleaned = extract_mesh(field, resolution=96, coarse_resolution=24, remove_floaters=True, min_component_fraction=0.05)
+    cleaned = extract_mesh(
+        field, resolution=96, coarse_resolution=24, remove_floaters=True, min_component_fraction=0.05
+    )
     assert len(kept_all.split(only_watertight=False)) == 3
     parts = cleaned.split(only_watertight=False)
     assert len(parts) == 2
@@ -141,7 +147,9 @@ def test_grid_points_order_and_levels():
     assert torch.allclose(points[1], torch.tensor([-1.0, -1.0, -0.5]))  # z varies fastest (C order)
     assert torch.allclose(points[-1], torch.tensor([1.0, 1.0, 1.0]))
     grid = evaluate_grid(sphere_field(), resolution=8, method="dense", bounds=1.0)
-    np.testing.assert_allclose(grid.values.reshape(-1), sphere_field()(grid_points(8, 1.0)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        grid.values.reshape(-1), sphere_field()(grid_points(8, 1.0)).numpy(), rtol=1e-6
+    )
     assert level_resolutions(256, 32) == [32, 64, 128, 256]
     assert level_resolutions(100, 32) == [50, 100]
     assert level_resolutions(64, 64) == [64]

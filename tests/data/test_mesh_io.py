@@ -25,8 +25,13 @@ def test_formats_load_normalised(tmp_path, suffix):
 
 def test_scene_parts_are_merged_with_transforms(tmp_path):
     scene = trimesh.Scene()
-    scene.add_geometry(trimesh.creation.box(extents=(1, 1, 1)), transform=trimesh.transformations.translation_matrix((-3, 0, 0)))
-    scene.add_geometry(trimesh.creation.icosphere(1), transform=trimesh.transformations.translation_matrix((3, 0, 0)))
+    scene.add_geometry(
+        trimesh.creation.box(extents=(1, 1, 1)),
+        transform=trimesh.transformations.translation_matrix((-3, 0, 0)),
+    )
+    scene.add_geometry(
+        trimesh.creation.icosphere(1), transform=trimesh.transformations.translation_matrix((3, 0, 0))
+    )
     path = tmp_path / "scene.glb"
     scene.export(path)
     mesh = load_mesh(path)

@@ -32,11 +32,14 @@ def write_mesh_index(tmp_path, shapes: dict[str, trimesh.Trimesh]):
 
 @pytest.fixture()
 def index_file(tmp_path):
-    return write_mesh_index(tmp_path, {
-        "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
-        "ball": trimesh.creation.icosphere(2),
-        "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
-    })
+    return write_mesh_index(
+        tmp_path,
+        {
+            "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
+            "ball": trimesh.creation.icosphere(2),
+            "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
+        },
+    )
 
 
 def test_prepare_writes_samples_failures_and_summary(index_file, tmp_path, capsys):
@@ -70,7 +73,9 @@ def test_resume_skips_finished_and_is_deterministic(index_file, tmp_path):
     assert (out / "samples" / "box.npz").stat().st_mtime_ns == mtime  # not rewritten
     # Redoing a shape (other run, other order) gives the same arrays: seeds derive from the shape id.
     other = tmp_path / "again"
-    assert main([str(index_file), "--out", str(other), *SMALL, "--num-shards", "2", "--shard-index", "0"]) == 0
+    assert (
+        main([str(index_file), "--out", str(other), *SMALL, "--num-shards", "2", "--shard-index", "0"]) == 0
+    )
     again = load_prepared(other / "samples" / "box.npz")
     for key in ("uniform_points", "salient_points", "sup_points", "sup_tsdf"):
         assert np.array_equal(first[key], again[key])
@@ -79,7 +84,12 @@ def test_resume_skips_finished_and_is_deterministic(index_file, tmp_path):
 def test_shards_partition_the_input(index_file, tmp_path):
     out = tmp_path / "prepared"
     for shard in range(2):
-        assert main([str(index_file), "--out", str(out), *SMALL, "--num-shards", "2", "--shard-index", str(shard)]) == 0
+        assert (
+            main(
+                [str(index_file), "--out", str(out), *SMALL, "--num-shards", "2", "--shard-index", str(shard)]
+            )
+            == 0
+        )
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("summary.shard*.json"))]
     assert [s["total"] for s in summaries] == [2, 2]
     assert len(list((out / "samples").glob("*.npz"))) == 3
@@ -141,8 +151,13 @@ def test_csv_index(tmp_path):
     trimesh.creation.box().export(tmp_path / "a.stl")
     (tmp_path / "index.csv").write_text("path,caption,category,id\na.stl,a cube,box,cube_1\n")
     assert read_index(tmp_path / "index.csv") == [
-        {"path": str(tmp_path / "a.stl"), "shape_id": "cube_1", "caption": "a cube", "captions": ["a cube"],
-         "category": "box"}
+        {
+            "path": str(tmp_path / "a.stl"),
+            "shape_id": "cube_1",
+            "caption": "a cube",
+            "captions": ["a cube"],
+            "category": "box",
+        }
     ]
     # Several captions per shape: '|'-separated in a CSV, the ``caption`` column first, repeats dropped.
     (tmp_path / "many.csv").write_text("path,caption,captions\na.stl,a cube,a box|a cube| a block \n")

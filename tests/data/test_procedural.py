@@ -24,8 +24,13 @@ from data.procedural import (
 
 
 def _same_shape(a, b) -> bool:
-    return (a.shape_id == b.shape_id and a.caption == b.caption and a.params == b.params
-            and np.array_equal(a.mesh.vertices, b.mesh.vertices) and np.array_equal(a.mesh.faces, b.mesh.faces))
+    return (
+        a.shape_id == b.shape_id
+        and a.caption == b.caption
+        and a.params == b.params
+        and np.array_equal(a.mesh.vertices, b.mesh.vertices)
+        and np.array_equal(a.mesh.faces, b.mesh.faces)
+    )
 
 
 def test_at_least_twelve_categories_each_with_prompts():
@@ -70,8 +75,9 @@ def test_different_seeds_give_different_shapes():
         a = generate_shape(category, seed=0, index=index)
         b = generate_shape(category, seed=1, index=index)
         assert a.params != b.params, category
-        same_geometry = a.mesh.vertices.shape == b.mesh.vertices.shape and np.allclose(a.mesh.vertices,
-                                                                                       b.mesh.vertices)
+        same_geometry = a.mesh.vertices.shape == b.mesh.vertices.shape and np.allclose(
+            a.mesh.vertices, b.mesh.vertices
+        )
         assert not same_geometry, category
 
 
@@ -153,7 +159,11 @@ def test_other_phrasings_keep_clear_of_the_benchmark_paraphrases():
     benchmark = set().union(*(words(json.loads(line)["prompt"]) for line in file.read_text().splitlines()))
     dataset = ProceduralDataset(20 * len(CATEGORIES), seed=0)
     first_captions = set().union(*(words(dataset[i].caption) for i in range(len(dataset))))
-    allowed = first_captions | words(" ".join(CATEGORIES)) | set("the of in to for on at or you from that by its".split())
+    allowed = (
+        first_captions
+        | words(" ".join(CATEGORIES))
+        | set("the of in to for on at or you from that by its".split())
+    )
     for category in CATEGORIES:
         for phrase in (*_OTHER_NOUNS[category], *_PURPOSES[category]):
             assert not (words(phrase) & benchmark) - allowed, (category, phrase)

@@ -69,14 +69,16 @@ def test_large_mesh_renders_fully():
 
 def test_render_mesh_png_writes_views_side_by_side(tmp_path):
     size = 64
-    path = render_mesh_png(trimesh.creation.box(), tmp_path / "previews" / "box.png", size=size, title="a box")
+    path = render_mesh_png(
+        trimesh.creation.box(), tmp_path / "previews" / "box.png", size=size, title="a box"
+    )
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.width == 3 * size and image.height > size  # three views under a title strip
         pixels = np.asarray(image.convert("RGB"))
     views = pixels[-size:]
     for column in range(3):
-        assert _mask(views[:, column * size:(column + 1) * size]).sum() > 0.1 * size * size
+        assert _mask(views[:, column * size : (column + 1) * size]).sum() > 0.1 * size * size
     assert _mask(pixels[:-size]).any()  # the title is drawn
 
 
@@ -90,11 +92,17 @@ def test_empty_mesh_gives_blank_tile_with_note(tmp_path):
 
 
 def test_render_grid_png_lays_out_meshes_with_titles(tmp_path):
-    meshes = [trimesh.creation.box(), trimesh.creation.icosphere(2), trimesh.Trimesh(),
-              trimesh.creation.cylinder(0.3, 1.0), trimesh.creation.torus(1.0, 0.3)]
+    meshes = [
+        trimesh.creation.box(),
+        trimesh.creation.icosphere(2),
+        trimesh.Trimesh(),
+        trimesh.creation.cylinder(0.3, 1.0),
+        trimesh.creation.torus(1.0, 0.3),
+    ]
     size = 64
-    path = render_grid_png(meshes, tmp_path / "grid.png", titles=[f"mesh {k}" for k in range(5)], columns=2,
-                           size=size)
+    path = render_grid_png(
+        meshes, tmp_path / "grid.png", titles=[f"mesh {k}" for k in range(5)], columns=2, size=size
+    )
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width == 2 * size
         pixels = np.asarray(image.convert("RGB"))
@@ -102,9 +110,9 @@ def test_render_grid_png_lays_out_meshes_with_titles(tmp_path):
     assert cell_height > size  # a caption strip under each tile
     for k in (0, 1, 3, 4):
         top, left = (k // 2) * cell_height, (k % 2) * size
-        assert _mask(pixels[top:top + size, left:left + size]).sum() > 0.05 * size * size
-        assert _mask(pixels[top + size:top + cell_height, left:left + size]).any()  # its title
-    assert not _mask(pixels[2 * cell_height:, size:]).any()  # the sixth cell stays empty
+        assert _mask(pixels[top : top + size, left : left + size]).sum() > 0.05 * size * size
+        assert _mask(pixels[top + size : top + cell_height, left : left + size]).any()  # its title
+    assert not _mask(pixels[2 * cell_height :, size:]).any()  # the sixth cell stays empty
     with pytest.raises(ValueError, match="titles"):
         render_grid_png(meshes, tmp_path / "bad.png", titles=["only one"])
 
@@ -116,7 +124,9 @@ def test_normal_map_of_a_box_holds_its_three_visible_face_normals():
     normal_map = render_normal_map(box, 35.26, 45.0, 96)
     right, up, toward = _camera_basis(35.26, 45.0)
     expected = np.array([[n @ right, n @ up, n @ toward] for n in np.eye(3)])  # (3, 3): the +x, +y, +z faces
-    distance = np.linalg.norm(normal_map.normals[normal_map.covered][:, None] - expected[None], axis=-1)  # (P, 3)
+    distance = np.linalg.norm(
+        normal_map.normals[normal_map.covered][:, None] - expected[None], axis=-1
+    )  # (P, 3)
     assert (distance.min(axis=1) < 1e-5).all()  # every pixel shows one of them
     assert (np.bincount(distance.argmin(axis=1), minlength=3) > 300).all()  # and each of them is seen
     assert (normal_map.normals[~normal_map.covered] == 0).all()

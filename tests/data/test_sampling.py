@@ -29,7 +29,9 @@ def test_cube_sharp_edges_and_salient_points():
     assert pc.stats["num_sharp_edges"] == 12
     assert np.isclose(pc.stats["sharp_edge_length"], 12 * 1.9, rtol=1e-5)
     # Every edge gets samples, in proportion to its (equal) length.
-    edge_id = np.round(np.sign(pc.salient_points) * np.isclose(np.abs(pc.salient_points), 0.95, atol=1e-5)).astype(int)
+    edge_id = np.round(
+        np.sign(pc.salient_points) * np.isclose(np.abs(pc.salient_points), 0.95, atol=1e-5)
+    ).astype(int)
     assert len({tuple(row) for row in edge_id}) == 12
     # Uniform points lie on the surface with unit normals.
     assert np.allclose(np.abs(pc.uniform_points).max(axis=1), 0.95, atol=1e-5)

@@ -22,8 +22,13 @@ def main(config_path: str, shards: str, output_dir: str) -> None:
     initial = state_dict_sha256(ShapeDiT(**config.model))
     result = train(config, output_dir)
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "initial": initial, "final": state_dict_sha256(result.model),
-              "num_processes": result.summary["num_processes"], "steps": result.summary["steps"]}
+    record = {
+        "rank": rank,
+        "initial": initial,
+        "final": state_dict_sha256(result.model),
+        "num_processes": result.summary["num_processes"],
+        "steps": result.summary["steps"],
+    }
     (Path(output_dir) / f"hash-{rank}.json").write_text(json.dumps(record))
 
 

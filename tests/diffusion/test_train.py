@@ -51,19 +51,28 @@ def shards(tmp_path_factory) -> Path:
             latents = centers[index % 4] + 0.3 * rng.normal(size=(1, NUM_TOKENS, CHANNELS))  # (V,N,C)
             stored = to_storage(latents, "fp16")
             captions = [f"a {category} number {index}", f"a {category}"]
-            meta = {"shape_id": f"{category}-{index:04d}", "captions": captions, "category": category,
-                    "dtype": "fp16", "num_tokens": NUM_TOKENS, "latent_channels": CHANNELS}
+            meta = {
+                "shape_id": f"{category}-{index:04d}",
+                "captions": captions,
+                "category": category,
+                "dtype": "fp16",
+                "num_tokens": NUM_TOKENS,
+                "latent_channels": CHANNELS,
+            }
             writer.write(meta["shape_id"], stored, captions, "synthetic", meta)
             sums.update(stored)
-    manifest = build_manifest(writer.records, sums, num_tokens=NUM_TOKENS, latent_channels=CHANNELS, num_views=1,
-                              dtype="fp16")
+    manifest = build_manifest(
+        writer.records, sums, num_tokens=NUM_TOKENS, latent_channels=CHANNELS, num_views=1, dtype="fp16"
+    )
     write_manifest(out, manifest)
     assert manifest["num_shards"] == 2
     return out
 
 
 def tiny_config(shards: Path, **overrides) -> DiTTrainConfig:
-    return load_config(DiTTrainConfig, TINY, {"data.shards": str(shards), "sampling.final": False, **overrides})
+    return load_config(
+        DiTTrainConfig, TINY, {"data.shards": str(shards), "sampling.final": False, **overrides}
+    )
 
 
 def fixed_loss(model: torch.nn.Module, shards: Path, config: DiTTrainConfig) -> float:
@@ -77,8 +86,13 @@ def fixed_loss(model: torch.nn.Module, shards: Path, config: DiTTrainConfig) -> 
     noise = torch.randn(latents.shape, generator=generator)
     sigmas, timesteps = sample_timesteps(len(latents), "uniform", generator)
     with torch.no_grad():
-        prediction = model(add_noise(latents, noise, sigmas), timesteps, text.hidden_states,
-                           encoder_attention_mask=text.attention_mask, pooled_projections=text.pooled).sample
+        prediction = model(
+            add_noise(latents, noise, sigmas),
+            timesteps,
+            text.hidden_states,
+            encoder_attention_mask=text.attention_mask,
+            pooled_projections=text.pooled,
+        ).sample
     return float(flow_matching_loss(prediction, velocity_target(latents, noise)))
 
 
@@ -94,9 +108,17 @@ def test_latent_table_reads_the_shards_normalised(shards):
 
 
 def test_training_loop_lowers_the_loss_on_a_fixed_batch(shards, tmp_path):
-    config = tiny_config(shards, **{"data.batch_size": 8, "training.max_steps": 20, "training.caption_dropout": 0.0,
-                                    "training.use_ema": False, "training.checkpoint_every": 0,
-                                    "training.learning_rate": 3e-3})
+    config = tiny_config(
+        shards,
+        **{
+            "data.batch_size": 8,
+            "training.max_steps": 20,
+            "training.caption_dropout": 0.0,
+            "training.use_ema": False,
+            "training.checkpoint_every": 0,
+            "training.learning_rate": 3e-3,
+        },
+    )
     torch.manual_seed(config.training.seed)
     before = fixed_loss(ShapeDiT(**config.model), shards, config)  # the initial weights train() starts from
     result = train(config, tmp_path / "run")
@@ -109,19 +131,53 @@ def test_two_step_run_writes_checkpoint_export_and_preview(shards, tmp_path):
     from vae.modeling_dora_vae import DoraVAE
 
     vae_dir = tmp_path / "vae"  # a random VAE with the cache's channel count: previews must decode and render
-    DoraVAE(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=CHANNELS,
-            n_uniform=64, n_salient=16).save_pretrained(vae_dir)
+    DoraVAE(
+        width=32,
+        heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        latent_channels=CHANNELS,
+        n_uniform=64,
+        n_salient=16,
+    ).save_pretrained(vae_dir)
     out = tmp_path / "run"
-    assert main(["--config", TINY, "--shards", str(shards), "--output-dir", str(out), "--max-steps", "2",
-                 "--vae", str(vae_dir)]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                TINY,
+                "--shards",
+                str(shards),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--vae",
+                str(vae_dir),
+            ]
+        )
+        == 0
+    )
     checkpoint = out / "checkpoints" / "checkpoint-2"
-    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "train_state.json", "config.yaml",
-                 "ema.safetensors", "ema.json"):
+    for name in (
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "train_state.json",
+        "config.yaml",
+        "ema.safetensors",
+        "ema.json",
+    ):
         assert (checkpoint / name).is_file(), name
     assert json.loads((checkpoint / "train_state.json").read_text())["global_step"] == 2
     final = out / "final"
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "run_config.yaml", "latent_stats.json",
-                 "scheduler/scheduler_config.json"):
+    for name in (
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "run_config.yaml",
+        "latent_stats.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (final / name).is_file(), name
     exported = ShapeDiT.from_pretrained(final)
     # the export holds the EMA weights (which differ from the raw weights after 2 steps)
@@ -141,12 +197,16 @@ def test_two_step_run_writes_checkpoint_export_and_preview(shards, tmp_path):
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(shards, tmp_path):
     config = tiny_config(shards, **{"training.max_steps": 4, "training.checkpoint_every": 2})
     straight = train(config, tmp_path / "straight")
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2",
-                    tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "checkpoint-2",
+        tmp_path / "resumed" / "checkpoints" / "checkpoint-2",
+    )
     resumed = train(config, tmp_path / "resumed", resume="latest")
     assert resumed.summary["resumed_from_step"] == 2 and resumed.summary["steps"] == 4
     assert resumed.summary["micro_steps"] == 4
-    for (name, expected), (_, actual) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+    for (name, expected), (_, actual) in zip(
+        straight.model.named_parameters(), resumed.model.named_parameters()
+    ):
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=name)
     for expected, actual in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
@@ -154,8 +214,15 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(s
 
 
 def test_streaming_mode_trains_from_resampled_shards(shards, tmp_path):
-    config = tiny_config(shards, **{"data.in_memory": False, "data.num_workers": 0, "data.shuffle_buffer": 4,
-                                    "training.checkpoint_every": 0})
+    config = tiny_config(
+        shards,
+        **{
+            "data.in_memory": False,
+            "data.num_workers": 0,
+            "data.shuffle_buffer": 4,
+            "training.checkpoint_every": 0,
+        },
+    )
     result = train(config, tmp_path / "stream")
     assert result.summary["steps"] == 2 and result.summary["final_loss"] is not None
     assert (tmp_path / "stream" / "final" / "config.json").is_file()
@@ -175,10 +242,27 @@ def test_incompatible_cache_gives_a_clear_error(shards, tmp_path):
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_cpu_processes_hold_identical_weights(shards, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(PROJECT_ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(PROJECT_ROOT / "tests" / "diffusion" / "_mp_train.py"), TINY, str(shards), str(out)]
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(PROJECT_ROOT / "tests" / "diffusion" / "_mp_train.py"),
+        TINY,
+        str(shards),
+        str(out),
+    ]
+    completed = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     records = [json.loads((out / f"hash-{rank}.json").read_text()) for rank in (0, 1)]
     assert all(record["num_processes"] == 2 and record["steps"] == 2 for record in records)

@@ -22,7 +22,9 @@ TRAINED_TOKENS = 16  # the DiT trained on prefixes of the cached 24 tokens
 SHIFT = 2.5
 
 
-def _write_parts(root: Path, channels: int = LATENT_CHANNELS, vae_sha256: str | None = None) -> dict[str, Path]:
+def _write_parts(
+    root: Path, channels: int = LATENT_CHANNELS, vae_sha256: str | None = None
+) -> dict[str, Path]:
     """The folders `dora train-vae` / `train-dit` / `cache-latents` produce, from the tiny test models."""
     tiny = make_tiny_pipeline()
     tiny.vae.save_pretrained(root / "vae")
@@ -37,7 +39,9 @@ def _write_parts(root: Path, channels: int = LATENT_CHANNELS, vae_sha256: str | 
     (root / "shards").mkdir(parents=True)
     # `dora cache-latents` pins the latents to the VAE's weights (sha256 per weight file).
     weights = root / "vae" / "diffusion_pytorch_model.safetensors"
-    vae_sha256 = vae_sha256 or hashlib.sha256(weights.read_bytes()).hexdigest()  # default: the VAE saved above
+    vae_sha256 = (
+        vae_sha256 or hashlib.sha256(weights.read_bytes()).hexdigest()
+    )  # default: the VAE saved above
     identity = {"weights_sha256": {weights.name: vae_sha256}}
     manifest = build_manifest([], sums, num_tokens=CACHED_TOKENS, latent_channels=channels, vae=identity)
     write_manifest(root / "shards", manifest)
@@ -58,7 +62,9 @@ def test_assemble_pipeline_round_trip(tmp_path, capsys):
     # From the run config: the text encoder, its max_length, the schedule's largest token count; the scheduler.
     assert pipe.config.text_encoder_kind == "bert" and pipe.config.text_max_length == 40
     assert pipe.default_num_tokens == TRAINED_TOKENS
-    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == SHIFT
+    assert (
+        isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == SHIFT
+    )
     latents = pipe("a chair", num_inference_steps=1, output_type="latent",
                    generator=torch.Generator().manual_seed(0)).latents  # fmt: skip
     assert latents.shape == (1, TRAINED_TOKENS, LATENT_CHANNELS)
@@ -69,8 +75,9 @@ def test_assemble_rejects_mismatched_parts(tmp_path, capsys):
     other = _write_parts(tmp_path / "other", channels=LATENT_CHANNELS + 1)
     args = ["--vae", str(parts["vae"]), "--transformer", str(parts["dit"]), "--out", str(tmp_path / "p")]
     assert dora(["assemble-pipeline", *args, "--manifest", str(other["manifest"])]) == 2
-    assert f"the cached latents have {LATENT_CHANNELS + 1} channels but the DiT expects {LATENT_CHANNELS}" in (
-        capsys.readouterr().err
+    assert (
+        f"the cached latents have {LATENT_CHANNELS + 1} channels but the DiT expects {LATENT_CHANNELS}"
+        in (capsys.readouterr().err)
     )
     # The real MiniLM gives 384-d tokens; the tiny DiT cross-attends to 32-d ones.
     builtin = ["--manifest", str(parts["manifest"]), "--text-encoder", "builtin:all-MiniLM-L6-v2"]

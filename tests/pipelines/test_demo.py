@@ -53,7 +53,9 @@ def test_generate_handler_writes_a_glb_and_reports_bad_input(tmp_path):
     import gradio as gr
 
     pipe = make_tiny_pipeline()
-    center_surface_on(pipe, PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5))
+    center_surface_on(
+        pipe, PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5)
+    )
     demo = build_demo(pipe, output_dir=tmp_path, mesh_resolution=32)
     handler = next(function.fn for function in demo.fns.values() if function.api_name == "generate")
     viewer_path, download_path = handler(PROMPT, 2, 3.0, pipe.default_num_tokens, 5)
@@ -90,9 +92,12 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
                 page = browser.new_page()
                 page.on(
                     "request",
-                    lambda request: external_requests.append(request.url)
-                    if request.url.startswith("http") and not any(host in request.url.split("/")[2] for host in LOCAL_HOSTS)
-                    else None,
+                    lambda request: (
+                        external_requests.append(request.url)
+                        if request.url.startswith("http")
+                        and not any(host in request.url.split("/")[2] for host in LOCAL_HOSTS)
+                        else None
+                    ),
                 )
                 page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=60_000)
                 page.locator("#prompt textarea").fill(PROMPT)

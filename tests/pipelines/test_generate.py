@@ -48,7 +48,9 @@ def test_generate_writes_glb_and_preview(pipeline_dir, tmp_path):
     command = [sys.executable, "-m", "pipelines.cli", "generate", PROMPT, "--pipeline", str(pipeline_dir),
                "-o", str(output), "--steps", str(STEPS), "--seed", str(SEED), "--resolution", "32"]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     mesh = trimesh.load(output, force="mesh")
     assert isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0

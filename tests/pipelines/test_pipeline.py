@@ -68,7 +68,13 @@ def test_latent_output_shape_and_unnormalisation(pipe):
         final["latents"] = callback_kwargs["latents"].clone()
         return {}
 
-    out = pipe(PROMPT, num_inference_steps=2, generator=seeded(0), output_type="latent", callback_on_step_end=keep_last)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        generator=seeded(0),
+        output_type="latent",
+        callback_on_step_end=keep_last,
+    )
     assert out.meshes is None
     assert isinstance(out.latents, torch.Tensor) and out.latents.shape == (1, NUM_TOKENS, LATENT_CHANNELS)
     mean = torch.tensor(pipe.config.latent_mean)
@@ -106,7 +112,9 @@ def test_encode_prompt_puts_unconditional_first(pipe):
     torch.testing.assert_close(pooled[:6], empty_pooled.expand(6, -1))
     torch.testing.assert_close(hidden[0, : empty_hidden.shape[1]], empty_hidden[0])
     assert not torch.allclose(pooled[6], pooled[9])  # "a chair" vs "a lamp"
-    negative, _, negative_pooled = pipe.encode_prompt("a chair", negative_prompt="ugly", do_classifier_free_guidance=True)
+    negative, _, negative_pooled = pipe.encode_prompt(
+        "a chair", negative_prompt="ugly", do_classifier_free_guidance=True
+    )
     torch.testing.assert_close(negative_pooled[0], pipe.text_encoder_wrapper().encode(["ugly"]).pooled[0])
     conditional_only = pipe.encode_prompt("a chair", do_classifier_free_guidance=False)
     assert conditional_only[0].shape[0] == 1
@@ -231,9 +239,23 @@ def test_training_preview_samples_exactly_what_the_pipeline_generates(guidance):
     pipe = make_tiny_pipeline()
     prompts = ["a chair", PROMPT]
     shift = pipe.scheduler.config.shift  # 3.0: the shift training saves beside the DiT, which previews use
-    generated = pipe(prompts, num_inference_steps=3, guidance_scale=guidance, num_tokens=16, generator=seeded(7),
-                     output_type="latent").latents  # (2, 16, C) VAE space
-    preview = sample_preview_latents(pipe.transformer, pipe.text_encoder_wrapper(), prompts, num_tokens=16,
-                                     num_inference_steps=3, guidance_scale=guidance, shift=shift, seed=7)  # (2, 16, C)
+    generated = pipe(
+        prompts,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        num_tokens=16,
+        generator=seeded(7),
+        output_type="latent",
+    ).latents  # (2, 16, C) VAE space
+    preview = sample_preview_latents(
+        pipe.transformer,
+        pipe.text_encoder_wrapper(),
+        prompts,
+        num_tokens=16,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        shift=shift,
+        seed=7,
+    )  # (2, 16, C)
     assert preview.shape == generated.shape
     assert torch.equal(pipe.unnormalize_latents(preview.float()), generated)

@@ -29,7 +29,9 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
     _write(folder / "quickstart.yaml", orchestration)
 
     prepare = yaml.safe_load((folder / "prepare.yaml").read_text())
-    prepare.update(epsilon=1 / 32, n_uniform=256, n_salient=128, n_volume=512, n_near=256, n_sharp=128, workers=2)
+    prepare.update(
+        epsilon=1 / 32, n_uniform=256, n_salient=128, n_volume=512, n_near=256, n_sharp=128, workers=2
+    )
     _write(folder / "prepare.yaml", prepare)
 
     vae = yaml.safe_load((CONFIG_DIR / "vae" / "tiny.yaml").read_text())
@@ -82,8 +84,19 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capsys):
     assert set(generation["sets"]) == {"captions", "paraphrases"}
     assert generation["sets"]["captions"]["overall"]["num_samples"] == 14
     stages = sorted(p.stem for p in (out / ".stages").glob("*.json"))
-    assert stages == sorted(["build-dataset", "prepare", "train-vae", "bench", "cache-latents", "train-dit",
-                             "assemble-pipeline", "generate", "bench-generation"])
+    assert stages == sorted(
+        [
+            "build-dataset",
+            "prepare",
+            "train-vae",
+            "bench",
+            "cache-latents",
+            "train-dit",
+            "assemble-pipeline",
+            "generate",
+            "bench-generation",
+        ]
+    )
 
     # A second run finds every stage done and redoes nothing.
     capsys.readouterr()
@@ -111,10 +124,14 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     orchestration["vae"]["calibrated_seconds"] = 420.0
     orchestration["dit"]["calibrated_seconds"] = 480.0
     _write(configs / "quickstart.yaml", orchestration)
-    steps = {name: yaml.safe_load((configs / f"{name}.yaml").read_text())["training"]["max_steps"]
-             for name in ("vae", "dit")}
+    steps = {
+        name: yaml.safe_load((configs / f"{name}.yaml").read_text())["training"]["max_steps"]
+        for name in ("vae", "dit")
+    }
 
-    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: 100.0)  # a machine half as fast right now
+    monkeypatch.setattr(
+        quickstart, "measure_matmul_gflops", lambda: 100.0
+    )  # a machine half as fast right now
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message
     assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
@@ -131,7 +148,9 @@ def test_report_flags_a_training_cut_by_the_wall_clock_cap(tmp_path):
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "dit").mkdir()
-    (tmp_path / "vae" / "summary.json").write_text(json.dumps({"steps": 700, "stopped_by_time": False, "final": {}}))
+    (tmp_path / "vae" / "summary.json").write_text(
+        json.dumps({"steps": 700, "stopped_by_time": False, "final": {}})
+    )
     (tmp_path / "dit" / "summary.json").write_text(json.dumps({"steps": 31, "stopped_by_time": True}))
     report = write_report(tmp_path, {"train-vae": 1.0, "train-dit": 1.0}).read_text()
     vae_part, dit_part = report.split("## DiT")

@@ -24,14 +24,23 @@ from training.schedules import ScheduleConfig, TokenSchedule
 @dataclass
 class ToyRunConfig:
     training: LoopConfig = field(default_factory=LoopConfig)
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(phases=[{"until_step": None,
-                                                                                     "tokens": [2, 4]}]))
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(phases=[{"until_step": None, "tokens": [2, 4]}])
+    )
     model: dict[str, Any] = field(default_factory=lambda: {"width": 4, "tags": ["a", "b"]})
 
 
 def toy_config(**training: Any) -> ToyRunConfig:
-    loop = LoopConfig(max_steps=6, learning_rate=0.05, warmup_steps=1, checkpoint_every=2, checkpoints_total_limit=10,
-                      log_every=1, use_ema=True, ema_decay=0.9)
+    loop = LoopConfig(
+        max_steps=6,
+        learning_rate=0.05,
+        warmup_steps=1,
+        checkpoint_every=2,
+        checkpoints_total_limit=10,
+        log_every=1,
+        use_ema=True,
+        ema_decay=0.9,
+    )
     for key, value in training.items():
         setattr(loop, key, value)
     return ToyRunConfig(training=loop)
@@ -41,11 +50,14 @@ class Toy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
-        self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)  # copied by the EMA, not averaged
+        self.frozen = torch.nn.Parameter(
+            torch.ones(2), requires_grad=False
+        )  # copied by the EMA, not averaged
 
 
-def run_toy(output_dir: Path, config: ToyRunConfig, resume: str | None = None,
-            max_minutes: float | None = None) -> Trainer:
+def run_toy(
+    output_dir: Path, config: ToyRunConfig, resume: str | None = None, max_minutes: float | None = None
+) -> Trainer:
     """A run of the core: data and noise are functions of the micro-step, as in both stages."""
     import logging
 
@@ -65,7 +77,9 @@ def run_toy(output_dir: Path, config: ToyRunConfig, resume: str | None = None,
     def step(batch: Any, context: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch
         noise = 0.01 * torch.randn(y.shape, generator=context.generator)  # per-micro-step randomness
-        prediction = model.layer(x).squeeze(1) * (context.num_tokens / 4)  # the schedule's draw reaches the step
+        prediction = model.layer(x).squeeze(1) * (
+            context.num_tokens / 4
+        )  # the schedule's draw reaches the step
         loss = torch.nn.functional.mse_loss(prediction, y + noise)
         return loss, {"loss": loss, "tokens_seen": float(context.num_tokens)}
 
@@ -111,8 +125,11 @@ def test_ema_reads_the_older_dit_folder_layout(tmp_path):
     shadow = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}
     (tmp_path / "ema").mkdir()
     save_file(shadow, str(tmp_path / "ema" / "diffusion_pytorch_model.safetensors"))
-    (tmp_path / "ema" / "config.json").write_text(json.dumps({"_class_name": "ShapeDiT", "width": 4, "decay": 0.8,
-                                                                 "optimization_step": 12, "min_decay": 0.0}))
+    (tmp_path / "ema" / "config.json").write_text(
+        json.dumps(
+            {"_class_name": "ShapeDiT", "width": 4, "decay": 0.8, "optimization_step": 12, "min_decay": 0.0}
+        )
+    )
     ema = create_ema(model, decay=0.9, device="cpu")
     load_ema(ema, model, tmp_path, "cpu")
     assert ema.optimization_step == 12 and ema.decay == 0.8
@@ -139,7 +156,9 @@ def test_find_checkpoint_latest_is_the_newest_complete_one(tmp_path):
         _checkpoint(tmp_path, step)
     _checkpoint(tmp_path, 12, complete=False)  # cut while being written: never resumed from
     (tmp_path / "checkpoints" / "checkpoint-notes").mkdir()  # not a step: ignored
-    assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / "checkpoint-10"  # 10 > 9 (numeric)
+    assert (
+        find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / "checkpoint-10"
+    )  # 10 > 9 (numeric)
 
 
 def test_find_checkpoint_named_folder_must_be_complete(tmp_path):
@@ -159,33 +178,52 @@ def test_rotation_keeps_the_newest_and_zero_keeps_all(tmp_path):
 
 
 def test_train_state_of_older_dit_checkpoints_reads_into_todays_layout(tmp_path):
-    (tmp_path / "train_state.json").write_text(json.dumps({"global_step": 2, "micro_step": 2,
-                                                           "history": [[1, 0.5], [2, 0.4]]}))
+    (tmp_path / "train_state.json").write_text(
+        json.dumps({"global_step": 2, "micro_step": 2, "history": [[1, 0.5], [2, 0.4]]})
+    )
     assert read_train_state(tmp_path)["history"] == {"loss": [[1, 0.5], [2, 0.4]]}
 
 
 def test_flat_hparams_flattens_every_level():
-    flat = flat_hparams({"training": {"lr": 0.1, "betas": [0.9, 0.99]}, "schedule": {"mixture": {"tokens": [8]}},
-                         "init_from": None, "seed": 3})
-    assert flat == {"training.lr": 0.1, "training.betas": "[0.9, 0.99]", "schedule.mixture.tokens": "[8]",
-                    "init_from": "None", "seed": 3}
+    flat = flat_hparams(
+        {
+            "training": {"lr": 0.1, "betas": [0.9, 0.99]},
+            "schedule": {"mixture": {"tokens": [8]}},
+            "init_from": None,
+            "seed": 3,
+        }
+    )
+    assert flat == {
+        "training.lr": 0.1,
+        "training.betas": "[0.9, 0.99]",
+        "schedule.mixture.tokens": "[8]",
+        "init_from": "None",
+        "seed": 3,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
 def test_step_budget_checkpoints_rotation_and_logs(tmp_path):
     trainer = run_toy(tmp_path / "run", toy_config(checkpoints_total_limit=2))
     assert trainer.state["global_step"] == 6 and not trainer.out_of_time
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     final = tmp_path / "run" / "checkpoints" / "checkpoint-6"
     for name in ("model.safetensors", "ema.safetensors", "ema.json", "config.yaml", "train_state.json"):
         assert (final / name).is_file(), name
     state = read_train_state(final)
     assert [step for step, _ in state["history"]["loss"]] == [1, 2, 3, 4, 5, 6]
-    assert (tmp_path / "run" / "run_config.yaml").is_file() and list((tmp_path / "run" / "logs").rglob("events*"))
+    assert (tmp_path / "run" / "run_config.yaml").is_file() and list(
+        (tmp_path / "run" / "logs").rglob("events*")
+    )
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
-    trainer = run_toy(tmp_path / "run", toy_config(gradient_accumulation_steps=2, use_ema=False, checkpoint_every=0))
+    trainer = run_toy(
+        tmp_path / "run", toy_config(gradient_accumulation_steps=2, use_ema=False, checkpoint_every=0)
+    )
     assert trainer.state["global_step"] == 6 and trainer.state["micro_step"] == 12
 
 
@@ -200,8 +238,10 @@ def test_time_budget_stops_every_rank_and_warns_loudly(tmp_path, caplog):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     config = toy_config()
     straight = run_toy(tmp_path / "straight", config)
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2",
-                    tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "checkpoint-2",
+        tmp_path / "resumed" / "checkpoints" / "checkpoint-2",
+    )
     resumed = run_toy(tmp_path / "resumed", config, resume="latest")
     assert resumed.state["history"] == straight.state["history"]
     for expected, actual in zip(straight.unwrapped.parameters(), resumed.unwrapped.parameters(), strict=True):

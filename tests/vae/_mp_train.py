@@ -13,8 +13,11 @@ from vae.train import VAETrainConfig, train
 
 
 def main(config_path: str, data_root: str, output_dir: str) -> None:
-    config = load_config(VAETrainConfig, config_path, {"data.root": data_root, "training.max_steps": 2,
-                                                       "training.checkpoint_every": 0})
+    config = load_config(
+        VAETrainConfig,
+        config_path,
+        {"data.root": data_root, "training.max_steps": 2, "training.checkpoint_every": 0},
+    )
     summary = train(config, output_dir)
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "num_processes": summary["num_processes"], "steps": summary["steps"]}

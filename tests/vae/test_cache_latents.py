@@ -25,16 +25,33 @@ from vae.cache_latents import main, my_shapes, recover, stable_seed, view_points
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 N_UNIFORM, N_SALIENT, NUM_TOKENS, CHANNELS = 128, 32, 24, 8
-PREPARE = ["--epsilon", str(8 / 256), "--n-uniform", str(N_UNIFORM), "--n-salient", str(N_SALIENT),
-           "--n-volume", "32", "--n-near", "32", "--n-sharp", "16", "--workers", "1"]
+PREPARE = [
+    "--epsilon",
+    str(8 / 256),
+    "--n-uniform",
+    str(N_UNIFORM),
+    "--n-salient",
+    str(N_SALIENT),
+    "--n-volume",
+    "32",
+    "--n-near",
+    "32",
+    "--n-sharp",
+    "16",
+    "--workers",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Three meshes prepared by `dora prepare`, copied under 30 shape ids (meta updated), and a tiny VAE."""
     root = tmp_path_factory.mktemp("cache")
-    meshes = {"box": trimesh.creation.box(extents=(1, 0.5, 0.3)), "ball": trimesh.creation.icosphere(2),
-              "can": trimesh.creation.cylinder(radius=0.3, height=1.0)}
+    meshes = {
+        "box": trimesh.creation.box(extents=(1, 0.5, 0.3)),
+        "ball": trimesh.creation.icosphere(2),
+        "can": trimesh.creation.cylinder(radius=0.3, height=1.0),
+    }
     (root / "meshes").mkdir()
     rows = []
     for name, mesh in meshes.items():
@@ -48,15 +65,24 @@ def workspace(tmp_path_factory) -> Path:
         with np.load(samples / f"{name}.npz") as archive:
             arrays = {key: archive[key] for key in archive.files}
         meta = json.loads(str(arrays["meta"]))
-        meta.update(shape_id=f"{name}_{index:02d}", caption=f"a {name} number {index}")
+        caption = f"a {name} number {index}"
+        meta.update(shape_id=f"{name}_{index:02d}", caption=caption, captions=[caption])
         arrays["meta"] = np.array(json.dumps(meta))
         np.savez_compressed(samples / f"{name}_{index:02d}.npz", **arrays)
     for name in meshes:
         (samples / f"{name}.npz").unlink()
     torch.manual_seed(0)
-    DoraVAE(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=CHANNELS,
-            output_type="occupancy", epsilon=8 / 256, n_uniform=N_UNIFORM, n_salient=N_SALIENT,
-            ).save_pretrained(root / "vae")
+    DoraVAE(
+        width=32,
+        heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        latent_channels=CHANNELS,
+        output_type="occupancy",
+        epsilon=8 / 256,
+        n_uniform=N_UNIFORM,
+        n_salient=N_SALIENT,
+    ).save_pretrained(root / "vae")
     return root
 
 
@@ -65,8 +91,19 @@ def shape_ids(workspace: Path) -> list[str]:
 
 
 def run_args(workspace: Path, out: Path, *extra: str) -> list[str]:
-    return ["--vae", str(workspace / "vae"), "--data", str(workspace / "prepared"), "--out", str(out),
-            "--num-tokens", str(NUM_TOKENS), "--num-workers", "0", *extra]
+    return [
+        "--vae",
+        str(workspace / "vae"),
+        "--data",
+        str(workspace / "prepared"),
+        "--out",
+        str(out),
+        "--num-tokens",
+        str(NUM_TOKENS),
+        "--num-workers",
+        "0",
+        *extra,
+    ]
 
 
 def read_raw(out: Path, **kwargs) -> list[dict]:
@@ -81,10 +118,15 @@ def test_round_trip_manifest_and_statistics(workspace, tmp_path):
     direct = {}
     for shape_id in shape_ids(workspace):
         sample = load_prepared(workspace / "prepared" / "samples" / f"{shape_id}.npz")
-        cloud = {"uniform": np.concatenate([sample["uniform_points"], sample["uniform_normals"]], 1)[None],
-                 "salient": np.concatenate([sample["salient_points"], sample["salient_normals"]], 1)[None]}
+        cloud = {
+            "uniform": np.concatenate([sample["uniform_points"], sample["uniform_normals"]], 1)[None],
+            "salient": np.concatenate([sample["salient_points"], sample["salient_normals"]], 1)[None],
+        }
         with torch.no_grad():
-            direct[shape_id] = (model.encode(cloud, num_tokens=NUM_TOKENS)[0].numpy(), sample["meta"]["caption"])
+            direct[shape_id] = (
+                model.encode(cloud, num_tokens=NUM_TOKENS)[0].numpy(),
+                sample["meta"]["caption"],
+            )
     samples = read_raw(out)
     assert sorted(sample["shape_id"] for sample in samples) == sorted(direct)
     for sample in samples:
@@ -93,14 +135,22 @@ def test_round_trip_manifest_and_statistics(workspace, tmp_path):
         assert sample["caption"] == caption and sample["meta"]["meta"]["category"] in caption
         assert sample["meta"]["num_tokens"] == NUM_TOKENS and sample["meta"]["token_order"] == "fps"
 
-    assert (manifest["num_samples"], manifest["num_tokens"], manifest["latent_channels"]) == (30, NUM_TOKENS, CHANNELS)
+    assert (manifest["num_samples"], manifest["num_tokens"], manifest["latent_channels"]) == (
+        30,
+        NUM_TOKENS,
+        CHANNELS,
+    )
     assert manifest["dtype"] == "fp32" and manifest["epsilon"] == pytest.approx(8 / 256)
     assert [shard["num_samples"] for shard in manifest["shards"]] == [7, 7, 7, 7, 2]
-    assert manifest["token_order"].startswith("fps") and manifest["vae"]["config"]["latent_channels"] == CHANNELS
+    assert (
+        manifest["token_order"].startswith("fps") and manifest["vae"]["config"]["latent_channels"] == CHANNELS
+    )
     weights = workspace / "vae" / "diffusion_pytorch_model.safetensors"
     import hashlib
 
-    assert manifest["vae"]["weights_sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert manifest["vae"]["weights_sha256"] == {
+        weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()
+    }
     everything = np.concatenate([latents for latents, _ in direct.values()]).astype(np.float64)  # (30*N, C)
     stats = LatentStats.from_manifest(manifest)
     np.testing.assert_allclose(stats.mean, everything.mean(0), rtol=1e-4, atol=1e-6)
@@ -117,7 +167,10 @@ def test_round_trip_manifest_and_statistics(workspace, tmp_path):
 
 def test_views_in_bf16_are_independent_point_subsets(workspace, tmp_path):
     out = tmp_path / "views"
-    assert main(run_args(workspace, out, "--dtype", "bf16", "--num-views", "2", "--limit", "4", "--seed", "7")) == 0
+    assert (
+        main(run_args(workspace, out, "--dtype", "bf16", "--num-views", "2", "--limit", "4", "--seed", "7"))
+        == 0
+    )
     manifest = load_manifest(out)
     assert (manifest["num_views"], manifest["dtype"], manifest["num_samples"]) == (2, "bf16", 4)
     model = DoraVAE.from_pretrained(workspace / "vae").eval()
@@ -125,9 +178,16 @@ def test_views_in_bf16_are_independent_point_subsets(workspace, tmp_path):
         for sample in read_raw(out, view=view):
             shape_id = sample["shape_id"]
             prepared = load_prepared(workspace / "prepared" / "samples" / f"{shape_id}.npz")
-            cloud = {stream: view_points(prepared[f"{stream}_points"], prepared[f"{stream}_normals"], count,
-                                         stable_seed(7, shape_id, view, stream), keep_all=False)[None]
-                     for stream, count in (("uniform", N_UNIFORM), ("salient", N_SALIENT))}
+            cloud = {
+                stream: view_points(
+                    prepared[f"{stream}_points"],
+                    prepared[f"{stream}_normals"],
+                    count,
+                    stable_seed(7, shape_id, view, stream),
+                    keep_all=False,
+                )[None]
+                for stream, count in (("uniform", N_UNIFORM), ("salient", N_SALIENT))
+            }
             with torch.no_grad():
                 expected = from_storage(to_storage(model.encode(cloud, num_tokens=NUM_TOKENS)[0], "bf16"))
             np.testing.assert_allclose(sample["latents"].numpy(), expected, rtol=2**-7, atol=1e-3)
@@ -146,7 +206,9 @@ def test_a_corrupt_prepared_sample_is_logged_and_skipped(workspace, tmp_path):
     assert main(args) == 0
     manifest = load_manifest(out)
     assert manifest["num_samples"] == 4 and [f["shape_id"] for f in manifest["failures"]] == ["aaa_broken"]
-    logged = [json.loads(line) for line in (out / "progress" / "failures-00000.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line) for line in (out / "progress" / "failures-00000.jsonl").read_text().splitlines()
+    ]
     assert "aaa_broken.npz" in logged[0]["error"]
 
 
@@ -157,10 +219,20 @@ def subprocess_env() -> dict[str, str]:
 def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     assert main(run_args(workspace, single, "--dtype", "fp32", "--max-samples", "4")) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "vae.cache_latents", *run_args(workspace, double, "--dtype", "fp32", "--max-samples", "4")]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=300)  # two cold torch imports on a loaded 2-core CI box
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vae.cache_latents",
+        *run_args(workspace, double, "--dtype", "fp32", "--max-samples", "4"),
+    ]
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )  # two cold torch imports on a loaded 2-core CI box
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = load_manifest(double)
     assert manifest["world_size"] == 2 and manifest["num_samples"] == 30
@@ -187,10 +259,15 @@ def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tm
 
 def test_sigkill_mid_run_then_resume_caches_every_shape_exactly_once(workspace, tmp_path):
     out = tmp_path / "latents"
-    command = [sys.executable, "-m", "vae.cache_latents",
-               *run_args(workspace, out, "--max-samples", "2", "--batch-size", "1", "--dtype", "fp16")]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "vae.cache_latents",
+        *run_args(workspace, out, "--max-samples", "2", "--batch-size", "1", "--dtype", "fp16"),
+    ]
+    process = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = out / "progress" / "rank-00000.jsonl"
     deadline = time.monotonic() + 180  # a cold start on a loaded CI box
     while time.monotonic() < deadline and process.poll() is None:
@@ -209,7 +286,8 @@ def test_sigkill_mid_run_then_resume_caches_every_shape_exactly_once(workspace, 
     assert len(ids) == len(set(ids)) and sorted(ids) == shape_ids(workspace)
     manifest = load_manifest(out)
     assert manifest["num_samples"] == 30 and sorted(p.name for p in out.glob("*.tar")) == [
-        shard["name"] for shard in manifest["shards"]]
+        shard["name"] for shard in manifest["shards"]
+    ]
     stored = np.concatenate([sample["latents"].numpy() for sample in read_raw(out)]).astype(np.float64)
     np.testing.assert_allclose(manifest["stats"]["mean"], stored.mean(0), rtol=1e-9, atol=1e-12)
 
@@ -220,14 +298,21 @@ def test_partition_is_disjoint_complete_and_stable(tmp_path):
     assert sorted(sum(parts, [])) == all_ids and parts[0] == ["s00", "s03", "s06", "s09"]
     done = {"s00", "s03", "s01"}
     assert my_shapes(all_ids, done, {3}, 0, 3) == ["s06", "s09"]  # same world size: own part minus done
-    pending = [my_shapes(all_ids, done, {3}, rank, 2) for rank in range(2)]  # world size changed: pending split
-    assert sorted(sum(pending, [])) == sorted(set(all_ids) - done) and abs(len(pending[0]) - len(pending[1])) <= 1
+    pending = [
+        my_shapes(all_ids, done, {3}, rank, 2) for rank in range(2)
+    ]  # world size changed: pending split
+    assert (
+        sorted(sum(pending, [])) == sorted(set(all_ids) - done)
+        and abs(len(pending[0]) - len(pending[1])) <= 1
+    )
 
 
 def test_recover_drops_unrecorded_shards_and_torn_log_lines(tmp_path):
     (tmp_path / "progress").mkdir()
     record = {"name": "00000-000000.tar", "shape_ids": ["a"]}
-    (tmp_path / "progress" / "rank-00000.jsonl").write_text(json.dumps(record) + "\n" + '{"name": "00000-0000')
+    (tmp_path / "progress" / "rank-00000.jsonl").write_text(
+        json.dumps(record) + "\n" + '{"name": "00000-0000'
+    )
     for name in ("00000-000000.tar", "00000-000001.tar", "00001-000000.tar.tmp"):
         (tmp_path / name).write_bytes(b"x")
     recover(tmp_path)
@@ -239,8 +324,22 @@ def test_posterior_samples_do_not_depend_on_batching(workspace, tmp_path):
     runs = {}
     for batch_size in ("1", "3"):
         out = tmp_path / f"batch{batch_size}"
-        assert main(run_args(workspace, out, "--dtype", "fp32", "--limit", "4", "--sample-posterior",
-                             "--batch-size", batch_size)) == 0
+        assert (
+            main(
+                run_args(
+                    workspace,
+                    out,
+                    "--dtype",
+                    "fp32",
+                    "--limit",
+                    "4",
+                    "--sample-posterior",
+                    "--batch-size",
+                    batch_size,
+                )
+            )
+            == 0
+        )
         runs[batch_size] = {s["shape_id"]: s["latents"] for s in read_raw(out)}
     assert main(run_args(workspace, tmp_path / "mean", "--dtype", "fp32", "--limit", "4")) == 0
     means = {s["shape_id"]: s["latents"] for s in read_raw(tmp_path / "mean")}

@@ -17,7 +17,9 @@ from vae.convert_dora import build_model, convert_state_dict, load_official_stat
 from vae.fps import farthest_point_indices
 from vae.modeling_dora_vae import interleave_order
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "dora_vae_1_1_state_dict.json"
+REFERENCE = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "dora_vae_1_1_state_dict.json"
+)
 PREFIX = "shape_model."
 
 
@@ -46,7 +48,7 @@ def synthetic_official(reference: dict, width: int | None = None, max_layers: in
     scale = {} if width is None else {768: width, 1536: 2 * width, 2304: 3 * width, 3072: 4 * width}
     state = {}
     for entry in reference["tensors"]:
-        name = entry["name"][len(PREFIX):]
+        name = entry["name"][len(PREFIX) :]
         layer = re.search(r"resblocks\.(\d+)\.", name)
         if max_layers is not None and layer and int(layer.group(1)) >= max_layers:
             continue
@@ -63,9 +65,11 @@ def synthetic_official(reference: dict, width: int | None = None, max_layers: in
     return state
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_w: torch.Tensor,
-                        proj_b: torch.Tensor, heads: int) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor, heads: int
+) -> torch.Tensor:
     """Plain multi-head attention from standard (head-major) Q/K/V outputs, written out without SDPA."""
+
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # (B, H, L, D)
 
@@ -78,38 +82,52 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_
 def official_self_block(state: dict, prefix: str, x: torch.Tensor, heads: int = 12) -> torch.Tensor:
     """A ResidualAttentionBlock computed from the INTERLEAVED official weights, as the reference notes define
     them: c_qkv rows are h*3*D + s*D + c (s = 0 Q, 1 K, 2 V)."""
+
     def ln(t, name):
-        return F.layer_norm(t, t.shape[-1:], state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"], 1e-5)
+        return F.layer_norm(
+            t, t.shape[-1:], state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"], 1e-5
+        )
 
     h = ln(x, "ln_1")
     qkv = F.linear(h, state[f"{prefix}attn.c_qkv.weight"])  # (B, N, 3W), per-head interleaved
     qkv = qkv.view(x.shape[0], x.shape[1], heads, 3, -1)  # (B, N, H, 3, D)
     q, k, v = (qkv[..., s, :].flatten(2) for s in range(3))
-    x = x + reference_attention(q, k, v, state[f"{prefix}attn.c_proj.weight"],
-                                state[f"{prefix}attn.c_proj.bias"], heads)
-    hidden = F.gelu(F.linear(ln(x, "ln_2"), state[f"{prefix}mlp.c_fc.weight"], state[f"{prefix}mlp.c_fc.bias"]))
+    x = x + reference_attention(
+        q, k, v, state[f"{prefix}attn.c_proj.weight"], state[f"{prefix}attn.c_proj.bias"], heads
+    )
+    hidden = F.gelu(
+        F.linear(ln(x, "ln_2"), state[f"{prefix}mlp.c_fc.weight"], state[f"{prefix}mlp.c_fc.bias"])
+    )
     return x + F.linear(hidden, state[f"{prefix}mlp.c_proj.weight"], state[f"{prefix}mlp.c_proj.bias"])
 
 
 def official_cross_block(state: dict, prefix: str, x: torch.Tensor, data: torch.Tensor, heads: int = 12):
     """A ResidualCrossAttentionBlock from the official weights: c_kv rows are h*2*D + s*D + c (s = 0 K, 1 V)."""
+
     def ln(t, name):
-        return F.layer_norm(t, t.shape[-1:], state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"], 1e-5)
+        return F.layer_norm(
+            t, t.shape[-1:], state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"], 1e-5
+        )
 
     hq, hd = ln(x, "ln_1"), ln(data, "ln_2")
     q = F.linear(hq, state[f"{prefix}attn.c_q.weight"])
     kv = F.linear(hd, state[f"{prefix}attn.c_kv.weight"]).view(data.shape[0], data.shape[1], heads, 2, -1)
     k, v = kv[..., 0, :].flatten(2), kv[..., 1, :].flatten(2)
-    x = x + reference_attention(q, k, v, state[f"{prefix}attn.c_proj.weight"],
-                                state[f"{prefix}attn.c_proj.bias"], heads)
-    hidden = F.gelu(F.linear(ln(x, "ln_3"), state[f"{prefix}mlp.c_fc.weight"], state[f"{prefix}mlp.c_fc.bias"]))
+    x = x + reference_attention(
+        q, k, v, state[f"{prefix}attn.c_proj.weight"], state[f"{prefix}attn.c_proj.bias"], heads
+    )
+    hidden = F.gelu(
+        F.linear(ln(x, "ln_3"), state[f"{prefix}mlp.c_fc.weight"], state[f"{prefix}mlp.c_fc.bias"])
+    )
     return x + F.linear(hidden, state[f"{prefix}mlp.c_proj.weight"], state[f"{prefix}mlp.c_proj.bias"])
 
 
 def test_split_per_head_undoes_interleaving():
     heads, head_dim = 3, 2
     # Row h*3*D + s*D + c holds the value 100*s + 10*h + c.
-    fused = torch.tensor([[100.0 * s + 10 * h + c] for h in range(heads) for s in range(3) for c in range(head_dim)])
+    fused = torch.tensor(
+        [[100.0 * s + 10 * h + c] for h in range(heads) for s in range(3) for c in range(head_dim)]
+    )
     q, k, v = split_per_head(fused, heads, 3)
     for s, part in enumerate((q, k, v)):
         assert part[:, 0].tolist() == [100.0 * s + 10 * h + c for h in range(heads) for c in range(head_dim)]
@@ -122,8 +140,18 @@ def test_full_size_conversion(reference, tmp_path):
     build_model(official, heads=12).save_pretrained(tmp_path / "converted")
     model = DoraVAE.from_pretrained(tmp_path / "converted").eval()
     config = model.config
-    assert (config.width, config.heads, config.num_encoder_layers, config.num_decoder_layers) == (768, 12, 8, 16)
-    assert (config.latent_channels, config.output_type, config.qkv_bias, config.use_salient) == (64, "tsdf", False, True)
+    assert (config.width, config.heads, config.num_encoder_layers, config.num_decoder_layers) == (
+        768,
+        12,
+        8,
+        16,
+    )
+    assert (config.latent_channels, config.output_type, config.qkv_bias, config.use_salient) == (
+        64,
+        "tsdf",
+        False,
+        True,
+    )
     ours = model.state_dict()
     assert sum(t.numel() for t in ours.values()) == reference["num_parameters"]
     assert all(t.dtype == torch.float32 for t in ours.values())
@@ -148,20 +176,33 @@ def test_full_size_conversion(reference, tmp_path):
         ours_self = model.decoder_blocks[3](x)
         ours_cross = model.cross_attn_salient(x, data)
         ours_decoder_cross = model.cross_attn_decoder(x, data)
-    torch.testing.assert_close(ours_self, official_self_block(official, "transformer.resblocks.3.", x), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours_cross, official_cross_block(official, "encoder.cross_attn1.", x, data), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours_decoder_cross, official_cross_block(official, "decoder.cross_attn_decoder.", x, data),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours_self, official_self_block(official, "transformer.resblocks.3.", x), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ours_cross, official_cross_block(official, "encoder.cross_attn1.", x, data), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ours_decoder_cross,
+        official_cross_block(official, "decoder.cross_attn_decoder.", x, data),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     # And the check has teeth: a plain chunk(3) of the fused weight (the wrong assumption) gives another block.
     naive = copy.deepcopy(model.decoder_blocks[3])
-    for linear, part in zip((naive.attn.to_q, naive.attn.to_k, naive.attn.to_v),
-                            official["transformer.resblocks.3.attn.c_qkv.weight"].chunk(3)):
+    for linear, part in zip(
+        (naive.attn.to_q, naive.attn.to_k, naive.attn.to_v),
+        official["transformer.resblocks.3.attn.c_qkv.weight"].chunk(3),
+    ):
         linear.weight.data = part.clone()
     with torch.no_grad():
         assert not torch.allclose(naive(x), ours_self, atol=1e-2)
 
     # A forward pass of the full model on few points and tokens.
-    cloud = {"uniform": torch.randn(1, 64, 6, generator=generator), "salient": torch.randn(1, 32, 6, generator=generator)}
+    cloud = {
+        "uniform": torch.randn(1, 64, 6, generator=generator),
+        "salient": torch.randn(1, 32, 6, generator=generator),
+    }
     with torch.no_grad():
         latents = model.encode(cloud, num_tokens=16)
         values = model.decode_at_points(latents, torch.rand(20, 3, generator=generator) * 2 - 1, output="raw")
@@ -185,8 +226,13 @@ def test_loader_accepts_flat_dicts_and_lightning_extras(reference, tmp_path):
     flat = tmp_path / "flat.pt"
     torch.save({k: v.half() for k, v in official.items()}, flat)
     wrapped = tmp_path / "wrapped.ckpt"
-    torch.save({"state_dict": {PREFIX + k: v for k, v in official.items()},
-                "hyper_parameters": HyperParameters(options=Options(), seed=0)}, wrapped)
+    torch.save(
+        {
+            "state_dict": {PREFIX + k: v for k, v in official.items()},
+            "hyper_parameters": HyperParameters(options=Options(), seed=0),
+        },
+        wrapped,
+    )
     assert set(load_official_state_dict(flat)) == set(official)
     loaded = load_official_state_dict(wrapped)
     assert set(loaded) == set(official)
@@ -197,7 +243,10 @@ def test_loader_accepts_flat_dicts_and_lightning_extras(reference, tmp_path):
     assert main([str(wrapped), str(tmp_path / "out")]) == 0
     converted = DoraVAE.from_pretrained(tmp_path / "out")
     assert converted.config.width == 24 and converted.config.epsilon == pytest.approx(2 / 256)
-    assert torch.equal(converted.state_dict()["cross_attn_uniform.attn.to_q.weight"], official["encoder.cross_attn.attn.c_q.weight"])
+    assert torch.equal(
+        converted.state_dict()["cross_attn_uniform.attn.to_q.weight"],
+        official["encoder.cross_attn.attn.c_q.weight"],
+    )
     assert main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")]) == 1
 
 
@@ -225,17 +274,25 @@ def test_whole_model_matches_official_forward(reference):
     sharp = linear(torch.cat([fourier(salient[..., :3]), salient[..., 3:]], -1), "encoder.input_proj1")
     picked_coarse = farthest_point_indices(uniform[..., :3], 6)
     picked_sharp = farthest_point_indices(salient[..., :3], 6)
-    queries = torch.cat([torch.stack([coarse[b, picked_coarse[b]] for b in range(2)]),
-                         torch.stack([sharp[b, picked_sharp[b]] for b in range(2)])], dim=1)  # [coarse ; sharp]
-    latents = (official_cross_block(official, "encoder.cross_attn.", queries, coarse)
-               + official_cross_block(official, "encoder.cross_attn1.", queries, sharp))
+    queries = torch.cat(
+        [
+            torch.stack([coarse[b, picked_coarse[b]] for b in range(2)]),
+            torch.stack([sharp[b, picked_sharp[b]] for b in range(2)]),
+        ],
+        dim=1,
+    )  # [coarse ; sharp]
+    latents = official_cross_block(official, "encoder.cross_attn.", queries, coarse) + official_cross_block(
+        official, "encoder.cross_attn1.", queries, sharp
+    )
     for i in range(2):
         latents = official_self_block(official, f"encoder.self_attn.resblocks.{i}.", latents)
     mean = linear(layer_norm(latents, "encoder.ln_post"), "pre_kl")[..., :64]
     tokens = linear(mean, "post_kl")
     for i in range(2):
         tokens = official_self_block(official, f"transformer.resblocks.{i}.", tokens)
-    hidden = official_cross_block(official, "decoder.cross_attn_decoder.", linear(fourier(query_points), "decoder.query_proj"), tokens)
+    hidden = official_cross_block(
+        official, "decoder.cross_attn_decoder.", linear(fourier(query_points), "decoder.query_proj"), tokens
+    )
     raw = linear(layer_norm(hidden, "decoder.ln_post"), "decoder.output_proj")[..., 0]
 
     with torch.no_grad():

@@ -14,8 +14,17 @@ from vae.attention import FourierEmbedder
 from vae.fps import farthest_point_indices
 from vae.modeling_dora_vae import interleave_order
 
-TINY = dict(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=2, latent_channels=8,
-            default_num_tokens=32, max_train_tokens=32, n_uniform=400, n_salient=200)
+TINY = dict(
+    width=32,
+    heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    latent_channels=8,
+    default_num_tokens=32,
+    max_train_tokens=32,
+    n_uniform=400,
+    n_salient=200,
+)
 
 
 @dataclasses.dataclass
@@ -29,7 +38,9 @@ class StandInPointCloud:
     epsilon: float | None = None
 
 
-def make_point_cloud(n_uniform: int = 400, n_salient: int = 200, seed: int = 0, epsilon: float | None = 2 / 256):
+def make_point_cloud(
+    n_uniform: int = 400, n_salient: int = 200, seed: int = 0, epsilon: float | None = 2 / 256
+):
     rng = np.random.default_rng(seed)
 
     def sphere(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +49,9 @@ def make_point_cloud(n_uniform: int = 400, n_salient: int = 200, seed: int = 0, 
         return (0.6 * normals).astype(np.float32), normals
 
     (up, un), (sp, sn) = sphere(n_uniform), sphere(n_salient)
-    fields = dict(uniform_points=up, uniform_normals=un, salient_points=sp, salient_normals=sn, epsilon=epsilon)
+    fields = dict(
+        uniform_points=up, uniform_normals=un, salient_points=sp, salient_normals=sn, epsilon=epsilon
+    )
     try:
         from data.sampling import PointCloud
 
@@ -82,7 +95,11 @@ def test_encode_decode_shapes(model, queries, num_tokens):
         batch = model.encode([make_point_cloud(seed=1), make_point_cloud(seed=2)], num_tokens=num_tokens)
         assert batch.shape == (2, num_tokens, 8)
         decoded = model.decode(batch)
-        assert isinstance(decoded, DecodedLatents) and decoded.batch_size == 2 and decoded.device == latents.device
+        assert (
+            isinstance(decoded, DecodedLatents)
+            and decoded.batch_size == 2
+            and decoded.device == latents.device
+        )
         assert decoded.tokens.shape == (2, num_tokens, 32)
         values = decoded(queries)
     assert values.shape == (2, 50) and values.min() >= 0 and values.max() <= 1
@@ -95,7 +112,9 @@ def test_dict_input_and_unequal_point_counts(model):
     with torch.no_grad():
         mixed = model.encode(clouds, num_tokens=16)
         alone = model.encode(clouds[1], num_tokens=16)
-        as_dict = model.encode({"uniform": torch.randn(3, 100, 6), "salient": torch.randn(3, 40, 6)}, num_tokens=20)
+        as_dict = model.encode(
+            {"uniform": torch.randn(3, 100, 6), "salient": torch.randn(3, 40, 6)}, num_tokens=20
+        )
     assert mixed.shape == (2, 16, 8)
     torch.testing.assert_close(mixed[1:], alone)
     assert as_dict.shape == (3, 20, 8)
@@ -184,7 +203,9 @@ def test_save_load_round_trip(model, queries, tmp_path):
     with torch.no_grad():
         latents = model.encode(cloud, num_tokens=24)
         assert torch.equal(loaded.encode(cloud, num_tokens=24), latents)
-        assert torch.equal(loaded.decode_at_points(latents, queries), model.decode_at_points(latents, queries))
+        assert torch.equal(
+            loaded.decode_at_points(latents, queries), model.decode_at_points(latents, queries)
+        )
 
 
 def test_chunked_decoding_matches_single_chunk(model, queries):
@@ -244,8 +265,14 @@ def test_training_forward_and_gradient_checkpointing():
     losses = []
     for vae in (plain, checkpointed):
         vae.train()
-        out = vae(uniform=uniform, salient=salient, query_points=query_points, num_tokens=16,
-                  sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        out = vae(
+            uniform=uniform,
+            salient=salient,
+            query_points=query_points,
+            num_tokens=16,
+            sample_posterior=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert out["raw"].shape == (2, 40) and out["kl"].shape == (2,) and out["latents"].shape == (2, 16, 8)
         assert (out["kl"] >= 0).all()
         loss = out["raw"].pow(2).mean() + 1e-3 * out["kl"].mean()
@@ -261,7 +288,9 @@ def test_latent_noise_perturbs_the_decoded_code_relative_to_its_spread():
     vae = make_model().train()
     uniform, salient = torch.randn(4, 60, 6), torch.randn(4, 30, 6)
     query_points = torch.rand(4, 40, 3) * 2 - 1
-    kwargs = dict(uniform=uniform, salient=salient, query_points=query_points, num_tokens=16, sample_posterior=False)
+    kwargs = dict(
+        uniform=uniform, salient=salient, query_points=query_points, num_tokens=16, sample_posterior=False
+    )
     with torch.no_grad():
         clean = vae(**kwargs)
         noisy = vae(**kwargs, latent_noise=0.5, generator=torch.Generator().manual_seed(0))
@@ -291,16 +320,21 @@ def test_extra_query_layers_keep_set_semantics(queries, tmp_path):
         latents = deep.encode(make_point_cloud(), num_tokens=32)
         permutation = torch.randperm(32, generator=torch.Generator().manual_seed(2))
         reference = deep.decode_at_points(latents, queries, output="raw")
-        torch.testing.assert_close(deep.decode_at_points(latents[:, permutation], queries, output="raw"), reference,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            deep.decode_at_points(latents[:, permutation], queries, output="raw"),
+            reference,
+            atol=1e-5,
+            rtol=1e-5,
+        )
     deep.save_pretrained(tmp_path)
     loaded = DoraVAE.from_pretrained(tmp_path).eval()
     assert loaded.config.num_query_layers == 3
     with torch.no_grad():
         # Same weights, same function; not bit-equal on every CPU (a reloaded tensor's memory alignment can pick
         # another SIMD kernel with another summation order).
-        torch.testing.assert_close(loaded.decode_at_points(latents, queries, output="raw"), reference,
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            loaded.decode_at_points(latents, queries, output="raw"), reference, atol=1e-6, rtol=1e-6
+        )
     with pytest.raises(ValueError, match="num_query_layers"):
         DoraVAE(**{**TINY, "num_query_layers": 0})
 
@@ -315,20 +349,29 @@ def test_local_attention_is_order_free_and_trains_anchors(queries, tmp_path):
         latents = local.encode(cloud, num_tokens=32)
         permutation = torch.randperm(32, generator=torch.Generator().manual_seed(3))
         reference = local.decode_at_points(latents, queries, output="raw")
-        torch.testing.assert_close(local.decode_at_points(latents[:, permutation], queries, output="raw"), reference,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            local.decode_at_points(latents[:, permutation], queries, output="raw"),
+            reference,
+            atol=1e-5,
+            rtol=1e-5,
+        )
         assert local.decode(latents[:, :5])(queries).shape == (1, 50)  # prefixes still decode
     uniform = torch.as_tensor(np.concatenate([cloud.uniform_points, cloud.uniform_normals], 1))[None]
     salient = torch.as_tensor(np.concatenate([cloud.salient_points, cloud.salient_normals], 1))[None]
     out = local.train()(uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16)
     assert out["anchor_loss"].shape == (1,) and torch.isfinite(out["anchor_loss"]).all()
     (out["raw"].mean() + out["anchor_loss"].mean()).backward()
-    assert local.anchor_head.weight.grad is not None and local.cross_attn_uniform.attn.log_locality.grad is not None
+    assert (
+        local.anchor_head.weight.grad is not None
+        and local.cross_attn_uniform.attn.log_locality.grad is not None
+    )
     local.eval().save_pretrained(tmp_path)
     loaded = DoraVAE.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode_at_points(latents, queries, output="raw"), reference)
-    assert "anchor_loss" not in make_model()(uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16)
+    assert "anchor_loss" not in make_model()(
+        uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16
+    )
     with pytest.raises(ValueError, match="locality_sigmas"):
         make_model(local_attention=True, locality_sigmas=[0.1])
 
@@ -349,7 +392,9 @@ def test_local_attention_reports_moving_least_squares_distance():
         # Output channel 0/1: head 0/1 distance; channel 2: head 0 offset z.
         attention.geometry_proj.weight[0, 6] = attention.geometry_proj.weight[1, GEOMETRY_FEATURES + 6] = 1.0
         attention.geometry_proj.weight[2, 2] = 1.0
-    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21), indexing="ij"), -1)
+    grid = torch.stack(
+        torch.meshgrid(torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21), indexing="ij"), -1
+    )
     keys = torch.cat([grid.reshape(-1, 2), torch.zeros(441, 1)], dim=1)[None]  # (1, 441, 3) on z = 0
     normals = torch.zeros_like(keys)
     normals[..., 2] = 1.0

@@ -25,8 +25,26 @@ def prepared_root(tmp_path_factory) -> str:
     from data.prepare import main as prepare
 
     root = tmp_path_factory.mktemp("prepared")
-    argv = ["--builtin", "10", "--out", str(root), "--workers", "1", "--epsilon", "0.03125", "--n-uniform", "512",
-            "--n-salient", "128", "--n-volume", "512", "--n-near", "512", "--n-sharp", "256"]
+    argv = [
+        "--builtin",
+        "10",
+        "--out",
+        str(root),
+        "--workers",
+        "1",
+        "--epsilon",
+        "0.03125",
+        "--n-uniform",
+        "512",
+        "--n-salient",
+        "128",
+        "--n-volume",
+        "512",
+        "--n-near",
+        "512",
+        "--n-sharp",
+        "256",
+    ]
     assert prepare(argv) == 0
     assert len(list((root / "samples").glob("*.npz"))) == 10
     return str(root)
@@ -39,7 +57,10 @@ def _weights(run: Path, name: str = "final") -> dict[str, torch.Tensor]:
 
 def test_two_step_run_writes_checkpoint_and_export(prepared_root, tmp_path):
     run = tmp_path / "run"
-    assert main(["--config", str(TINY), "--output-dir", str(run), "--data", prepared_root, "--max-steps", "2"]) == 0
+    assert (
+        main(["--config", str(TINY), "--output-dir", str(run), "--data", prepared_root, "--max-steps", "2"])
+        == 0
+    )
     checkpoint = run / "checkpoints" / "checkpoint-2"
     assert json.loads((checkpoint / "train_state.json").read_text())["global_step"] == 2
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "optimizer.bin").exists()
@@ -57,8 +78,11 @@ def test_two_step_run_writes_checkpoint_and_export(prepared_root, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(prepared_root, tmp_path):
-    config = load_config(VAETrainConfig, TINY, {"data.root": prepared_root, "training.max_steps": 5,
-                                                "training.checkpoint_every": 2})
+    config = load_config(
+        VAETrainConfig,
+        TINY,
+        {"data.root": prepared_root, "training.max_steps": 5, "training.checkpoint_every": 2},
+    )
     full = tmp_path / "full"
     assert train(config, full)["steps"] == 5
     # An interrupted run: only the step-2 checkpoint exists; resume must continue from step 2, not from 0.
@@ -83,7 +107,9 @@ def _fixed_set_loss(model, config, root: str) -> float:
     items = SeededItems(train_set, train_idx)
     batch = collate([items[(i, 1000 + i)] for i in range(len(items))])
     with torch.no_grad():
-        loss, _ = compute_loss(model.eval(), batch, 32, "occupancy", config.training, torch.Generator().manual_seed(0))
+        loss, _ = compute_loss(
+            model.eval(), batch, 32, "occupancy", config.training, torch.Generator().manual_seed(0)
+        )
     return loss.item()
 
 
@@ -91,11 +117,20 @@ def test_loss_decreases_on_a_tiny_fixed_set(prepared_root, tmp_path):
     from vae import DoraVAE
 
     # A fixed set: every training shape in one batch, all supervision points, constant LR.
-    config = load_config(VAETrainConfig, TINY, {"data.root": prepared_root, "training.max_steps": 30,
-                                                "training.checkpoint_every": 0, "training.use_ema": False,
-                                                "data.batch_size": 16, "data.n_supervision": None,
-                                                "training.lr_scheduler": "constant_with_warmup",
-                                                "training.learning_rate": 1e-2})
+    config = load_config(
+        VAETrainConfig,
+        TINY,
+        {
+            "data.root": prepared_root,
+            "training.max_steps": 30,
+            "training.checkpoint_every": 0,
+            "training.use_ema": False,
+            "data.batch_size": 16,
+            "data.n_supervision": None,
+            "training.lr_scheduler": "constant_with_warmup",
+            "training.learning_rate": 1e-2,
+        },
+    )
     torch.manual_seed(config.training.seed)  # train() builds its model after the same seeding
     before = _fixed_set_loss(build_model(config), config, prepared_root)
     train(config, tmp_path / "run")
@@ -116,8 +151,18 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(root)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(root / "tests" / "vae" / "_mp_train.py"), str(TINY), prepared_root, str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(root / "tests" / "vae" / "_mp_train.py"),
+        str(TINY),
+        prepared_root,
+        str(out),
+    ]
     completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     records = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
@@ -125,7 +170,9 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
     assert (out / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("config_name", ["vae/small.yaml", "vae/small_uniform_only.yaml", "quickstart/vae.yaml"])
+@pytest.mark.parametrize(
+    "config_name", ["vae/small.yaml", "vae/small_uniform_only.yaml", "quickstart/vae.yaml"]
+)
 def test_cpu_configs_weight_every_supervision_point_volume_twice(config_name):
     """The short-run configs weight points, not groups (volume x2): their group weights must follow the point counts
     of the data they are documented with, or the loss silently shifts toward whichever group is small."""
@@ -142,7 +189,9 @@ def test_group_weights_act_on_group_means():
     """compute_loss weights per-group MEANS: with weights proportional to point counts it equals one mean over all
     points."""
     counts = {0: 6, 1: 3, 2: 1}
-    group = torch.cat([torch.full((count,), index) for index, count in counts.items()])[None].repeat(2, 1)  # (2, 10)
+    group = torch.cat([torch.full((count,), index) for index, count in counts.items()])[None].repeat(
+        2, 1
+    )  # (2, 10)
     raw = torch.linspace(-2.0, 2.0, 20).view(2, 10)
     occupancy = (torch.arange(20).view(2, 10) % 3 == 0).float()
 
@@ -151,19 +200,34 @@ def test_group_weights_act_on_group_means():
 
     config = VAETrainConfig().training
     config.volume_weight, config.near_weight, config.sharp_weight, config.kl_weight = 0.6, 0.3, 0.1, 0.0
-    batch = {"uniform": None, "salient": None, "sup_points": None, "sup_occupancy": occupancy, "sup_group": group}
+    batch = {
+        "uniform": None,
+        "salient": None,
+        "sup_points": None,
+        "sup_occupancy": occupancy,
+        "sup_group": group,
+    }
     loss, _ = compute_loss(model, batch, 8, "occupancy", config)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(raw, occupancy)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     config.sharp_weight = 1.1  # the one sharp point now counts as much as 11 volume points
     loss, parts = compute_loss(model, batch, 8, "occupancy", config)
-    assert loss.item() == pytest.approx(0.6 * parts["loss/volume"] + 0.3 * parts["loss/near"] + 1.1 * parts["loss/sharp"],
-                                        rel=1e-6)
+    assert loss.item() == pytest.approx(
+        0.6 * parts["loss/volume"] + 0.3 * parts["loss/near"] + 1.1 * parts["loss/sharp"], rel=1e-6
+    )
 
 
 def test_wall_clock_cap_cuts_the_run_loudly(prepared_root, tmp_path, caplog):
-    config = load_config(VAETrainConfig, TINY, {"data.root": prepared_root, "training.max_steps": 50,
-                                               "validation.every_steps": 0, "training.checkpoint_every": 0})
+    config = load_config(
+        VAETrainConfig,
+        TINY,
+        {
+            "data.root": prepared_root,
+            "training.max_steps": 50,
+            "validation.every_steps": 0,
+            "training.checkpoint_every": 0,
+        },
+    )
     with caplog.at_level("WARNING", logger="dora.train_vae"):
         summary = train(config, tmp_path / "run", max_minutes=1e-6)  # out of time after the first step
     assert summary["stopped_by_time"] and summary["steps"] == 1

@@ -28,58 +28,61 @@ from data.prepare_worker import shape_seed
 
 @dataclass
 class LevelConfig:
-    by: str = "count"                    # "count" of sharp edges or their total "length" (in [-1, 1] units)
+    by: str = "count"  # "count" of sharp edges or their total "length" (in [-1, 1] units)
     thresholds: list[float] = field(default_factory=lambda: [10.0, 200.0, 1000.0])  # L1 < t1 <= L2 < t2 ...
-    sharp_angle_deg: float = 30.0        # dihedral angle above which an input edge is sharp
+    sharp_angle_deg: float = 30.0  # dihedral angle above which an input edge is sharp
 
 
 @dataclass
 class MetricConfig:
-    surface_points: int = 100_000        # area-uniform samples per surface (Chamfer, F-score, normals)
-    volume_points: int = 100_000         # uniform points in [-bounds, bounds]^3 (volume IoU)
+    surface_points: int = 100_000  # area-uniform samples per surface (Chamfer, F-score, normals)
+    volume_points: int = 100_000  # uniform points in [-bounds, bounds]^3 (volume IoU)
     fscore_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02])
-    sharp_points: int = 10_000           # samples along the gt sharp edges
-    sharp_radius: float = 0.02           # "near a sharp edge" = within this distance of those samples
+    sharp_points: int = 10_000  # samples along the gt sharp edges
+    sharp_radius: float = 0.02  # "near a sharp edge" = within this distance of those samples
     # Rendered Sharp Normal Error (vae/bench/rendered.py has the protocol): normal maps of gt and reconstruction
     # from fixed views, compared on the gt's sharp-edge pixels dilated by render_dilation_px.
     rendered_sne: bool = True
-    render_resolution: int = 512         # px per side of each view (0.0071 units per pixel at 512)
-    render_views: list[list[float]] = field(default_factory=lambda: [
-        [elev, azim] for elev in (35.26, -35.26) for azim in (45.0, 135.0, 225.0, 315.0)])  # (elev, azim) deg
+    render_resolution: int = 512  # px per side of each view (0.0071 units per pixel at 512)
+    render_views: list[list[float]] = field(
+        default_factory=lambda: [
+            [elev, azim] for elev in (35.26, -35.26) for azim in (45.0, 135.0, 225.0, 315.0)
+        ]
+    )  # (elev, azim) deg
     render_dilation_px: int | None = None  # None: ceil(sharp_radius / pixel size), the geometric band's width
 
 
 @dataclass
 class LatentConfig:
     enabled: bool = True
-    token_counts: list[int] | None = None   # None = every bench token count
+    token_counts: list[int] | None = None  # None = every bench token count
     noise_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])  # x the latent std
-    noise_samples: int = 2               # perturbations per scale and shape
-    max_shapes: int = 8                  # shapes used for smoothness (the first ones that prepared fine)
-    resolution: int = 64                 # marching-cubes grid of perturbed / interpolated decodes
-    surface_points: int = 20_000         # samples per surface for their Chamfer distances
-    volume_points: int = 20_000          # of the gt volume points, for the IoU of perturbed decodes
-    interpolation_pairs: int = 4         # pairs (shape 0, 1), (2, 3), ...
-    interpolation_steps: int = 7         # points on the segment, endpoints included
+    noise_samples: int = 2  # perturbations per scale and shape
+    max_shapes: int = 8  # shapes used for smoothness (the first ones that prepared fine)
+    resolution: int = 64  # marching-cubes grid of perturbed / interpolated decodes
+    surface_points: int = 20_000  # samples per surface for their Chamfer distances
+    volume_points: int = 20_000  # of the gt volume points, for the IoU of perturbed decodes
+    interpolation_pairs: int = 4  # pairs (shape 0, 1), (2, 3), ...
+    interpolation_steps: int = 7  # points on the segment, endpoints included
 
 
 @dataclass
 class ReportConfig:
     contact_sheet_shapes: int = 4
-    contact_sheet_size: int = 192        # pixels per tile
+    contact_sheet_size: int = 192  # pixels per tile
 
 
 @dataclass
 class BenchConfig:
     tokens: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    resolution: int = 256                # final marching-cubes grid (cells per axis)
-    coarse_resolution: int = 32          # first level of the hierarchical extraction
-    threshold: float = 0.5               # occupancy iso-level
+    resolution: int = 256  # final marching-cubes grid (cells per axis)
+    coarse_resolution: int = 32  # first level of the hierarchical extraction
+    threshold: float = 0.5  # occupancy iso-level
     bounds: float = 1.05
     margin: float = 0.95
     seed: int = 0
-    n_uniform: int | None = None         # surface points fed to each model (None = the model's own n_uniform)
-    n_salient: int | None = None         # salient points (None = the model's own n_salient)
+    n_uniform: int | None = None  # surface points fed to each model (None = the model's own n_uniform)
+    n_salient: int | None = None  # salient points (None = the model's own n_salient)
     grow_points_for_tokens: bool = True  # sample more points when a token count needs more than that
     levels: LevelConfig = field(default_factory=LevelConfig)
     metrics: MetricConfig = field(default_factory=MetricConfig)
@@ -102,9 +105,17 @@ def collect_shapes(spec: str, seed: int = 0) -> list[dict[str, Any]]:
         items = []
         for index in range(count):
             category = CATEGORIES[index % len(CATEGORIES)]
-            items.append({"shape_id": f"{category}-{index:04d}", "source": f"builtin:{seed}:{index}",
-                          "kind": "builtin", "category": category, "caption": "", "index": index,
-                          "builtin_seed": seed})
+            items.append(
+                {
+                    "shape_id": f"{category}-{index:04d}",
+                    "source": f"builtin:{seed}:{index}",
+                    "kind": "builtin",
+                    "category": category,
+                    "caption": "",
+                    "index": index,
+                    "builtin_seed": seed,
+                }
+            )
         return items
     path = Path(spec)
     if path.is_dir():
@@ -123,8 +134,16 @@ def collect_shapes(spec: str, seed: int = 0) -> list[dict[str, Any]]:
         raise ValueError(f"--meshes {spec}: no such folder or index file (or use builtin[:N])")
     if not items:
         raise ValueError(f"--meshes {spec}: no mesh files found")
-    return [{"shape_id": i["shape_id"], "source": i["path"], "kind": "file", "category": i.get("category", ""),
-             "caption": i.get("caption", "")} for i in items]
+    return [
+        {
+            "shape_id": i["shape_id"],
+            "source": i["path"],
+            "kind": "file",
+            "category": i.get("category", ""),
+            "caption": i.get("caption", ""),
+        }
+        for i in items
+    ]
 
 
 def _prepared_item(file: Path) -> dict[str, Any]:
@@ -133,8 +152,12 @@ def _prepared_item(file: Path) -> dict[str, Any]:
     try:
         with np.load(file, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
-        item.update(shape_id=str(meta.get("shape_id") or file.stem), source=str(meta.get("source") or ""),
-                    category=str(meta.get("category") or ""), caption=str(meta.get("caption") or ""))
+        item.update(
+            shape_id=str(meta.get("shape_id") or file.stem),
+            source=str(meta.get("source") or ""),
+            category=str(meta.get("category") or ""),
+            caption=str(meta.get("caption") or ""),
+        )
         if not item["source"]:
             item["error"] = f"{file}: prepared sample records no source mesh"
     except Exception as error:  # corrupt npz, missing meta ...
@@ -202,14 +225,17 @@ def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     angle = config.levels.sharp_angle_deg
     seed = shape_seed(config.seed, item["shape_id"])
     processors = {
-        epsilon_key(e): MeshProcessor(epsilon=e, sharp_angle_deg=angle, margin=config.margin, seed=seed,
-                                      bounds=config.bounds)
+        epsilon_key(e): MeshProcessor(
+            epsilon=e, sharp_angle_deg=angle, margin=config.margin, seed=seed, bounds=config.bounds
+        )
         for e in spec["epsilons"]
     }
     mesh = _load_input(item, next(iter(processors.values())))  # normalisation does not depend on epsilon
     level, num_sharp, length = shape_level(mesh, config.levels)
     rng = np.random.default_rng(seed)
-    volume_points = rng.uniform(-config.bounds, config.bounds, (config.metrics.volume_points, 3)).astype(np.float32)
+    volume_points = rng.uniform(-config.bounds, config.bounds, (config.metrics.volume_points, 3)).astype(
+        np.float32
+    )
     edges, edge_normals = sharp_edges(mesh, angle)
     gt, watertight = {}, {}
     for key, processor in processors.items():
@@ -218,8 +244,13 @@ def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{item['source']}: watertight remesh at epsilon {key} is empty")
         sharp_points = np.zeros((0, 3), np.float32)
         if len(edges) and config.metrics.sharp_points > 0:
-            points, normals = sample_sharp_edges(np.asarray(mesh.vertices), edges, edge_normals,
-                                                 config.metrics.sharp_points, np.random.default_rng(seed + 1))
+            points, normals = sample_sharp_edges(
+                np.asarray(mesh.vertices),
+                edges,
+                edge_normals,
+                config.metrics.sharp_points,
+                np.random.default_rng(seed + 1),
+            )
             sharp_points, _ = project_to_surface(wt, points, normals)  # onto the eps-offset surface
         watertight[key] = wt
         gt[key] = {
@@ -234,6 +265,14 @@ def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         key = epsilon_key(epsilon)
         # Same recipe as `dora prepare`: samples of the watertight surface, sharp edges found on the clean input.
         clouds[cloud_key(epsilon, n_uniform, n_salient)] = processors[key].sample_points(
-            watertight[key], int(n_uniform), int(n_salient), seed=seed, sharp_source=mesh)
-    return {"level": level, "num_sharp_edges": int(num_sharp), "sharp_edge_length": float(length),
-            "num_input_faces": int(len(mesh.faces)), "seed": seed, "gt": gt, "clouds": clouds}
+            watertight[key], int(n_uniform), int(n_salient), seed=seed, sharp_source=mesh
+        )
+    return {
+        "level": level,
+        "num_sharp_edges": int(num_sharp),
+        "sharp_edge_length": float(length),
+        "num_input_faces": int(len(mesh.faces)),
+        "seed": seed,
+        "gt": gt,
+        "clouds": clouds,
+    }

@@ -34,7 +34,9 @@ def _chamfer(a: trimesh.Trimesh, b: trimesh.Trimesh, num_points: int, seed: int)
     """Chamfer-L1 between two meshes; NaN when either is empty (nothing to compare)."""
     if len(a.faces) == 0 or len(b.faces) == 0:
         return math.nan
-    return chamfer_distance(sample_surface(a, num_points, seed)[0], sample_surface(b, num_points, seed)[0])["chamfer_l1"]
+    return chamfer_distance(sample_surface(a, num_points, seed)[0], sample_surface(b, num_points, seed)[0])[
+        "chamfer_l1"
+    ]
 
 
 def is_single_watertight(mesh: trimesh.Trimesh) -> bool:
@@ -63,7 +65,9 @@ def smoothness(
     clean_mesh = extract(decoded)
     scale = float(latents.float().std())
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    result: dict[str, dict[str, float]] = {"clean": {"latent_std": scale, "empty": float(len(clean_mesh.faces) == 0)}}
+    result: dict[str, dict[str, float]] = {
+        "clean": {"latent_std": scale, "empty": float(len(clean_mesh.faces) == 0)}
+    }
     for noise_scale in noise_scales:
         ious, chamfers, empty = [], [], 0
         for _ in range(num_samples):
@@ -104,9 +108,13 @@ def interpolation(
     Curve metrics are NaN when an interpolant (or an endpoint) decodes to an empty mesh.
     """
     if num_steps < 3:
-        raise ValueError(f"interpolation needs at least 3 steps (endpoints + one interpolant), got {num_steps}")
+        raise ValueError(
+            f"interpolation needs at least 3 steps (endpoints + one interpolant), got {num_steps}"
+        )
     if latents_a.shape != latents_b.shape:
-        raise ValueError(f"interpolating latents of different shapes {tuple(latents_a.shape)} / {tuple(latents_b.shape)}")
+        raise ValueError(
+            f"interpolating latents of different shapes {tuple(latents_a.shape)} / {tuple(latents_b.shape)}"
+        )
     ts = np.linspace(0.0, 1.0, num_steps)
     meshes = [extract(model.decode((1.0 - t) * latents_a + t * latents_b)) for t in ts]  # (1, N, C) each
     single = [is_single_watertight(mesh) for mesh in meshes]
@@ -124,7 +132,9 @@ def interpolation(
         "endpoint_distance": float(gap),
     }
     if not (np.isfinite(to_a).all() and np.isfinite(to_b).all()) or gap <= 0:
-        return result | dict.fromkeys(("monotonic_fraction", "max_second_difference", "max_linearity_deviation"), math.nan)
+        return result | dict.fromkeys(
+            ("monotonic_fraction", "max_second_difference", "max_linearity_deviation"), math.nan
+        )
     tolerance = 0.01 * gap
     monotonic = (np.diff(to_a) >= -tolerance) & (np.diff(to_b) <= tolerance)
     second = max(np.abs(np.diff(to_a, 2)).max(), np.abs(np.diff(to_b, 2)).max()) / gap
@@ -139,7 +149,9 @@ def interpolation(
 
 def mean_dicts(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[str, float]:
     """NaN-aware mean of the numeric entries shared by ``rows`` (``num`` = number of rows)."""
-    keys = keys or sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = keys or sorted(
+        {k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
     out: dict[str, float] = {"num": len(rows)}
     for key in keys:
         values = np.array([row[key] for row in rows if isinstance(row.get(key), (int, float))], dtype=float)

@@ -192,7 +192,9 @@ def sharp_normal_error(
     if not near.any():
         return math.nan
     _, face_index, _ = pcu.closest_points_on_mesh(
-        gt_points[near].astype(np.float64), np.asarray(pred_mesh.vertices, np.float64), np.asarray(pred_mesh.faces, np.int64)
+        gt_points[near].astype(np.float64),
+        np.asarray(pred_mesh.vertices, np.float64),
+        np.asarray(pred_mesh.faces, np.int64),
     )
     pred_normals = pred_mesh.face_normals[face_index]
     cosine = np.abs(np.einsum("ij,ij->i", _unit(gt_normals[near].astype(np.float64)), pred_normals))
@@ -217,13 +219,19 @@ def mesh_occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     if len(mesh.faces) == 0:
         return np.zeros(len(points), dtype=bool)
     winding = pcu.triangle_soup_fast_winding_number(
-        np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), np.asarray(points, np.float64)
+        np.asarray(mesh.vertices, np.float64),
+        np.asarray(mesh.faces, np.int64),
+        np.asarray(points, np.float64),
     )
     return np.asarray(winding) > 0.5
 
 
 def mesh_volume_iou(
-    pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, num_points: int = 100_000, seed: int = 0, bounds: float = 1.05
+    pred_mesh: trimesh.Trimesh,
+    gt_mesh: trimesh.Trimesh,
+    num_points: int = 100_000,
+    seed: int = 0,
+    bounds: float = 1.05,
 ) -> float:
     """Volume IoU of two meshes from winding-number occupancy of ``num_points`` uniform points in [-bounds, bounds]^3."""
     points = np.random.default_rng(seed).uniform(-bounds, bounds, size=(num_points, 3))
@@ -240,15 +248,23 @@ def sharp_edge_length(mesh: trimesh.Trimesh, angle_deg: float = 30.0) -> float:
     """Total length of the sharp edges (dihedral > ``angle_deg``), in the mesh's units."""
     edges, _ = sharp_edges(mesh, angle_deg)
     vertices = np.asarray(mesh.vertices)
-    return float(np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1).sum()) if len(edges) else 0.0
+    return (
+        float(np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1).sum())
+        if len(edges)
+        else 0.0
+    )
 
 
-def sample_sharp_points(mesh: trimesh.Trimesh, num_points: int, angle_deg: float = 30.0, seed: int = 0) -> np.ndarray:
+def sample_sharp_points(
+    mesh: trimesh.Trimesh, num_points: int, angle_deg: float = 30.0, seed: int = 0
+) -> np.ndarray:
     """(N, 3) points along the sharp edges in proportion to length; (0, 3) when the mesh has none."""
     edges, normals = sharp_edges(mesh, angle_deg)
     if len(edges) == 0 or num_points <= 0:
         return np.zeros((0, 3), np.float32)
-    points, _ = sample_sharp_edges(np.asarray(mesh.vertices), edges, normals, num_points, np.random.default_rng(seed))
+    points, _ = sample_sharp_edges(
+        np.asarray(mesh.vertices), edges, normals, num_points, np.random.default_rng(seed)
+    )
     return points
 
 
@@ -291,7 +307,9 @@ def mesh_metrics(
         raise ValueError("mesh_metrics: the ground-truth mesh is empty")
     num_sharp = count_sharp_edges(gt_mesh, sharp_angle_deg)
     length = sharp_edge_length(gt_mesh, sharp_angle_deg)
-    default = DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS if level_by == "count" else DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS
+    default = (
+        DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS if level_by == "count" else DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS
+    )
     level = complexity_level(num_sharp if level_by == "count" else length, level_thresholds or default)
     result: dict[str, float | int | bool] = {
         "num_points": num_points,

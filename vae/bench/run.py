@@ -39,10 +39,15 @@ DEFAULT_CONFIG = "bench/default.yaml"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vae", nargs="+", required=True, metavar="DIR", help="save_pretrained VAE folder(s)")
+    parser.add_argument(
+        "--vae", nargs="+", required=True, metavar="DIR", help="save_pretrained VAE folder(s)"
+    )
     parser.add_argument("--names", nargs="+", help="display names of the models (default: folder names)")
-    parser.add_argument("--meshes", required=True,
-                        help="folder of meshes, index .jsonl/.csv, prepared folder (samples/*.npz), or builtin[:N]")
+    parser.add_argument(
+        "--meshes",
+        required=True,
+        help="folder of meshes, index .jsonl/.csv, prepared folder (samples/*.npz), or builtin[:N]",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     parser.add_argument("--tokens", nargs="+", type=int, help="token counts (default: from the config)")
@@ -50,9 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="only the first N shapes")
     parser.add_argument("--seed", type=int, help="sampling / noise seed (default: from the config)")
     parser.add_argument("--num-workers", type=int, default=1, help="processes preparing the ground truth")
-    parser.add_argument("--device", default="auto", help="torch device for the models (auto: cuda if available)")
-    parser.add_argument("--latent-quality", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure latent smoothness and interpolation (default: from the config)")
+    parser.add_argument(
+        "--device", default="auto", help="torch device for the models (auto: cuda if available)"
+    )
+    parser.add_argument(
+        "--latent-quality",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure latent smoothness and interpolation (default: from the config)",
+    )
     return parser
 
 
@@ -68,18 +79,28 @@ def load_models(dirs: list[str], names: list[str] | None, device: torch.device) 
         if not (path / "config.json").is_file():
             raise ValueError(f"--vae {folder}: not a save_pretrained folder (no config.json)")
         model = DoraVAE.from_pretrained(str(path)).to(device).eval()
-        name = names[index] if names else (path.name if path.name not in ("final", "best") else
-                                           f"{path.parent.name}/{path.name}")
+        name = (
+            names[index]
+            if names
+            else (path.name if path.name not in ("final", "best") else f"{path.parent.name}/{path.name}")
+        )
         seen[name] += 1
         name = name if seen[name] == 1 else f"{name}#{seen[name]}"
         config = model.config
-        models.append({
-            "name": name, "path": str(path), "model": model, "epsilon": float(config.epsilon),
-            "n_uniform": int(config.n_uniform), "n_salient": int(config.n_salient),
-            "use_salient": bool(config.use_salient), "output_type": config.output_type,
-            "sample_posterior": bool(config.get("sample_posterior", False)),
-            "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        })
+        models.append(
+            {
+                "name": name,
+                "path": str(path),
+                "model": model,
+                "epsilon": float(config.epsilon),
+                "n_uniform": int(config.n_uniform),
+                "n_salient": int(config.n_salient),
+                "use_salient": bool(config.use_salient),
+                "output_type": config.output_type,
+                "sample_posterior": bool(config.get("sample_posterior", False)),
+                "num_parameters": int(sum(p.numel() for p in model.parameters())),
+            }
+        )
     return models
 
 
@@ -123,33 +144,56 @@ def make_extractor(config: BenchConfig, resolution: int):
     def extract(decoded: Any) -> trimesh.Trimesh:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="extract_mesh: no surface")
-            return extract_mesh(decoded.field(0), resolution=resolution, threshold=config.threshold,
-                                method="hierarchical", bounds=config.bounds,
-                                coarse_resolution=min(config.coarse_resolution, resolution))
+            return extract_mesh(
+                decoded.field(0),
+                resolution=resolution,
+                threshold=config.threshold,
+                method="hierarchical",
+                bounds=config.bounds,
+                coarse_resolution=min(config.coarse_resolution, resolution),
+            )
+
     return extract
 
 
 @torch.no_grad()
-def reconstruct(spec: dict[str, Any], cloud: Any, num_tokens: int, gt_mesh: trimesh.Trimesh, gt: dict[str, Any],
-                config: BenchConfig, extract: Any, seed: int, gt_views: SharpEdgeViews | None = None,
-                ) -> tuple[dict[str, Any], torch.Tensor, trimesh.Trimesh]:
+def reconstruct(
+    spec: dict[str, Any],
+    cloud: Any,
+    num_tokens: int,
+    gt_mesh: trimesh.Trimesh,
+    gt: dict[str, Any],
+    config: BenchConfig,
+    extract: Any,
+    seed: int,
+    gt_views: SharpEdgeViews | None = None,
+) -> tuple[dict[str, Any], torch.Tensor, trimesh.Trimesh]:
     """Encode at ``num_tokens``, extract, and score against the ground truth; returns (metrics, latents, mesh).
     ``gt_views``: the ground truth's rendered sharp-edge views (None: no rendered Sharp Normal Error)."""
     model = spec["model"]
     start = time.perf_counter()
     # The model's own posterior setting (mean for ours, a sample for converted Dora weights, as the official
     # test config); a seeded generator keeps a sampled run reproducible.
-    latents = model.encode(cloud, num_tokens=num_tokens, generator=torch.Generator().manual_seed(seed))  # (1, K, C)
+    latents = model.encode(
+        cloud, num_tokens=num_tokens, generator=torch.Generator().manual_seed(seed)
+    )  # (1, K, C)
     decoded = model.decode(latents)
     occupancy = decoded(gt["volume_points"])[0].float().cpu().numpy() > config.threshold  # (M,)
     seconds_encode = time.perf_counter() - start
     mesh = extract(decoded)
     seconds_extract = time.perf_counter() - start - seconds_encode
-    metrics = mesh_metrics(mesh, gt_mesh, num_points=config.metrics.surface_points, seed=seed,
-                           fscore_thresholds=config.metrics.fscore_thresholds,
-                           num_volume_points=config.metrics.volume_points, bounds=config.bounds,
-                           sharp_angle_deg=config.levels.sharp_angle_deg, sharp_radius=config.metrics.sharp_radius,
-                           gt_sharp_points=gt["sharp_points"])
+    metrics = mesh_metrics(
+        mesh,
+        gt_mesh,
+        num_points=config.metrics.surface_points,
+        seed=seed,
+        fscore_thresholds=config.metrics.fscore_thresholds,
+        num_volume_points=config.metrics.volume_points,
+        bounds=config.bounds,
+        sharp_angle_deg=config.levels.sharp_angle_deg,
+        sharp_radius=config.metrics.sharp_radius,
+        gt_sharp_points=gt["sharp_points"],
+    )
     for key in ("num_sharp_edges", "sharp_edge_length", "complexity_level"):
         metrics.pop(key)  # graded on the clean input instead (the remesh rounds creases into many facets)
     metrics["mesh_volume_iou"] = metrics.pop("volume_iou")  # winding numbers of the extracted mesh
@@ -158,9 +202,13 @@ def reconstruct(spec: dict[str, Any], cloud: Any, num_tokens: int, gt_mesh: trim
         metrics |= rendered_sharp_normal_error(mesh, reference=gt_views)
     elif config.metrics.rendered_sne:  # no sharp edge to look at, as the geometric variant's NaN
         metrics |= {"rendered_sharp_normal_error_deg": math.nan, "rendered_sharp_pixels": 0}
-    metrics |= {"num_faces": int(len(mesh.faces)), "num_queries": int(mesh.metadata.get("num_queries", 0)),
-                "seconds_encode_decode": seconds_encode, "seconds_extract": seconds_extract,
-                "seconds_metrics": time.perf_counter() - start - seconds_encode - seconds_extract}
+    metrics |= {
+        "num_faces": int(len(mesh.faces)),
+        "num_queries": int(mesh.metadata.get("num_queries", 0)),
+        "seconds_encode_decode": seconds_encode,
+        "seconds_extract": seconds_extract,
+        "seconds_metrics": time.perf_counter() - start - seconds_encode - seconds_extract,
+    }
     return metrics, latents, mesh
 
 
@@ -168,44 +216,66 @@ def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
 
 
-def rendered_reference(config: BenchConfig, gt_meshes: dict[str, trimesh.Trimesh],
-                       gt: dict[str, dict[str, Any]]) -> dict[str, SharpEdgeViews]:
+def rendered_reference(
+    config: BenchConfig, gt_meshes: dict[str, trimesh.Trimesh], gt: dict[str, dict[str, Any]]
+) -> dict[str, SharpEdgeViews]:
     """The ground truth's normal maps and edge masks per epsilon, rendered once for every model and token count;
     none when the rendered metric is off or the shape has no sharp edges (its value is then NaN, as the
     geometric sharp-edge error's)."""
     m = config.metrics
     if not m.rendered_sne:
         return {}
-    return {key: render_sharp_edge_views(mesh, gt[key]["sharp_points"], views=m.render_views,
-                                         resolution=m.render_resolution, sharp_radius=m.sharp_radius,
-                                         dilation_px=m.render_dilation_px)
-            for key, mesh in gt_meshes.items() if len(gt[key]["sharp_points"])}
+    return {
+        key: render_sharp_edge_views(
+            mesh,
+            gt[key]["sharp_points"],
+            views=m.render_views,
+            resolution=m.render_resolution,
+            sharp_radius=m.sharp_radius,
+            dilation_px=m.render_dilation_px,
+        )
+        for key, mesh in gt_meshes.items()
+        if len(gt[key]["sharp_points"])
+    }
 
 
-def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config: BenchConfig,
-                   latent_tokens: list[int], run_smoothness: bool, keep: bool) -> tuple[dict, dict, dict]:
+def evaluate_shape(
+    result: dict[str, Any],
+    models: list[dict[str, Any]],
+    config: BenchConfig,
+    latent_tokens: list[int],
+    run_smoothness: bool,
+    keep: bool,
+) -> tuple[dict, dict, dict]:
     """Metrics of every (model, token count) for one prepared shape; a failing pair is recorded, not raised.
 
     Returns (entry for results.json, latents[(name, K)] at the latent token counts, meshes[(name, K)] when keep).
     """
     item = result["item"]
     entry = {key: item[key] for key in ("shape_id", "source", "category")}
-    entry |= {key: result[key] for key in ("level", "num_sharp_edges", "sharp_edge_length", "num_input_faces")}
+    entry |= {
+        key: result[key] for key in ("level", "num_sharp_edges", "sharp_edge_length", "num_input_faces")
+    }
     entry |= {"status": "ok", "seconds_ground_truth": result["seconds"], "results": {}, "latent": {}}
     extract = make_extractor(config, config.resolution)
     latent_extract = make_extractor(config, config.latent.resolution)
-    gt_meshes = {key: trimesh.Trimesh(g["vertices"], g["faces"], process=False) for key, g in result["gt"].items()}
+    gt_meshes = {
+        key: trimesh.Trimesh(g["vertices"], g["faces"], process=False) for key, g in result["gt"].items()
+    }
     gt_views = rendered_reference(config, gt_meshes, result["gt"])
     latents_kept, meshes = {}, {"gt": gt_meshes}
     for spec in models:
         key = epsilon_key(spec["epsilon"])
         gt, gt_mesh = result["gt"][key], gt_meshes[key]
-        cloud = result["clouds"][cloud_key(spec["epsilon"], spec["sampled_n_uniform"], spec["sampled_n_salient"])]
+        cloud = result["clouds"][
+            cloud_key(spec["epsilon"], spec["sampled_n_uniform"], spec["sampled_n_salient"])
+        ]
         per_tokens, per_latent = {}, {}
         for num_tokens in config.tokens:
             try:
-                metrics, latents, mesh = reconstruct(spec, cloud, num_tokens, gt_mesh, gt, config, extract,
-                                                     result["seed"], gt_views.get(key))
+                metrics, latents, mesh = reconstruct(
+                    spec, cloud, num_tokens, gt_mesh, gt, config, extract, result["seed"], gt_views.get(key)
+                )
             except Exception as error:  # e.g. more tokens than points: record and go on
                 per_tokens[str(num_tokens)] = {"error": _reason(error)}
                 continue
@@ -218,8 +288,15 @@ def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config:
                     lat = config.latent
                     try:
                         per_latent[str(num_tokens)] = smoothness(
-                            spec["model"], latents, gt["volume_points"][: lat.volume_points], latent_extract,
-                            lat.noise_scales, lat.noise_samples, lat.surface_points, result["seed"])
+                            spec["model"],
+                            latents,
+                            gt["volume_points"][: lat.volume_points],
+                            latent_extract,
+                            lat.noise_scales,
+                            lat.noise_samples,
+                            lat.surface_points,
+                            result["seed"],
+                        )
                     except Exception as error:
                         per_latent[str(num_tokens)] = {"error": _reason(error)}
         entry["results"][spec["name"]] = per_tokens
@@ -228,23 +305,32 @@ def evaluate_shape(result: dict[str, Any], models: list[dict[str, Any]], config:
     return entry, latents_kept, meshes
 
 
-def run_interpolations(models: list[dict[str, Any]], kept: list[tuple[str, dict]], config: BenchConfig,
-                       latent_tokens: list[int]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def run_interpolations(
+    models: list[dict[str, Any]], kept: list[tuple[str, dict]], config: BenchConfig, latent_tokens: list[int]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Interpolate shapes (0, 1), (2, 3), ... of ``kept`` for every model and latent token count."""
     extract = make_extractor(config, config.latent.resolution)
     pairs = [(kept[i], kept[i + 1]) for i in range(0, len(kept) - 1, 2)][: config.latent.interpolation_pairs]
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     jobs = [(spec, k, a, b) for spec in models for k in latent_tokens for a, b in pairs]
-    for spec, num_tokens, (id_a, lat_a), (id_b, lat_b) in tqdm(jobs, desc="interpolation", unit="pair",
-                                                               disable=not jobs):
+    for spec, num_tokens, (id_a, lat_a), (id_b, lat_b) in tqdm(
+        jobs, desc="interpolation", unit="pair", disable=not jobs
+    ):
         key = (spec["name"], num_tokens)
         row: dict[str, Any] = {"shape_a": id_a, "shape_b": id_b}
         if key not in lat_a or key not in lat_b:
             continue
         try:
             device = spec["model"].device
-            row |= interpolation(spec["model"], lat_a[key].to(device), lat_b[key].to(device), extract,
-                                 config.latent.interpolation_steps, config.latent.surface_points, config.seed)
+            row |= interpolation(
+                spec["model"],
+                lat_a[key].to(device),
+                lat_b[key].to(device),
+                extract,
+                config.latent.interpolation_steps,
+                config.latent.surface_points,
+                config.seed,
+            )
         except Exception as error:
             row["error"] = _reason(error)
         out.setdefault(spec["name"], {}).setdefault(str(num_tokens), []).append(row)
@@ -275,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_config(args)
         items = collect_shapes(args.meshes, config.seed)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
+        device = torch.device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if args.device == "auto" else args.device)
+        )
         models = load_models(args.vae, args.names, device)
     except (ValueError, OSError) as error:
         print(f"dora bench: {error}", file=sys.stderr)
@@ -288,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         model["sampled_n_uniform"], model["sampled_n_salient"] = choose_point_counts(model, config)
     lat = config.latent
-    latent_tokens = [k for k in (lat.token_counts or config.tokens) if k in config.tokens] if lat.enabled else []
+    latent_tokens = (
+        [k for k in (lat.token_counts or config.tokens) if k in config.tokens] if lat.enabled else []
+    )
     spec = {
         "config": asdict(config),
         "epsilons": sorted({m["epsilon"] for m in models}),
@@ -303,18 +394,27 @@ def main(argv: list[str] | None = None) -> int:
         item = result["item"]
         progress.set_postfix_str(item["shape_id"][:24])
         if result["status"] != "ok":
-            shapes.append({key: item[key] for key in ("shape_id", "source", "category")}
-                          | {"status": "failed", "reason": result["reason"]})
+            shapes.append(
+                {key: item[key] for key in ("shape_id", "source", "category")}
+                | {"status": "failed", "reason": result["reason"]}
+            )
             tqdm.write(f"dora bench: {item['shape_id']} failed: {result['reason']}")
             continue
         keep = len(sheet) < config.report.contact_sheet_shapes
         try:
-            entry, latents, meshes = evaluate_shape(result, models, config, latent_tokens,
-                                                    run_smoothness=bool(latent_tokens) and num_ok < lat.max_shapes,
-                                                    keep=keep)
+            entry, latents, meshes = evaluate_shape(
+                result,
+                models,
+                config,
+                latent_tokens,
+                run_smoothness=bool(latent_tokens) and num_ok < lat.max_shapes,
+                keep=keep,
+            )
         except Exception as error:  # one bad shape never stops the run
-            shapes.append({key: item[key] for key in ("shape_id", "source", "category")}
-                          | {"status": "failed", "reason": _reason(error)})
+            shapes.append(
+                {key: item[key] for key in ("shape_id", "source", "category")}
+                | {"status": "failed", "reason": _reason(error)}
+            )
             tqdm.write(f"dora bench: {item['shape_id']} failed: {_reason(error)}")
             continue
         num_ok += 1
@@ -325,11 +425,21 @@ def main(argv: list[str] | None = None) -> int:
             sheet.append((entry, meshes))
     interpolations = run_interpolations(models, kept_latents, config, latent_tokens) if latent_tokens else {}
     model_info = [{k: v for k, v in m.items() if k != "model"} for m in models]
-    write_outputs(out, config, vars(args), model_info, shapes, interpolations, sheet,
-                  seconds=time.perf_counter() - start)
+    write_outputs(
+        out,
+        config,
+        vars(args),
+        model_info,
+        shapes,
+        interpolations,
+        sheet,
+        seconds=time.perf_counter() - start,
+    )
     failed = sum(shape["status"] != "ok" for shape in shapes)
-    print(f"dora bench: {len(shapes) - failed} shapes measured, {failed} failed, "
-          f"{len(models)} model(s) x {len(config.tokens)} token counts; results in {out}")
+    print(
+        f"dora bench: {len(shapes) - failed} shapes measured, {failed} failed, "
+        f"{len(models)} model(s) x {len(config.tokens)} token counts; results in {out}"
+    )
     return 0
 
 

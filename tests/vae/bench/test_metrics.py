@@ -109,7 +109,9 @@ def test_volume_iou_identical_disjoint_and_half_overlapping_boxes():
 
 def test_sharp_edge_error_sees_a_rounded_crease():
     cube = box((1.2, 1.2, 1.2))
-    rounded = trimesh.creation.icosphere(subdivisions=5, radius=0.6 * math.sqrt(3))  # touches the corners only
+    rounded = trimesh.creation.icosphere(
+        subdivisions=5, radius=0.6 * math.sqrt(3)
+    )  # touches the corners only
     sharp_points = sample_sharp_points(cube, 2000, seed=0)
     assert np.abs(sharp_points).max(axis=1) == pytest.approx(0.6)  # on the cube's edges
     gt, _ = sample_surface(cube, NUM_POINTS, seed=0)
@@ -130,7 +132,9 @@ def test_complexity_levels_of_sphere_cube_and_gear():
     assert sharp_edge_length(box((1.9, 1.9, 1.9))) == pytest.approx(12 * 1.9)
     levels = [complexity_level(count_sharp_edges(m)) for m in (sphere(0.9), box((1.9, 1.9, 1.9)), gear())]
     assert levels == [1, 2, 3]
-    assert complexity_level(sharp_edge_length(box((1.9, 1.9, 1.9))), DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS) == 2
+    assert (
+        complexity_level(sharp_edge_length(box((1.9, 1.9, 1.9))), DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS) == 2
+    )
     assert [complexity_level(v, (1, 2, 3)) for v in (0, 1, 2.5, 3, 100)] == [1, 2, 3, 4, 4]
     with pytest.raises(ValueError, match="thresholds"):
         complexity_level(5, (3, 2, 1))

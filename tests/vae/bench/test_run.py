@@ -19,9 +19,19 @@ from vae.bench.data import LevelConfig, collect_shapes, shape_level
 from vae.bench.metrics import DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS
 from vae.bench.run import main
 
-TINY = dict(width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=8,
-            output_type="occupancy", default_num_tokens=16, max_train_tokens=32, n_uniform=256, n_salient=64,
-            epsilon=0.03125)  # a coarse epsilon keeps the watertight ground truth fast
+TINY = dict(
+    width=32,
+    heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    latent_channels=8,
+    output_type="occupancy",
+    default_num_tokens=16,
+    max_train_tokens=32,
+    n_uniform=256,
+    n_salient=64,
+    epsilon=0.03125,
+)  # a coarse epsilon keeps the watertight ground truth fast
 # Small sample counts and grids: seconds, not minutes; every code path still runs.
 TINY_BENCH = {
     "tokens": [16, 32],
@@ -29,8 +39,16 @@ TINY_BENCH = {
     "resolution": 16,
     "coarse_resolution": 8,
     "metrics": {"surface_points": 1500, "volume_points": 3000, "sharp_points": 300, "render_resolution": 64},
-    "latent": {"noise_scales": [0.1, 0.5], "noise_samples": 1, "max_shapes": 1, "resolution": 12,
-               "surface_points": 400, "volume_points": 800, "interpolation_pairs": 1, "interpolation_steps": 3},
+    "latent": {
+        "noise_scales": [0.1, 0.5],
+        "noise_samples": 1,
+        "max_shapes": 1,
+        "resolution": 12,
+        "surface_points": 400,
+        "volume_points": 800,
+        "interpolation_pairs": 1,
+        "interpolation_steps": 3,
+    },
     "report": {"contact_sheet_shapes": 2, "contact_sheet_size": 48},
 }
 
@@ -55,8 +73,24 @@ def bench_run(tmp_path_factory):
     dora = save_tiny_vae(root / "dora")
     uniform = save_tiny_vae(root / "uniform_only", use_salient=False)
     out = root / "out"
-    argv = ["--vae", dora, uniform, "--names", "dora", "baseline", "--meshes", str(meshes), "--out", str(out),
-            "--config", str(config), "--tokens", "16", "32", "1024"]
+    argv = [
+        "--vae",
+        dora,
+        uniform,
+        "--names",
+        "dora",
+        "baseline",
+        "--meshes",
+        str(meshes),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--tokens",
+        "16",
+        "32",
+        "1024",
+    ]
     code = main(argv)
     return {"code": code, "out": out, "results": json.loads((out / "results.json").read_text())}
 
@@ -64,8 +98,14 @@ def bench_run(tmp_path_factory):
 def test_end_to_end_writes_every_output(bench_run):
     assert bench_run["code"] == 0
     out = bench_run["out"]
-    for name in ("results.json", "results.md", "contact_sheet.png", "plots/token_scaling.png",
-                 "plots/token_scaling_by_level.png", "plots/latent_smoothness.png"):
+    for name in (
+        "results.json",
+        "results.md",
+        "contact_sheet.png",
+        "plots/token_scaling.png",
+        "plots/token_scaling_by_level.png",
+        "plots/latent_smoothness.png",
+    ):
         path = out / name
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
@@ -118,7 +158,8 @@ def test_aggregates_are_means_over_shapes_per_level(bench_run):
             group = results["aggregates"][model]["32"][f"L{shape['level']}"]
             same_level = [s["results"][model]["32"] for s in ok if s["level"] == shape["level"]]
             assert group["rendered_sharp_normal_error_deg"] == pytest.approx(
-                np.mean([row["rendered_sharp_normal_error_deg"] for row in same_level]))
+                np.mean([row["rendered_sharp_normal_error_deg"] for row in same_level])
+            )
             assert math.isfinite(group["sharp_normal_error_deg"])
     assert f"## Level L{ok[0]['level']}" in markdown
 
@@ -172,14 +213,34 @@ def test_limit_and_workers(tmp_path):
     config.write_text(yaml.safe_dump({**TINY_BENCH, "tokens": [16, 256], "grow_points_for_tokens": True}))
     vae = save_tiny_vae(tmp_path / "vae")
     out = tmp_path / "out"
-    argv = ["--vae", vae, "--meshes", "builtin:3", "--out", str(out), "--config", str(config), "--limit", "2",
-            "--num-workers", "2", "--no-latent-quality", "--seed", "3"]
+    argv = [
+        "--vae",
+        vae,
+        "--meshes",
+        "builtin:3",
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--limit",
+        "2",
+        "--num-workers",
+        "2",
+        "--no-latent-quality",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [s["shape_id"] for s in results["shapes"]] == [item["shape_id"] for item in collect_shapes("builtin:3")][:2]
+    assert [s["shape_id"] for s in results["shapes"]] == [
+        item["shape_id"] for item in collect_shapes("builtin:3")
+    ][:2]
     assert all(s["status"] == "ok" for s in results["shapes"])
     assert results["config"]["seed"] == 3 and results["latent_quality"]["aggregates"] == {}
-    assert (results["models"][0]["sampled_n_uniform"], results["models"][0]["sampled_n_salient"]) == (256, 128)
+    assert (results["models"][0]["sampled_n_uniform"], results["models"][0]["sampled_n_salient"]) == (
+        256,
+        128,
+    )
     for tokens in ("16", "256"):
         assert results["aggregates"]["vae"][tokens]["overall"]["num_shapes"] == 2
         assert math.isfinite(results["aggregates"]["vae"][tokens]["overall"]["chamfer_l1"])
@@ -196,10 +257,14 @@ def test_prepared_folder_stands_for_its_source_meshes(tmp_path):
     samples = tmp_path / "prepared" / "samples"
     samples.mkdir(parents=True)
     meta = {"shape_id": "cube", "source": str(mesh_path), "category": "box", "caption": "a cube"}
-    np.savez_compressed(samples / "cube.npz", uniform_points=np.zeros((4, 3), np.float32), meta=np.array(json.dumps(meta)))
+    np.savez_compressed(
+        samples / "cube.npz", uniform_points=np.zeros((4, 3), np.float32), meta=np.array(json.dumps(meta))
+    )
     (samples / "zz_truncated.npz").write_bytes(b"PK\x03\x04 not a zip")
     items = collect_shapes(str(tmp_path / "prepared"))
-    assert [(i["shape_id"], i["source"], i["category"]) for i in items[:1]] == [("cube", str(mesh_path), "box")]
+    assert [(i["shape_id"], i["source"], i["category"]) for i in items[:1]] == [
+        ("cube", str(mesh_path), "box")
+    ]
     assert "error" not in items[0]
     assert "zz_truncated.npz" in items[1]["error"]  # becomes a recorded failure of the run, not a crash
     with pytest.raises(ValueError, match="no such folder"):
