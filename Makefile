@@ -29,6 +29,7 @@ browser:
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 		echo "chromium not installed: the browser test will skip"; }
 
+# ruff is pinned to one minor release in pyproject: its formatter's style changes between minors.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
