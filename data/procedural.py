@@ -204,12 +204,18 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _some_features(features: list[str], rng: np.random.Generator, probability: float) -> list[str]:
+    """With ``probability``, a random non-empty subset of ``features`` in their natural order; else all of them."""
+    if features and rng.random() < probability:
+        keep = np.sort(rng.choice(len(features), size=int(rng.integers(1, len(features) + 1)), replace=False))
+        return [features[k] for k in keep]
+    return features
+
+
 def make_caption(category: str, params: dict[str, Any], rng: np.random.Generator) -> str:
     """One caption naming the category and some of its attributes; the template and subset come from ``rng``."""
     adjectives, noun, features = _describe(category, params)
-    if features and rng.random() < 0.4:  # sometimes only part of the attributes, in their natural order
-        keep = np.sort(rng.choice(len(features), size=int(rng.integers(1, len(features) + 1)), replace=False))
-        features = [features[k] for k in keep]
+    features = _some_features(features, rng, 0.4)
     described = " ".join([*adjectives, noun])
     template = int(rng.integers(0, 4))
     if template == 0 or not features:
@@ -269,9 +275,7 @@ def alternative_captions(category: str, params: dict[str, Any], rng: np.random.G
     Each names only attributes the shape has (the same rules as :func:`make_caption`), in other sentence shapes.
     """
     adjectives, noun, features = _describe(category, params)
-    if features and rng.random() < 0.5:
-        keep = np.sort(rng.choice(len(features), size=int(rng.integers(1, len(features) + 1)), replace=False))
-        features = [features[k] for k in keep]
+    features = _some_features(features, rng, 0.5)
     other = str(rng.choice(_OTHER_NOUNS[category]))
     purpose = str(rng.choice(_PURPOSES[category]))
     detail = _join(features) if features else ""
