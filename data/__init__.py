@@ -10,18 +10,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "MeshProcessor": "data.processor",
-    "PointCloud": "data.sampling",
-    "Supervision": "data.supervision",
-    "PreparedDataset": "data.prepare",
-    "ProceduralDataset": "data.procedural",
-    "extract_mesh": "data.marching",
-    "LatentShardWriter": "data.latent_shards",
-    "LatentShardDataset": "data.latent_shards",
-    "LatentStats": "data.latent_shards",
-    "CorruptShardError": "data.latent_shards",
-    "latent_shard_pipeline": "data.latent_shards",
-    "load_manifest": "data.latent_shards",
+    "MeshProcessor": "dora_shapegen.data.processor",
+    "PointCloud": "dora_shapegen.data.sampling",
+    "Supervision": "dora_shapegen.data.supervision",
+    "PreparedDataset": "dora_shapegen.data.prepare",
+    "ProceduralDataset": "dora_shapegen.data.procedural",
+    "extract_mesh": "dora_shapegen.data.marching",
+    "LatentShardWriter": "dora_shapegen.data.latent_shards",
+    "LatentShardDataset": "dora_shapegen.data.latent_shards",
+    "LatentStats": "dora_shapegen.data.latent_shards",
+    "CorruptShardError": "dora_shapegen.data.latent_shards",
+    "latent_shard_pipeline": "dora_shapegen.data.latent_shards",
+    "load_manifest": "dora_shapegen.data.latent_shards",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -30,4 +30,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
+    raise AttributeError(f"module 'dora_shapegen.data' has no attribute {name!r}")

@@ -8,6 +8,7 @@ plain dict here.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -17,19 +18,28 @@ import yaml
 
 T = TypeVar("T")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "configs"
+# The shipped configs: package data of dora_shapegen.configs, in a wheel install as in a checkout (an installed
+# package is a folder on disk, so the resource is a real path that can be listed and copied).
+CONFIG_DIR = Path(str(importlib.resources.files("dora_shapegen.configs")))
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, or relative to the project's ``configs/`` folder."""
+    """A config file or folder: the path as given when it exists, else the shipped one of that name.
+
+    A shipped config can be named as in the repository (``configs/vae/small.yaml``) or inside the configs folder
+    (``vae/small.yaml``); so a default such as ``configs/quickstart`` works from any folder, and a user's own
+    file at that path, when there is one, wins.
+    """
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    in_configs = CONFIG_DIR / candidate
-    if in_configs.exists():
-        return in_configs
-    raise FileNotFoundError(f"config file not found: {path} (also looked in {CONFIG_DIR})")
+    if not candidate.is_absolute():
+        inside = Path(*candidate.parts[1:]) if candidate.parts[:1] == ("configs",) else candidate
+        if inside.parts and (CONFIG_DIR / inside).exists():
+            return CONFIG_DIR / inside
+    raise FileNotFoundError(
+        f"config file not found: {path} (also looked among the shipped configs, {CONFIG_DIR})"
+    )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

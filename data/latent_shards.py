@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from data.latent_format import (  # noqa: F401  (re-exported: the format's public names live here too)
+from dora_shapegen.data.latent_format import (  # noqa: F401  (re-exported: the format's public names live here too)
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,

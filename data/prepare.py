@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.config import load_config, save_yaml, to_dict
-from data.prepare_worker import PrepareConfig, check_storage, init_worker, process_item
+from dora_shapegen.data.config import load_config, save_yaml, to_dict
+from dora_shapegen.data.prepare_worker import PrepareConfig, check_storage, init_worker, process_item
 
 MESH_SUFFIXES = {".obj", ".ply", ".stl", ".off", ".glb", ".gltf"}
 ARRAY_KEYS = ("uniform_points", "uniform_normals", "salient_points", "salient_normals")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _collect_items(args: argparse.Namespace, config: PrepareConfig, out: Path) -> list[dict[str, Any]]:
     if args.builtin is not None:
-        from data.procedural import write_dataset
+        from dora_shapegen.data.procedural import write_dataset
 
         return read_index(write_dataset(out / "builtin_meshes", args.builtin, config.seed))
     if not args.source:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dora prepare: --shard-index must be in [0, {args.num_shards})", file=sys.stderr)
         return 2
     if args.ray is not None:
-        from data.prepare_ray import check_address
+        from dora_shapegen.data.prepare_ray import check_address
 
         try:
             check_address(args.ray)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     done, failed = 0, 0
     failures_path = out / f"failures{suffix}.jsonl"
     if args.ray is not None:
-        from data.prepare_ray import run_ray
+        from dora_shapegen.data.prepare_ray import run_ray
 
         results = run_ray(todo, config, args.ray, overwrite=args.overwrite, max_retries=args.ray_max_retries)
     else:

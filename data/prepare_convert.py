@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data.prepare_worker import STORAGE_FORMATS, write_npz_atomic
+from dora_shapegen.data.prepare_worker import STORAGE_FORMATS, write_npz_atomic
 
 
 def storage_of(path: Path) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data.prepare_worker import PrepareConfig
+from dora_shapegen.data.prepare_worker import PrepareConfig
 
 # Ray titles a worker process ``ray::<task name>`` while it runs a task, and lists tasks by name: with the shape id
 # in the name an operator sees which shape a stuck or dying worker holds (and the worker-kill test can aim).
@@ -62,7 +62,7 @@ def prepare_shape(
 ) -> dict[str, Any]:
     """One shape inside a Ray worker. Ray reuses worker processes, so the MeshProcessor is built once per process
     (and again only if a later run ships another config)."""
-    from data import prepare_worker
+    from dora_shapegen.data import prepare_worker
 
     current = prepare_worker._CONFIG
     if current is None or dataclasses.asdict(current) != config_values:

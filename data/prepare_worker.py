@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from data.config import from_dict
-from data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
+from dora_shapegen.data.config import from_dict
+from dora_shapegen.data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
 
 
 @dataclass
@@ -77,7 +77,7 @@ _CONFIG: PrepareConfig | None = None
 
 def init_worker(config_values: dict[str, Any]) -> None:
     global _PROCESSOR, _CONFIG
-    from data.processor import MeshProcessor
+    from dora_shapegen.data.processor import MeshProcessor
 
     _CONFIG = from_dict(PrepareConfig, config_values)
     check_storage(_CONFIG.storage)

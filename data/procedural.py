@@ -7,7 +7,7 @@ thin round legs"). Shape ``i`` is generated from its own generator seeded by ``(
 the same whatever else is generated, a dataset can be produced in any order or in parallel, and the same seed
 always gives identical meshes and captions. Meshes are Y-up (glTF convention), standing on y = 0.
 
-    from data.procedural import ProceduralDataset, write_dataset
+    from dora_shapegen.data.procedural import ProceduralDataset, write_dataset
     dataset = ProceduralDataset(num_shapes=280, seed=0)      # round-robin over the categories
     item = dataset[14]                                       # ProceduralShape: shape_id "chair-0014", caption...
     write_dataset("runs/procedural", 280)                    # meshes/<id>.ply + index.jsonl
@@ -30,8 +30,8 @@ import numpy as np
 import trimesh
 from tqdm.auto import tqdm
 
-from data.procedural_machines import MACHINES_AND_BUILDINGS
-from data.procedural_shapes import FURNITURE_AND_VESSELS
+from dora_shapegen.data.procedural_machines import MACHINES_AND_BUILDINGS
+from dora_shapegen.data.procedural_shapes import FURNITURE_AND_VESSELS
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from manifold3d import CrossSection, Manifold, OpType
 
-from data.procedural_shapes import Builder, Params, box, hull, revolve, rod, uniform, union
+from dora_shapegen.data.procedural_shapes import Builder, Params, box, hull, revolve, rod, uniform, union
 
 
 def build_gear(rng: np.random.Generator) -> tuple[Manifold, Params]:

@@ -1,6 +1,6 @@
 """``MeshProcessor``: the user-facing facade over loading, remeshing, sampling and supervision.
 
-from data import MeshProcessor
+from dora_shapegen.data import MeshProcessor
 processor = MeshProcessor(epsilon=2/256)
 mesh = processor.load_mesh("chair.obj")
 point_cloud = processor.sample_points(mesh, n_uniform=4096, n_salient=512)
@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 import trimesh
 
-from data.mesh_io import MeshError, MeshSource, load_mesh
-from data.sampling import PointCloud, sample_point_cloud
-from data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES, Supervision, sample_supervision
-from data.watertight import make_watertight
+from dora_shapegen.data.mesh_io import MeshError, MeshSource, load_mesh
+from dora_shapegen.data.sampling import PointCloud, sample_point_cloud
+from dora_shapegen.data.supervision import (
+    SALIENT_NOISE_SCALES,
+    UNIFORM_NOISE_SCALES,
+    Supervision,
+    sample_supervision,
+)
+from dora_shapegen.data.watertight import make_watertight
 
 
 def _positive_scales(values: Sequence[float], name: str) -> tuple[float, ...]:
@@ -165,7 +170,9 @@ class MeshProcessor:
         **kwargs: Any,
     ) -> trimesh.Trimesh | list[trimesh.Trimesh]:
         """Marching cubes of an implicit field (e.g. ``vae.decode(latents)``); a list when it holds a batch."""
-        from data.marching import extract_mesh  # lazy: the marching module is only needed when decoding
+        from dora_shapegen.data.marching import (
+            extract_mesh,  # lazy: the marching module is only needed when decoding
+        )
 
         bounds = self.bounds if bounds is None else bounds
         batch_size = int(getattr(field, "batch_size", 1) or 1)

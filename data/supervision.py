@@ -17,7 +17,7 @@ import numpy as np
 import point_cloud_utils as pcu
 import trimesh
 
-from data.sampling import PointCloud
+from dora_shapegen.data.sampling import PointCloud
 
 GROUP_VOLUME, GROUP_NEAR, GROUP_SHARP = 0, 1, 2
 UNIFORM_NOISE_SCALES = (0.001, 0.005)

@@ -19,7 +19,7 @@ import trimesh
 from scipy import ndimage
 from skimage import measure
 
-from data.mesh_io import MeshError
+from dora_shapegen.data.mesh_io import MeshError
 
 _BAND = (
     2  # voxels of dilation around the surface cells: covers grid points within ~2 * spacing of the surface

@@ -6,9 +6,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ShapeDiT": "diffusion.modeling_shape_dit",
-    "ShapeDiTOutput": "diffusion.modeling_shape_dit",
-    "TextEncoder": "diffusion.text_encoder",
+    "ShapeDiT": "dora_shapegen.diffusion.modeling_shape_dit",
+    "ShapeDiTOutput": "dora_shapegen.diffusion.modeling_shape_dit",
+    "TextEncoder": "dora_shapegen.diffusion.text_encoder",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -17,4 +17,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
+    raise AttributeError(f"module 'dora_shapegen.diffusion' has no attribute {name!r}")

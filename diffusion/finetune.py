@@ -121,7 +121,7 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: Any, directory: str | Path) -> Path:
     """Write the adapter in diffusers' pipeline LoRA format (``DoraTextTo3DPipeline.load_lora_weights`` reads it)."""
-    from diffusion.lora_loader import ShapeDiTLoraLoaderMixin
+    from dora_shapegen.diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 
     ShapeDiTLoraLoaderMixin.save_lora_weights(
         str(directory),
@@ -216,8 +216,8 @@ def check_text_encoder(config: Any) -> None:
 def prepare_finetune(config: Any, manifest: dict[str, Any], shards: str) -> tuple[Any, dict[str, Any]]:
     """The run config with the init_from model config + provenance (checked against the folder), and the
     manifest to train with (the base DiT's latent statistics). Unchanged for a run from scratch."""
-    from diffusion.modeling_shape_dit import ShapeDiT
-    from vae.provenance import resolve_init_from
+    from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
+    from dora_shapegen.vae.provenance import resolve_init_from
 
     config = resolve_init_from(config, ShapeDiT, DIT_FREE_KEYS)
     check_lora_config(config)
@@ -227,8 +227,8 @@ def prepare_finetune(config: Any, manifest: dict[str, Any], shards: str) -> tupl
 
 def build_dit(config: Any) -> Any:
     """The DiT to train: fresh, or the init_from weights, with LoRA layers when ``lora.rank > 0``."""
-    from diffusion.modeling_shape_dit import ShapeDiT
-    from vae.provenance import load_init_weights
+    from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
+    from dora_shapegen.vae.provenance import load_init_weights
 
     model = ShapeDiT(**config.model)
     if config.init_from:

@@ -25,7 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusion.text_encoder import TextEmbeddings, TextEncoder
+from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
 
 
 @dataclass

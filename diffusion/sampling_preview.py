@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from data.latent_shards import LatentStats
-from diffusion.sampling import (
+from dora_shapegen.data.latent_shards import LatentStats
+from dora_shapegen.diffusion.sampling import (
     SamplingState,
     encode_prompts,
     guided_sample,
@@ -26,14 +26,14 @@ from diffusion.sampling import (
     sampling_timesteps,
     uses_guidance,
 )
-from diffusion.text_encoder import TextEncoder
+from dora_shapegen.diffusion.text_encoder import TextEncoder
 
 logger = logging.getLogger("dora.train_dit")
 
 
 def default_prompts(count: int) -> list[str]:
     """One plain prompt for each of the first ``count`` procedural categories."""
-    from data.procedural import example_prompts
+    from dora_shapegen.data.procedural import example_prompts
 
     return [prompts[0] for prompts in example_prompts(per_category=1).values()][:count]
 
@@ -91,8 +91,8 @@ def render_preview(
     }
     if vae is None:
         return metrics
-    from data.marching import extract_mesh
-    from data.render import render_grid_png
+    from dora_shapegen.data.marching import extract_mesh
+    from dora_shapegen.data.render import render_grid_png
 
     vae_latents = stats.denormalize(latents.float()).to(vae.device, vae.dtype)  # (P,N,C) VAE space
     meshes, titles = [], []

@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
-from data.config import save_yaml, to_dict
-from diffusion.finetune import LoraConfig
-from diffusion.text_encoder import DEFAULT_TEXT_ENCODER
-from training.config import LoopConfig, add_run_arguments, load_run_config
-from training.schedules import ScheduleConfig, TokenSchedule
+from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.diffusion.finetune import LoraConfig
+from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
+from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
+from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -153,8 +153,8 @@ def export_final(
     """EMA weights via ``save_pretrained`` + run config + latent statistics + the scheduler, in one folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffusion.finetune import save_adapter
-    from training.ema import ema_weights
+    from dora_shapegen.diffusion.finetune import save_adapter
+    from dora_shapegen.training.ema import ema_weights
 
     if config.lora.rank > 0:
         save_adapter(model, directory)  # the adapter only: the base stays in init_from
@@ -184,26 +184,26 @@ def train(
     vae_dir: str | None = None,
 ) -> TrainResult:
     """Train, checkpoint, preview and export; returns the summary and this process's model."""
-    from data.latent_shards import LatentStats, load_manifest
-    from diffusion.finetune import build_dit, prepare_finetune, register_lora_checkpointing
-    from diffusion.flow_matching import (
+    from dora_shapegen.data.latent_shards import LatentStats, load_manifest
+    from dora_shapegen.diffusion.finetune import build_dit, prepare_finetune, register_lora_checkpointing
+    from dora_shapegen.diffusion.flow_matching import (
         add_noise,
         drop_captions,
         flow_matching_loss,
         sample_timesteps,
         velocity_target,
     )
-    from diffusion.sampling_preview import default_prompts, render_preview
-    from diffusion.text_encoder import TextEncoder
-    from diffusion.train_utils import (
+    from dora_shapegen.diffusion.sampling_preview import default_prompts, render_preview
+    from dora_shapegen.diffusion.text_encoder import TextEncoder
+    from dora_shapegen.diffusion.train_utils import (
         CaptionEmbeddingCache,
         InMemoryBatches,
         load_latent_table,
         streaming_batches,
     )
-    from training.ema import ema_weights
-    from training.loop import StepContext, Trainer
-    from vae.provenance import check_resume_provenance, check_vae_identity
+    from dora_shapegen.training.ema import ema_weights
+    from dora_shapegen.training.loop import StepContext, Trainer
+    from dora_shapegen.vae.provenance import check_resume_provenance, check_vae_identity
 
     output_dir = Path(output_dir)
     tcfg, dcfg, scfg = config.training, config.data, config.sampling
@@ -302,7 +302,7 @@ def train(
     trainer.start(config)
     if trainer.is_main_process:
         if vae_dir:
-            from vae.modeling_dora_vae import DoraVAE
+            from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
             vae = DoraVAE.from_pretrained(vae_dir).to(device).eval()
         logger.info(
@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # torchrun / accelerate launch -m diffusion.train: an entry point
-    from vae.local_attention import flush_denormals
+if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.diffusion.train: an entry point
+    from dora_shapegen.vae.local_attention import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
     raise SystemExit(main())

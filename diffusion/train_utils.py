@@ -26,8 +26,13 @@ from typing import Any
 
 import torch
 
-from data.latent_shards import LatentShardDataset, LatentStats, collate_latents, latent_shard_pipeline
-from diffusion.text_encoder import TextEmbeddings, TextEncoder
+from dora_shapegen.data.latent_shards import (
+    LatentShardDataset,
+    LatentStats,
+    collate_latents,
+    latent_shard_pipeline,
+)
+from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
 
 logger = logging.getLogger("dora.train_dit")
 

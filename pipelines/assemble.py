@@ -85,8 +85,8 @@ def _trained_num_tokens(record: dict[str, Any]) -> int | None:
     if sampled:
         return int(sampled)
     if record.get("schedule"):
-        from data.config import from_dict
-        from training.schedules import ScheduleConfig, TokenSchedule
+        from dora_shapegen.data.config import from_dict
+        from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
         return TokenSchedule(from_dict(ScheduleConfig, record["schedule"], "run config schedule")).max_tokens
     return None
@@ -114,11 +114,11 @@ def assemble(
     allow_vae_mismatch: bool = False,
 ) -> Any:
     """Build, check and save the pipeline; returns it."""
-    from data.latent_shards import LatentStats, load_manifest
-    from diffusion import ShapeDiT
-    from diffusion.text_encoder import TextEncoder
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
-    from vae import DoraVAE
+    from dora_shapegen.data.latent_shards import LatentStats, load_manifest
+    from dora_shapegen.diffusion import ShapeDiT
+    from dora_shapegen.diffusion.text_encoder import TextEncoder
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.vae import DoraVAE
 
     transformer_dir = Path(transformer_dir)
     manifest_path = Path(manifest)
@@ -127,7 +127,7 @@ def assemble(
     vae = DoraVAE.from_pretrained(vae_dir)
     recorded = (info.get("vae") or {}).get("weights_sha256")
     if recorded and not allow_vae_mismatch:
-        from vae.cache_latents import vae_identity
+        from dora_shapegen.vae.cache_latents import vae_identity
 
         actual = vae_identity(Path(vae_dir), vae)["weights_sha256"]
         if actual != recorded:

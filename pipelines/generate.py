@@ -75,8 +75,8 @@ def load_loras(pipe: Any, specs: list[str], transformer_dir: Path | None = None)
     ``transformer_dir``, an adapter whose run recorded other base weights (``init_from_sha256``) is warned about."""
     import yaml
 
-    from diffusion.finetune import ADAPTER_FILE
-    from vae.provenance import weight_hashes
+    from dora_shapegen.diffusion.finetune import ADAPTER_FILE
+    from dora_shapegen.vae.provenance import weight_hashes
 
     base = weight_hashes(transformer_dir) if transformer_dir is not None else None
     names, scales = [], []
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png, simplify
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png, simplify
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir).to(device)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from data.render import (  # noqa: F401  (re-exported: the pipeline's public preview API)
+from dora_shapegen.data.render import (  # noqa: F401  (re-exported: the pipeline's public preview API)
     _as_trimesh,
     render_grid_png,
     render_mesh_image,

@@ -24,11 +24,11 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from data.latent_shards import LatentStats
-from data.marching import extract_mesh
-from diffusion.lora_loader import ShapeDiTLoraLoaderMixin
-from diffusion.modeling_shape_dit import ShapeDiT
-from diffusion.sampling import (
+from dora_shapegen.data.latent_shards import LatentStats
+from dora_shapegen.data.marching import extract_mesh
+from dora_shapegen.diffusion.lora_loader import ShapeDiTLoraLoaderMixin
+from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
+from dora_shapegen.diffusion.sampling import (
     SamplingState,
     encode_prompts,
     guided_sample,
@@ -36,9 +36,9 @@ from diffusion.sampling import (
     sampling_timesteps,
     uses_guidance,
 )
-from diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
-from diffusion.text_encoder import TextEmbeddings, TextEncoder, _detect_kind
-from vae.modeling_dora_vae import DoraVAE
+from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
+from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, _detect_kind
+from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OUTPUT_TYPES = ("trimesh", "latent", "np")
 

@@ -37,17 +37,17 @@ from typing import Any
 
 import torch
 
-from data.config import save_yaml, to_dict
-from training.checkpoints import (
+from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.training.checkpoints import (
     CHECKPOINTS,
     find_checkpoint,
     read_train_state,
     rotate_checkpoints,
     write_train_state,
 )
-from training.config import LoopConfig, flat_hparams
-from training.ema import create_ema, load_ema, save_ema
-from training.schedules import TokenSchedule
+from dora_shapegen.training.config import LoopConfig, flat_hparams
+from dora_shapegen.training.ema import create_ema, load_ema, save_ema
+from dora_shapegen.training.schedules import TokenSchedule
 
 
 @dataclass

@@ -6,8 +6,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DoraVAE": "vae.modeling_dora_vae",
-    "DecodedLatents": "vae.modeling_dora_vae",
+    "DoraVAE": "dora_shapegen.vae.modeling_dora_vae",
+    "DecodedLatents": "dora_shapegen.vae.modeling_dora_vae",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -16,4 +16,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vae' has no attribute {name!r}")
+    raise AttributeError(f"module 'dora_shapegen.vae' has no attribute {name!r}")

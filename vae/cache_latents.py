@@ -1,6 +1,6 @@
 """`dora cache-latents`: a frozen DoraVAE encodes every prepared shape once into WebDataset latent shards.
 
-Run with any number of processes (``accelerate launch [--cpu] --num_processes N -m vae.cache_latents ...`` or
+Run with any number of processes (``accelerate launch [--cpu] --num_processes N -m dora_shapegen.vae.cache_latents ...`` or
 torchrun): each rank encodes a disjoint part of the shapes and writes its own shards ``{rank:05d}-{index:06d}.tar``;
 the latent statistics are all-reduced (float64 sums) and rank 0 writes ``manifest.json``. The output folder must
 be shared by all ranks (one filesystem), since the progress log there is what makes a run resumable:
@@ -34,8 +34,8 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from data.config import load_config, to_dict
-from data.latent_shards import (
+from dora_shapegen.data.config import load_config, to_dict
+from dora_shapegen.data.latent_shards import (
     LatentShardWriter,
     LatentSums,
     ShardRecord,
@@ -43,7 +43,7 @@ from data.latent_shards import (
     to_storage,
     write_manifest,
 )
-from data.prepare import load_prepared
+from dora_shapegen.data.prepare import load_prepared
 
 PROGRESS_DIR = "progress"
 CONTENT_KEYS = ("num_tokens", "num_views", "dtype", "sample_posterior", "seed")
@@ -133,7 +133,7 @@ class PreparedViews(torch.utils.data.Dataset):
 
 def vae_identity(vae_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
     """The VAE's config and the sha256 of its weight file(s): what the manifest pins the latents to."""
-    from vae.provenance import weight_hashes
+    from dora_shapegen.vae.provenance import weight_hashes
 
     return {
         "path": str(vae_dir),
@@ -237,7 +237,7 @@ def cache_latents(
     limit: int | None = None,
 ) -> dict[str, Any] | None:
     """Encode every prepared shape not yet cached into ``out_dir``; returns the manifest on rank 0."""
-    from vae import DoraVAE
+    from dora_shapegen.vae import DoraVAE
 
     # cpu=True lets accelerate set up gloo for a CPU-only torchrun / `accelerate launch --multi_gpu` run
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # torchrun / accelerate launch -m vae.cache_latents: an entry point
-    from vae.local_attention import flush_denormals
+if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.cache_latents: an entry point
+    from dora_shapegen.vae.local_attention import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
     raise SystemExit(main())

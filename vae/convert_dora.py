@@ -24,7 +24,7 @@ import torch
 from accelerate import init_empty_weights
 from einops import rearrange
 
-from vae.modeling_dora_vae import DoraVAE
+from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OFFICIAL_PREFIX = "shape_model."
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vae.attention import CrossAttentionBlock, MultiHeadAttention
+from dora_shapegen.vae.attention import CrossAttentionBlock, MultiHeadAttention
 
 # Per head, from local attention: offset to the attended point (3), attended normal (3), IMLS signed distance (1).
 GEOMETRY_FEATURES = 7

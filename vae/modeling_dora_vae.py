@@ -29,10 +29,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from vae import local_attention as local
-from vae.attention import CrossAttentionBlock, FourierEmbedder, SelfAttentionBlock
-from vae.fps import farthest_point_indices
-from vae.latents import DecodedLatents, LatentPosterior, interleave_order, stream_array
+from dora_shapegen.vae import local_attention as local
+from dora_shapegen.vae.attention import CrossAttentionBlock, FourierEmbedder, SelfAttentionBlock
+from dora_shapegen.vae.fps import farthest_point_indices
+from dora_shapegen.vae.latents import DecodedLatents, LatentPosterior, interleave_order, stream_array
 
 __all__ = ["DecodedLatents", "DoraVAE", "LatentPosterior", "interleave_order"]
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.config import save_yaml, to_dict
-from training.config import LoopConfig, add_run_arguments, load_run_config
-from training.schedules import ScheduleConfig
+from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
+from dora_shapegen.training.schedules import ScheduleConfig
 
 logger = logging.getLogger("dora.train_vae")
 
@@ -138,8 +138,8 @@ def compute_loss(
 
 # ------------------------------------------------------------------------------------------- model, export
 def build_model(config: VAETrainConfig) -> Any:
-    from vae.modeling_dora_vae import DoraVAE
-    from vae.provenance import load_init_weights
+    from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+    from dora_shapegen.vae.provenance import load_init_weights
 
     model = DoraVAE(**config.model)
     if config.init_from:  # config.model is already the folder's (resolve_init_from in train())
@@ -151,7 +151,7 @@ def export_model(
     model: Any, ema: Any, use_ema: bool, directory: Path, config: VAETrainConfig, metrics: dict[str, Any]
 ) -> None:
     """``save_pretrained`` (config.json + safetensors) + the full run config and metrics beside it."""
-    from training.ema import ema_weights
+    from dora_shapegen.training.ema import ema_weights
 
     with ema_weights(model, ema if use_ema else None):
         model.save_pretrained(str(directory))
@@ -168,13 +168,13 @@ def train(
     data_root: str | None = None,
 ) -> dict[str, Any]:
     """Train, validate, checkpoint and export; returns a summary (steps, final metrics, paths)."""
-    from training.ema import ema_weights
-    from training.loop import Trainer, loader_batches
-    from training.schedules import TokenSchedule
-    from vae.modeling_dora_vae import DoraVAE
-    from vae.provenance import VAE_FREE_KEYS, check_resume_provenance, resolve_init_from
-    from vae.train_data import EpochPermutationSampler, SeededItems, build_datasets, collate
-    from vae.train_validation import save_curves_png, save_reconstruction_png, validate
+    from dora_shapegen.training.ema import ema_weights
+    from dora_shapegen.training.loop import Trainer, loader_batches
+    from dora_shapegen.training.schedules import TokenSchedule
+    from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+    from dora_shapegen.vae.provenance import VAE_FREE_KEYS, check_resume_provenance, resolve_init_from
+    from dora_shapegen.vae.train_data import EpochPermutationSampler, SeededItems, build_datasets, collate
+    from dora_shapegen.vae.train_validation import save_curves_png, save_reconstruction_png, validate
 
     started = time.monotonic()
     config = resolve_init_from(config, DoraVAE, VAE_FREE_KEYS)
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # torchrun / accelerate launch -m vae.train: an entry point
-    from vae.local_attention import flush_denormals
+if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.train: an entry point
+    from dora_shapegen.vae.local_attention import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
     raise SystemExit(main())

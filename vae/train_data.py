@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vae.train_validation import split_indices
+from dora_shapegen.vae.train_validation import split_indices
 
 # What data.prepare.PreparedDataset items hold: uniform/salient (N, 6) xyz+normal, supervision (M, ...).
 TENSOR_KEYS = ("uniform", "salient", "sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
@@ -74,7 +74,7 @@ def shape_ids_of(dataset: Any) -> list[str]:
 
 def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[int]]:
     """(training dataset, validation dataset, train indices, held-out indices) from a prepared folder."""
-    from data.prepare import PreparedDataset
+    from dora_shapegen.data.prepare import PreparedDataset
 
     if not (Path(root) / "samples").is_dir():
         raise FileNotFoundError(

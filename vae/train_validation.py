@@ -57,7 +57,7 @@ def validate(
 
     Returns (metrics, meshes by token count for the first ``mesh_shapes`` items, for the reconstruction PNG).
     """
-    from data.marching import extract_mesh  # the coarse-to-fine extractor of data/
+    from dora_shapegen.data.marching import extract_mesh  # the coarse-to-fine extractor of data/
 
     was_training = model.training
     model.eval()

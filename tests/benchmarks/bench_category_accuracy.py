@@ -44,15 +44,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from data.latent_shards import LatentStats, load_manifest  # noqa: E402
-from data.procedural import CATEGORIES, captions_for_category  # noqa: E402
-from diffusion.modeling_shape_dit import ShapeDiT  # noqa: E402
-from diffusion.sampling import sample_latents  # noqa: E402
-from diffusion.text_encoder import TextEncoder  # noqa: E402
-from diffusion.train_utils import load_latent_table  # noqa: E402
+from dora_shapegen.data.latent_shards import LatentStats, load_manifest  # noqa: E402
+from dora_shapegen.data.procedural import CATEGORIES, captions_for_category  # noqa: E402
+from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT  # noqa: E402
+from dora_shapegen.diffusion.sampling import sample_latents  # noqa: E402
+from dora_shapegen.diffusion.text_encoder import TextEncoder  # noqa: E402
+from dora_shapegen.diffusion.train_utils import load_latent_table  # noqa: E402
 
 
 def set_chamfer(queries: torch.Tensor, references: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -101,8 +98,8 @@ def load_dit(dit_dir: Path) -> tuple[ShapeDiT, TextEncoder, object, dict]:
 
 
 def mesh_points(vae, latents: torch.Tensor, resolution: int, num_points: int) -> list[np.ndarray | None]:
-    from data.marching import extract_mesh
-    from vae.bench.metrics import sample_surface
+    from dora_shapegen.data.marching import extract_mesh
+    from dora_shapegen.vae.bench.metrics import sample_surface
 
     clouds = []
     for index in range(len(latents)):
@@ -190,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     if args.vae is not None and args.prepared is not None and args.mesh_per_category > 0:
-        from data.prepare import load_prepared
-        from vae.modeling_dora_vae import DoraVAE
+        from dora_shapegen.data.prepare import load_prepared
+        from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
         vae = DoraVAE.from_pretrained(args.vae).eval()
         rng = np.random.default_rng(0)

@@ -32,11 +32,16 @@ from torch import nn
 from tqdm import tqdm
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
 
-from data import MeshProcessor  # noqa: E402
-from data.marching import evaluate_grid, mesh_from_grid  # noqa: E402
-from vae.bench.metrics import chamfer_distance, mesh_occupancy, mesh_volume_iou, sample_surface, volume_iou  # noqa: E402
+from dora_shapegen.data import MeshProcessor  # noqa: E402
+from dora_shapegen.data.marching import evaluate_grid, mesh_from_grid  # noqa: E402
+from dora_shapegen.vae.bench.metrics import (  # noqa: E402
+    chamfer_distance,
+    mesh_occupancy,
+    mesh_volume_iou,
+    sample_surface,
+    volume_iou,
+)
 
 DEFAULT_MESH = PROJECT_ROOT.parent / "shared" / "meshes" / "fandisk.off"
 
@@ -98,7 +103,9 @@ def fit_stand_in(mesh_path: Path, steps: int, seed: int) -> tuple[StandInOccupan
 
 
 def vae_field(vae_dir: str, mesh_path: Path, num_tokens: int, seed: int):
-    from vae import DoraVAE  # the benchmark may run before/without a trained model; import only when asked
+    from dora_shapegen.vae import (
+        DoraVAE,  # the benchmark may run before/without a trained model; import only when asked
+    )
 
     model = DoraVAE.from_pretrained(vae_dir).eval()
     config = model.config

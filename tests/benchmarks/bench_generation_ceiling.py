@@ -15,14 +15,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from pipelines.bench_generation import _distance_matrices, _fit_judge  # noqa: E402
-from pipelines.bench_generation_data import load_reference, select_split  # noqa: E402
-from pipelines.bench_generation_metrics import CloudSet, distribution_metrics  # noqa: E402
+from dora_shapegen.pipelines.bench.data import load_reference, select_split  # noqa: E402
+from dora_shapegen.pipelines.bench.metrics import CloudSet, distribution_metrics  # noqa: E402
+from dora_shapegen.pipelines.bench.run import _distance_matrices, _fit_judge  # noqa: E402
 
 
 def main() -> int:

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
 
-from data.latent_shards import (  # noqa: E402
+from dora_shapegen.data.latent_shards import (  # noqa: E402
     LatentShardWriter,
     LatentStats,
     LatentSums,
@@ -85,12 +84,12 @@ def write_prepared(root: Path, count: int) -> None:
 
 
 def cache_throughput(work: Path, shapes: int) -> dict[str, float]:
-    from vae import DoraVAE
+    from dora_shapegen.vae import DoraVAE
 
     torch.manual_seed(0)
     DoraVAE(**VAE_CONFIG).save_pretrained(work / "vae")
     write_prepared(work / "prepared", shapes)
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         "--vae",
         str(work / "vae"),
@@ -121,7 +120,7 @@ def cache_throughput(work: Path, shapes: int) -> dict[str, float]:
             else [sys.executable]
         )
         subprocess.run(
-            [*launcher, "-m", "vae.cache_latents", *args, "--out", str(out)],
+            [*launcher, "-m", "dora_shapegen.vae.cache_latents", *args, "--out", str(out)],
             cwd=PROJECT_ROOT,
             env=env,
             check=True,

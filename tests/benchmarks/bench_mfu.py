@@ -30,14 +30,10 @@ from typing import Any
 
 import torch
 import yaml
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
-
 from throughput import count_flops  # noqa: E402
 
-from data.config import from_dict  # noqa: E402
-from training.schedules import TokenSchedule  # noqa: E402
+from dora_shapegen.data.config import CONFIG_DIR, from_dict  # noqa: E402
+from dora_shapegen.training.schedules import TokenSchedule  # noqa: E402
 
 
 def matmul_rate(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 3) -> float:
@@ -84,7 +80,7 @@ def describe(model: torch.nn.Module, batch_size: int, tokens: int) -> dict[str, 
 
 
 def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, dict[str, Any]]:
-    from vae.train import VAETrainConfig, build_model, compute_loss
+    from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss
 
     config = from_dict(VAETrainConfig, yaml.safe_load(config_path.read_text()), str(config_path))
     torch.manual_seed(0)
@@ -123,9 +119,14 @@ def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, di
 def dit_step_factory(
     config_path: Path, num_tokens: int | None, text_tokens: int
 ) -> tuple[Any, dict[str, Any]]:
-    from diffusion.flow_matching import add_noise, flow_matching_loss, sample_timesteps, velocity_target
-    from diffusion.modeling_shape_dit import ShapeDiT
-    from diffusion.train import DiTTrainConfig
+    from dora_shapegen.diffusion.flow_matching import (
+        add_noise,
+        flow_matching_loss,
+        sample_timesteps,
+        velocity_target,
+    )
+    from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
+    from dora_shapegen.diffusion.train import DiTTrainConfig
 
     config = from_dict(DiTTrainConfig, yaml.safe_load(config_path.read_text()), str(config_path))
     torch.manual_seed(0)
@@ -194,10 +195,10 @@ def measure(name: str, step: Any, info: dict[str, Any], steps: int, peak: float)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--vae-config", type=Path, nargs="*", default=[PROJECT_ROOT / "configs/quickstart/vae.yaml"]
+        "--vae-config", type=Path, nargs="*", default=[CONFIG_DIR / "quickstart" / "vae.yaml"]
     )
     parser.add_argument(
-        "--dit-config", type=Path, nargs="*", default=[PROJECT_ROOT / "configs/quickstart/dit.yaml"]
+        "--dit-config", type=Path, nargs="*", default=[CONFIG_DIR / "quickstart" / "dit.yaml"]
     )
     parser.add_argument("--vae-tokens", type=int, default=None, help="default: the schedule's largest count")
     parser.add_argument("--dit-tokens", type=int, default=None, help="default: the schedule's largest count")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     args = parser.parse_args(argv)
-    from vae.local_attention import flush_denormals
+    from dora_shapegen.vae.local_attention import flush_denormals
 
     flush_denormals()  # as `dora` does: denormals (local attention makes many) slow the CPU several-fold
     torch.set_num_threads(args.threads)

@@ -47,7 +47,7 @@ def _peak_mib() -> float:
 
 
 def run_ours(mesh_path: str) -> dict:
-    from data.processor import MeshProcessor
+    from dora_shapegen.data.processor import MeshProcessor
 
     processor = MeshProcessor(epsilon=EPSILON)
     stages = {}
@@ -98,7 +98,7 @@ def run_naive(mesh_path: str, subset: int, distance: str) -> dict:
     import trimesh
     from skimage import measure
 
-    from data.mesh_io import load_mesh
+    from dora_shapegen.data.mesh_io import load_mesh
 
     stages, notes = {}, []
     start = time.process_time()
@@ -169,7 +169,7 @@ def run_naive(mesh_path: str, subset: int, distance: str) -> dict:
         )
         notes.append(f"TSDF distances timed on 1000 of {num_queries} queries, extrapolated")
     else:
-        from data.supervision import label_points
+        from dora_shapegen.data.supervision import label_points
 
         tick = time.process_time()
         label_points(mesh, queries)
@@ -179,7 +179,6 @@ def run_naive(mesh_path: str, subset: int, distance: str) -> dict:
 
 def _child(args: argparse.Namespace) -> None:
     _single_core()
-    sys.path.insert(0, str(PROJECT_ROOT))
     if args.child == "ours":
         result = run_ours(args.mesh)
     else:

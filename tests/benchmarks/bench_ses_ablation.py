@@ -33,9 +33,8 @@ import numpy as np
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
 
-from data.config import load_yaml  # noqa: E402
+from dora_shapegen.data.config import load_yaml  # noqa: E402
 
 SALIENT, UNIFORM = "vae/small.yaml", "vae/small_uniform_only.yaml"
 # name -> (base config, dotted overrides). The first two are the ablation; the rest probe why one side wins.
@@ -112,7 +111,7 @@ def train_all(jobs: list[tuple[str, int]], args: argparse.Namespace) -> dict[str
                 str(args.nice),
                 sys.executable,
                 "-m",
-                "vae.train",
+                "dora_shapegen.vae.train",
                 "--config",
                 str(run_config(variant, args.steps, args.out)),
                 "--data",
@@ -143,9 +142,9 @@ def train_all(jobs: list[tuple[str, int]], args: argparse.Namespace) -> dict[str
 
 def heldout_index(args: argparse.Namespace) -> Path:
     """An index of held-out training-set shapes with sharp edges, round-robin over categories."""
-    from data.mesh_io import load_mesh
-    from vae.bench.metrics import count_sharp_edges
-    from vae.train_validation import is_held_out
+    from dora_shapegen.data.mesh_io import load_mesh
+    from dora_shapegen.vae.bench.metrics import count_sharp_edges
+    from dora_shapegen.vae.train_validation import is_held_out
 
     fraction = float(load_yaml(SALIENT)["data"]["val_fraction"])
     rows = [json.loads(line) for line in args.index.read_text().splitlines() if line.strip()]
@@ -182,7 +181,7 @@ def bench(name: str, meshes: str, runs: list[str], args: argparse.Namespace) -> 
             str(args.nice),
             sys.executable,
             "-m",
-            "vae.bench",
+            "dora_shapegen.vae.bench",
             "--vae",
             *[str(args.out / "runs" / run / "final") for run in runs],
             "--names",

@@ -28,21 +28,19 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import H100_BF16_DENSE_TFLOPS, vae_step_flops  # noqa: E402
 
-from data.config import load_yaml  # noqa: E402
+from dora_shapegen.data.config import load_yaml  # noqa: E402
 
 FORMATS = ("npz_compressed", "npz")
 
 
 def prepare_formats(args: argparse.Namespace) -> dict[str, Path]:
     """One folder per storage format holding the same arrays."""
-    from data.prepare import main as prepare
-    from data.prepare_convert import convert_folder
+    from dora_shapegen.data.prepare import main as prepare
+    from dora_shapegen.data.prepare_convert import convert_folder
 
     out = Path(args.out)
     source = Path(args.prepared) if args.prepared else out / "source"
@@ -73,8 +71,8 @@ def loading_rates(root: Path, data: dict[str, Any], batch_size: int, seconds: fl
     """
     from multiprocessing.reduction import ForkingPickler
 
-    from data.prepare import PreparedDataset
-    from vae.train_data import EpochPermutationSampler, SeededItems, collate
+    from dora_shapegen.data.prepare import PreparedDataset
+    from dora_shapegen.vae.train_data import EpochPermutationSampler, SeededItems, collate
 
     dataset = PreparedDataset(
         root, n_uniform=data["n_uniform"], n_salient=data["n_salient"], n_supervision=data["n_supervision"]

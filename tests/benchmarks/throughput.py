@@ -69,7 +69,7 @@ def count_flops(step: Callable[[], Any]) -> int:
 def build_vae(
     model_config: dict[str, Any], device: str | torch.device = "cpu", gradient_checkpointing: bool = False
 ):
-    from vae.modeling_dora_vae import DoraVAE
+    from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
     values = {**model_config, "gradient_checkpointing": gradient_checkpointing}
     with torch.device(device):
@@ -134,7 +134,7 @@ def vae_step_flops(
 
 
 def build_dit(model_config: dict[str, Any], device: str | torch.device = "cpu"):
-    from diffusion.modeling_shape_dit import ShapeDiT
+    from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 
     with torch.device(device):
         return ShapeDiT(**model_config)

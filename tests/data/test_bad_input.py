@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from data import MeshProcessor
-from data.mesh_io import MeshError, load_mesh
-from data.prepare import main
-from data.supervision import label_points
+from dora_shapegen.data import MeshProcessor
+from dora_shapegen.data.mesh_io import MeshError, load_mesh
+from dora_shapegen.data.prepare import main
+from dora_shapegen.data.supervision import label_points
 
 SMALL = dict(n_uniform=128, n_salient=32, n_volume=32, n_near=32, n_sharp=16)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.latent_shards import (
+from dora_shapegen.data.latent_shards import (
     CorruptShardError,
     LatentShardDataset,
     LatentShardWriter,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from data.marching import evaluate_grid, extract_mesh, grid_points, level_resolutions
+from dora_shapegen.data.marching import evaluate_grid, extract_mesh, grid_points, level_resolutions
 
 SHARPNESS = 40.0  # sigmoid slope: a smooth occupancy-like field, as a decoder's sigmoid(logit) is
 

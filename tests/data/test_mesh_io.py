@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from data import MeshProcessor
-from data.mesh_io import MeshError, denormalize_vertices, load_mesh
+from dora_shapegen.data import MeshProcessor
+from dora_shapegen.data.mesh_io import MeshError, denormalize_vertices, load_mesh
 
 
 @pytest.mark.parametrize("suffix", [".obj", ".ply", ".stl", ".off", ".glb"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import trimesh
 
-from data.prepare import PreparedDataset, PreparedSampleError, load_prepared, main, read_index
+from dora_shapegen.data.prepare import PreparedDataset, PreparedSampleError, load_prepared, main, read_index
 
 SMALL = ["--epsilon", str(8 / 256), "--n-uniform", "256", "--n-salient", "64"]
 SMALL += ["--n-volume", "64", "--n-near", "64", "--n-sharp", "32"]

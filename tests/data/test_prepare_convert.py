@@ -8,9 +8,9 @@ import pytest
 import torch
 import trimesh
 
-from data.prepare import PreparedDataset, main
-from data.prepare_convert import convert_folder, storage_of
-from data.prepare_convert import main as convert_main
+from dora_shapegen.data.prepare import PreparedDataset, main
+from dora_shapegen.data.prepare_convert import convert_folder, storage_of
+from dora_shapegen.data.prepare_convert import main as convert_main
 
 SMALL = ["--epsilon", str(8 / 256), "--n-uniform", "256", "--n-salient", "64"]
 SMALL += ["--n-volume", "64", "--n-near", "64", "--n-sharp", "32"]

@@ -16,8 +16,8 @@ import trimesh
 
 ray = pytest.importorskip("ray")
 
-from data.prepare import load_prepared, main  # noqa: E402
-from data.prepare_ray import RAY_TASK_NAME, check_address, prepare_shape, task_name  # noqa: E402
+from dora_shapegen.data.prepare import load_prepared, main  # noqa: E402
+from dora_shapegen.data.prepare_ray import RAY_TASK_NAME, check_address, prepare_shape, task_name  # noqa: E402
 from tests.data.test_prepare import write_mesh_index  # noqa: E402
 
 # Coarse epsilon and few points: each shape takes a fraction of a second.
@@ -167,7 +167,7 @@ def test_a_retried_task_does_not_write_a_finished_shape_again(index_file, tmp_pa
     exists returns without writing, unless the run asked to overwrite."""
     from dataclasses import asdict
 
-    from data.prepare_worker import PrepareConfig
+    from dora_shapegen.data.prepare_worker import PrepareConfig
 
     config = asdict(
         PrepareConfig(epsilon=8 / 256, n_uniform=64, n_salient=16, n_volume=16, n_near=16, n_sharp=8)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from data.procedural import (
+from dora_shapegen.data.procedural import (
     CATEGORIES,
     ProceduralDataset,
     captions_for_category,
@@ -150,7 +150,7 @@ def test_other_phrasings_keep_clear_of_the_benchmark_paraphrases():
     # share with them only the words the first captions already use (category nouns, attributes, articles).
     from pathlib import Path
 
-    from data.procedural import _OTHER_NOUNS, _PURPOSES
+    from dora_shapegen.data.procedural import _OTHER_NOUNS, _PURPOSES
 
     def words(text: str) -> set[str]:
         return set(re.findall(r"[a-zà-ÿ]+", text.lower()))

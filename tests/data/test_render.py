@@ -7,7 +7,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from data.render import _rasterise, render_grid_png, render_mesh_image, render_mesh_png
+from dora_shapegen.data.render import _rasterise, render_grid_png, render_mesh_image, render_mesh_png
 
 WHITE = 255
 
@@ -118,7 +118,7 @@ def test_render_grid_png_lays_out_meshes_with_titles(tmp_path):
 
 
 def test_normal_map_of_a_box_holds_its_three_visible_face_normals():
-    from data.render import _camera_basis, render_normal_map
+    from dora_shapegen.data.render import _camera_basis, render_normal_map
 
     box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
     normal_map = render_normal_map(box, 35.26, 45.0, 96)
@@ -133,7 +133,7 @@ def test_normal_map_of_a_box_holds_its_three_visible_face_normals():
 
 
 def test_normal_map_frame_is_fixed_not_fitted():
-    from data.render import render_normal_map
+    from dora_shapegen.data.render import render_normal_map
 
     small, large = trimesh.creation.box(extents=(0.49,) * 3), trimesh.creation.box(extents=(0.99,) * 3)
     # Front view, half-width 1 over 100 px: a box of side s covers 50 s pixels per side (pixel centres inside),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from data import MeshProcessor, PointCloud
-from data.sampling import farthest_point_sampling, sharp_edges
+from dora_shapegen.data import MeshProcessor, PointCloud
+from dora_shapegen.data.sampling import farthest_point_sampling, sharp_edges
 
 
 def _distance_to_cube_edges(points: np.ndarray, half: float) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from data import MeshProcessor, Supervision
-from data.supervision import GROUP_NEAR, GROUP_SHARP, GROUP_VOLUME, label_points
+from dora_shapegen.data import MeshProcessor, Supervision
+from dora_shapegen.data.supervision import GROUP_NEAR, GROUP_SHARP, GROUP_VOLUME, label_points
 
 
 def test_sphere_labels_match_analytic():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from data import MeshProcessor
-from data.watertight import chamfer_distance, make_watertight
+from dora_shapegen.data import MeshProcessor
+from dora_shapegen.data.watertight import chamfer_distance, make_watertight
 
 EPSILON = 4 / 256  # coarser than the default: keeps the tests fast, same code path
 

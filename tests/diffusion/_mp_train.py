@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from data.config import load_config
-from diffusion.modeling_shape_dit import ShapeDiT
-from diffusion.train import DiTTrainConfig, train
-from training.checkpoints import state_dict_sha256
+from dora_shapegen.data.config import load_config
+from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
+from dora_shapegen.diffusion.train import DiTTrainConfig, train
+from dora_shapegen.training.checkpoints import state_dict_sha256
 
 
 def main(config_path: str, shards: str, output_dir: str) -> None:

@@ -13,10 +13,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from diffusion import ShapeDiT
-from diffusion.finetune import ADAPTER_FILE, init_latent_stats, prepare_finetune, target_module_names
-from diffusion.train import build_parser, train
-from vae.provenance import weight_hashes
+from dora_shapegen.diffusion import ShapeDiT
+from dora_shapegen.diffusion.finetune import (
+    ADAPTER_FILE,
+    init_latent_stats,
+    prepare_finetune,
+    target_module_names,
+)
+from dora_shapegen.diffusion.train import build_parser, train
+from dora_shapegen.vae.provenance import weight_hashes
 
 from .test_train import TINY, fixed_loss, shards, tiny_config  # noqa: F401  (module fixture)
 
@@ -186,9 +191,9 @@ def test_lora_resume_matches_an_uninterrupted_run(shards, base_dit, tmp_path):  
 
 
 def test_lora_recipe_config_loads():
-    from data.config import load_config
-    from diffusion.finetune import check_lora_config
-    from diffusion.train import DiTTrainConfig
+    from dora_shapegen.data.config import load_config
+    from dora_shapegen.diffusion.finetune import check_lora_config
+    from dora_shapegen.diffusion.train import DiTTrainConfig
 
     config = load_config(
         DiTTrainConfig, "configs/dit/lora.yaml", {"init_from": "outputs/quickstart/dit/final"}

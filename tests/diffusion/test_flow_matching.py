@@ -6,16 +6,16 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from data.config import load_yaml
-from diffusion import ShapeDiT
-from diffusion.flow_matching import (
+from dora_shapegen.data.config import load_yaml
+from dora_shapegen.diffusion import ShapeDiT
+from dora_shapegen.diffusion.flow_matching import (
     add_noise,
     drop_captions,
     flow_matching_loss,
     sample_timesteps,
     velocity_target,
 )
-from diffusion.text_encoder import TextEncoder
+from dora_shapegen.diffusion.text_encoder import TextEncoder
 
 TINY = load_yaml("dit/tiny.yaml")
 

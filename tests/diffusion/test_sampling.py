@@ -8,10 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import FrozenDict
 
-from data.config import load_yaml
-from diffusion import ShapeDiT
-from diffusion.sampling import sample_latents
-from diffusion.text_encoder import TextEmbeddings, TextEncoder
+from dora_shapegen.data.config import load_yaml
+from dora_shapegen.diffusion import ShapeDiT
+from dora_shapegen.diffusion.sampling import sample_latents
+from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
 
 TINY = load_yaml("dit/tiny.yaml")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.config import load_yaml
-from diffusion import ShapeDiT, ShapeDiTOutput
+from dora_shapegen.data.config import load_yaml
+from dora_shapegen.diffusion import ShapeDiT, ShapeDiTOutput
 
 TINY = load_yaml("dit/tiny.yaml")["model"]
 CHANNELS = TINY["in_channels"]

@@ -16,7 +16,12 @@ from transformers import (
     T5EncoderModel,
 )
 
-from diffusion.text_encoder import DEFAULT_TEXT_ENCODER, TextEmbeddings, TextEncoder, resolve_builtin
+from dora_shapegen.diffusion.text_encoder import (
+    DEFAULT_TEXT_ENCODER,
+    TextEmbeddings,
+    TextEncoder,
+    resolve_builtin,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data.config import load_config
-from data.latent_shards import (
+from dora_shapegen.data.config import load_config
+from dora_shapegen.data.latent_shards import (
     LatentShardWriter,
     LatentStats,
     LatentSums,
@@ -25,11 +25,16 @@ from data.latent_shards import (
     to_storage,
     write_manifest,
 )
-from diffusion import ShapeDiT
-from diffusion.flow_matching import add_noise, flow_matching_loss, sample_timesteps, velocity_target
-from diffusion.text_encoder import TextEncoder
-from diffusion.train import DiTTrainConfig, main, train
-from diffusion.train_utils import CaptionEmbeddingCache, load_latent_table
+from dora_shapegen.diffusion import ShapeDiT
+from dora_shapegen.diffusion.flow_matching import (
+    add_noise,
+    flow_matching_loss,
+    sample_timesteps,
+    velocity_target,
+)
+from dora_shapegen.diffusion.text_encoder import TextEncoder
+from dora_shapegen.diffusion.train import DiTTrainConfig, main, train
+from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, load_latent_table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/dit/tiny.yaml"
@@ -128,7 +133,7 @@ def test_training_loop_lowers_the_loss_on_a_fixed_batch(shards, tmp_path):
 
 
 def test_two_step_run_writes_checkpoint_export_and_preview(shards, tmp_path):
-    from vae.modeling_dora_vae import DoraVAE
+    from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
     vae_dir = tmp_path / "vae"  # a random VAE with the cache's channel count: previews must decode and render
     DoraVAE(
@@ -246,7 +251,6 @@ def test_two_cpu_processes_hold_identical_weights(shards, tmp_path):
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
-        "PYTHONPATH": str(PROJECT_ROOT),
     }
     command = [
         sys.executable,

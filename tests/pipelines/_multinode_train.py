@@ -15,8 +15,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from data.config import load_config
-from training.checkpoints import state_dict_sha256
+from dora_shapegen.data.config import load_config
+from dora_shapegen.training.checkpoints import state_dict_sha256
 
 MODEL_CLASSES = {"vae": "DoraVAE", "dit": "ShapeDiT"}
 
@@ -43,7 +43,7 @@ def main(kind: str, config_path: str, data: str, output_dir: str) -> None:
 
     Accelerator.prepare, Accelerator.end_training = prepare, end_training
     if kind == "vae":
-        from vae.train import VAETrainConfig, train
+        from dora_shapegen.vae.train import VAETrainConfig, train
 
         config = load_config(
             VAETrainConfig,
@@ -52,7 +52,7 @@ def main(kind: str, config_path: str, data: str, output_dir: str) -> None:
         )
         train(config, output_dir)
     else:
-        from diffusion.train import DiTTrainConfig, train
+        from dora_shapegen.diffusion.train import DiTTrainConfig, train
 
         config = load_config(
             DiTTrainConfig,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffusion import ShapeDiT
-from diffusion.text_encoder import TextEncoder
-from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
-from vae import DoraVAE
+from dora_shapegen.diffusion import ShapeDiT
+from dora_shapegen.diffusion.text_encoder import TextEncoder
+from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+from dora_shapegen.vae import DoraVAE
 
 LATENT_CHANNELS = 8
 NUM_TOKENS = 32

@@ -12,9 +12,9 @@ import torch
 import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from data.latent_shards import LatentSums, build_manifest, write_manifest
-from pipelines import DoraTextTo3DPipeline
-from pipelines.cli import main as dora
+from dora_shapegen.data.latent_shards import LatentSums, build_manifest, write_manifest
+from dora_shapegen.pipelines import DoraTextTo3DPipeline
+from dora_shapegen.pipelines.apps.cli import main as dora
 from tests.pipelines._tiny_pipeline import LATENT_CHANNELS, make_tiny_pipeline
 
 CACHED_TOKENS = 24

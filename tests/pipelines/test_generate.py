@@ -13,7 +13,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from pipelines.generate import main as generate
+from dora_shapegen.pipelines.generate import main as generate
 from tests.pipelines._tiny_pipeline import MAX_TRAIN_TOKENS, center_surface_on, make_tiny_pipeline
 
 PROMPT = "a round table with one central leg"
@@ -45,7 +45,7 @@ def _is_rendered_png(path: Path) -> bool:
 def test_generate_writes_glb_and_preview(pipeline_dir, tmp_path):
     # A fresh interpreter, as a user runs it: the saved pipeline must load without the test's imports.
     output = tmp_path / "out" / "table.glb"
-    command = [sys.executable, "-m", "pipelines.cli", "generate", PROMPT, "--pipeline", str(pipeline_dir),
+    command = [sys.executable, "-m", "dora_shapegen.pipelines.apps.cli", "generate", PROMPT, "--pipeline", str(pipeline_dir),
                "-o", str(output), "--steps", str(STEPS), "--seed", str(SEED), "--resolution", "32"]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     done = subprocess.run(

@@ -11,9 +11,9 @@ import pytest
 import torch
 import trimesh
 
-from diffusion.finetune import ADAPTER_FILE, LoraConfig, add_lora, save_adapter
-from pipelines.generate import main as generate
-from pipelines.generate import parse_lora
+from dora_shapegen.diffusion.finetune import ADAPTER_FILE, LoraConfig, add_lora, save_adapter
+from dora_shapegen.pipelines.generate import main as generate
+from dora_shapegen.pipelines.generate import parse_lora
 from tests.pipelines._tiny_pipeline import center_surface_on, make_tiny_pipeline
 
 PROMPT = "a chair"
@@ -80,7 +80,7 @@ def test_adapter_scales_fuse_and_unfuse(adapters):
 def test_a_fused_adapter_saves_as_a_plain_pipeline(adapters, tmp_path):
     """fuse + unload + save_pretrained bakes the adapter in: the saved pipeline has no LoRA layers and gives the
     adapted output (how a tool that takes only --pipeline, such as `dora bench-generation`, measures a LoRA)."""
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     pipe = make_tiny_pipeline()
     pipe.load_lora_weights(str(adapters[1]), adapter_name="b")
@@ -122,6 +122,6 @@ def test_generate_with_lora(adapters, tmp_path, capsys, caplog):
     foreign = tmp_path / "foreign"
     shutil.copytree(adapters[0], foreign)
     (foreign / "run_config.yaml").write_text("init_from_sha256: {diffusion_pytorch_model.safetensors: '0'}\n")
-    with caplog.at_level(logging.WARNING, logger="pipelines.generate"):
+    with caplog.at_level(logging.WARNING, logger="dora_shapegen.pipelines.generate"):
         assert generate([*args, "-o", str(tmp_path / "foreign.ply"), "--lora", f"{foreign}:0.5"]) == 0
     assert "was trained on DiT weights" in caplog.text

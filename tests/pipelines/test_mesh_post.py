@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipelines.mesh_post import export_mesh, remove_floaters, simplify
+from dora_shapegen.pipelines.mesh_post import export_mesh, remove_floaters, simplify
 
 
 @pytest.mark.parametrize("suffix", [".glb", ".obj", ".ply", ".stl"])

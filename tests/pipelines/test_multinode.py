@@ -36,7 +36,6 @@ def launch_two_machines(kind: str, config: str, data: str, out: Path) -> list[di
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
-        "PYTHONPATH": str(PROJECT_ROOT),
     }
     processes = []
     for machine_rank in (0, 1):
@@ -98,7 +97,7 @@ def check_ranks(records: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    from data.prepare import main as prepare
+    from dora_shapegen.data.prepare import main as prepare
 
     root = tmp_path_factory.mktemp("prepared")
     argv = [
@@ -126,7 +125,13 @@ def prepared(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """8 synthetic shapes of 32 tokens (tiny DiT: 64 channels) through the real latent-cache writer."""
-    from data.latent_shards import LatentShardWriter, LatentSums, build_manifest, to_storage, write_manifest
+    from dora_shapegen.data.latent_shards import (
+        LatentShardWriter,
+        LatentSums,
+        build_manifest,
+        to_storage,
+        write_manifest,
+    )
 
     out = tmp_path_factory.mktemp("latents")
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import trimesh
 
-from pipelines import DoraTextTo3DPipeline, DoraTextTo3DPipelineOutput
+from dora_shapegen.pipelines import DoraTextTo3DPipeline, DoraTextTo3DPipelineOutput
 from tests.pipelines._tiny_pipeline import (
     LATENT_CHANNELS,
     MAX_TRAIN_TOKENS,
@@ -234,7 +234,7 @@ def test_dynamic_shifting_scheduler_gets_mu_from_the_token_count():
 def test_training_preview_samples_exactly_what_the_pipeline_generates(guidance):
     """`dora train-dit` previews (diffusion.sampling_preview) and `dora generate` (the pipeline) run one sampler:
     the same DiT, prompts, seed, steps, guidance and scheduler shift give bit-identical latents."""
-    from diffusion.sampling_preview import sample_preview_latents
+    from dora_shapegen.diffusion.sampling_preview import sample_preview_latents
 
     pipe = make_tiny_pipeline()
     prompts = ["a chair", PROMPT]

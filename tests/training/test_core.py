@@ -14,11 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.checkpoints import find_checkpoint, read_train_state, rotate_checkpoints, write_train_state
-from training.config import LoopConfig, flat_hparams
-from training.ema import create_ema, ema_weights, load_ema, save_ema
-from training.loop import StepContext, Trainer
-from training.schedules import ScheduleConfig, TokenSchedule
+from dora_shapegen.training.checkpoints import (
+    find_checkpoint,
+    read_train_state,
+    rotate_checkpoints,
+    write_train_state,
+)
+from dora_shapegen.training.config import LoopConfig, flat_hparams
+from dora_shapegen.training.ema import create_ema, ema_weights, load_ema, save_ema
+from dora_shapegen.training.loop import StepContext, Trainer
+from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
 
 @dataclass

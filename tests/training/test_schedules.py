@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.schedules import ScheduleConfig, TokenSchedule
+from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
 
 def test_schedule_follows_phases_and_is_rank_independent():

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from data.config import load_config
-from vae.train import VAETrainConfig, train
+from dora_shapegen.data.config import load_config
+from dora_shapegen.vae.train import VAETrainConfig, train
 
 
 def main(config_path: str, data_root: str, output_dir: str) -> None:

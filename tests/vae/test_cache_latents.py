@@ -17,11 +17,17 @@ import pytest
 import torch
 import trimesh
 
-from data.latent_shards import LatentStats, from_storage, latent_shard_pipeline, load_manifest, to_storage
-from data.prepare import load_prepared
-from data.prepare import main as prepare_main
-from vae import DoraVAE
-from vae.cache_latents import main, my_shapes, recover, stable_seed, view_points
+from dora_shapegen.data.latent_shards import (
+    LatentStats,
+    from_storage,
+    latent_shard_pipeline,
+    load_manifest,
+    to_storage,
+)
+from dora_shapegen.data.prepare import load_prepared
+from dora_shapegen.data.prepare import main as prepare_main
+from dora_shapegen.vae import DoraVAE
+from dora_shapegen.vae.cache_latents import main, my_shapes, recover, stable_seed, view_points
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 N_UNIFORM, N_SALIENT, NUM_TOKENS, CHANNELS = 128, 32, 24, 8
@@ -213,7 +219,7 @@ def test_a_corrupt_prepared_sample_is_logged_and_skipped(workspace, tmp_path):
 
 
 def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tmp_path):
@@ -227,7 +233,7 @@ def test_two_processes_write_disjoint_shards_and_reduce_statistics(workspace, tm
         "--nproc_per_node",
         "2",
         "-m",
-        "vae.cache_latents",
+        "dora_shapegen.vae.cache_latents",
         *run_args(workspace, double, "--dtype", "fp32", "--max-samples", "4"),
     ]
     result = subprocess.run(
@@ -262,7 +268,7 @@ def test_sigkill_mid_run_then_resume_caches_every_shape_exactly_once(workspace, 
     command = [
         sys.executable,
         "-m",
-        "vae.cache_latents",
+        "dora_shapegen.vae.cache_latents",
         *run_args(workspace, out, "--max-samples", "2", "--batch-size", "1", "--dtype", "fp16"),
     ]
     process = subprocess.Popen(

@@ -12,10 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae import DoraVAE
-from vae.convert_dora import build_model, convert_state_dict, load_official_state_dict, main, split_per_head
-from vae.fps import farthest_point_indices
-from vae.modeling_dora_vae import interleave_order
+from dora_shapegen.vae import DoraVAE
+from dora_shapegen.vae.convert_dora import (
+    build_model,
+    convert_state_dict,
+    load_official_state_dict,
+    main,
+    split_per_head,
+)
+from dora_shapegen.vae.fps import farthest_point_indices
+from dora_shapegen.vae.modeling_dora_vae import interleave_order
 
 REFERENCE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "dora_vae_1_1_state_dict.json"

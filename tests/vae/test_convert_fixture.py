@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae import DoraVAE
-from vae.convert_dora import main as convert_main
-from vae.fps import farthest_point_indices
-from vae.latents import interleave_order
+from dora_shapegen.vae import DoraVAE
+from dora_shapegen.vae.convert_dora import main as convert_main
+from dora_shapegen.vae.fps import farthest_point_indices
+from dora_shapegen.vae.latents import interleave_order
 
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "dora_tiny_fixture"
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}  # the fixture's stated float32 tolerance; mapping errors are O(1)

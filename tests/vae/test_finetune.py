@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from data.config import load_config
-from vae.modeling_dora_vae import DoraVAE
-from vae.provenance import VAE_FREE_KEYS, check_vae_identity, resolve_init_from, weight_hashes
-from vae.train import VAETrainConfig, build_model, main, train
+from dora_shapegen.data.config import load_config
+from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+from dora_shapegen.vae.provenance import VAE_FREE_KEYS, check_vae_identity, resolve_init_from, weight_hashes
+from dora_shapegen.vae.train import VAETrainConfig, build_model, main, train
 
 from .test_train import TINY, _fixed_set_loss, prepared_root  # noqa: F401  (session fixture)
 
@@ -145,7 +145,7 @@ def test_latents_cached_from_a_vae_match_only_its_exact_weights(
     finetuned,
     tmp_path,
 ):
-    from vae.cache_latents import main as cache_main
+    from dora_shapegen.vae.cache_latents import main as cache_main
 
     tuned = finetuned
     cache = tmp_path / "latents"
@@ -180,7 +180,7 @@ def test_dora_configs_fit_converted_weights(tmp_path):
     convert-dora-checkpoint` output (its config inferred from the official tensor shapes, here meta tensors)."""
     from safetensors.torch import save_file
 
-    from vae.convert_dora import infer_config
+    from dora_shapegen.vae.convert_dora import infer_config
 
     meta = {
         name: torch.empty(shape, device="meta")

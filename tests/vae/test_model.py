@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vae import DecodedLatents, DoraVAE
-from vae.attention import FourierEmbedder
-from vae.fps import farthest_point_indices
-from vae.modeling_dora_vae import interleave_order
+from dora_shapegen.vae import DecodedLatents, DoraVAE
+from dora_shapegen.vae.attention import FourierEmbedder
+from dora_shapegen.vae.fps import farthest_point_indices
+from dora_shapegen.vae.modeling_dora_vae import interleave_order
 
 TINY = dict(
     width=32,
@@ -53,7 +53,7 @@ def make_point_cloud(
         uniform_points=up, uniform_normals=un, salient_points=sp, salient_normals=sn, epsilon=epsilon
     )
     try:
-        from data.sampling import PointCloud
+        from dora_shapegen.data.sampling import PointCloud
 
         return PointCloud(**fields)
     except (ImportError, TypeError):
@@ -379,7 +379,7 @@ def test_local_attention_is_order_free_and_trains_anchors(queries, tmp_path):
 def test_local_attention_reports_moving_least_squares_distance():
     """Keys on the plane z = 0 with normals +z: each head's IMLS distance feature is the query's height over its
     length sigma, and the offset's z part likewise (the attended point lies on the plane)."""
-    from vae.local_attention import GEOMETRY_FEATURES, LocalMultiHeadAttention
+    from dora_shapegen.vae.local_attention import GEOMETRY_FEATURES, LocalMultiHeadAttention
 
     attention = LocalMultiHeadAttention(width=8, heads=2, locality_sigmas=[0.1, 0.2])
     with torch.no_grad():

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.config import load_config
-from vae.train import VAETrainConfig, build_model, compute_loss, main, train
-from vae.train_data import SeededItems, build_datasets, collate
+from dora_shapegen.data.config import load_config
+from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss, main, train
+from dora_shapegen.vae.train_data import SeededItems, build_datasets, collate
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "vae" / "tiny.yaml"
 
@@ -22,7 +22,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "vae" / "tiny.yaml"
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory) -> str:
     """A few built-in procedural shapes prepared coarsely (epsilon 1/32, few points): seconds, not minutes."""
-    from data.prepare import main as prepare
+    from dora_shapegen.data.prepare import main as prepare
 
     root = tmp_path_factory.mktemp("prepared")
     argv = [
@@ -114,7 +114,7 @@ def _fixed_set_loss(model, config, root: str) -> float:
 
 
 def test_loss_decreases_on_a_tiny_fixed_set(prepared_root, tmp_path):
-    from vae import DoraVAE
+    from dora_shapegen.vae import DoraVAE
 
     # A fixed set: every training shape in one batch, all supervision points, constant LR.
     config = load_config(
@@ -150,7 +150,7 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(root)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     command = [
         sys.executable,
         "-m",
@@ -176,7 +176,7 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
 def test_cpu_configs_weight_every_supervision_point_volume_twice(config_name):
     """The short-run configs weight points, not groups (volume x2): their group weights must follow the point counts
     of the data they are documented with, or the loss silently shifts toward whichever group is small."""
-    from data.config import load_yaml
+    from dora_shapegen.data.config import load_yaml
 
     prepare, training = load_yaml("quickstart/prepare.yaml"), load_yaml(config_name)["training"]
     per_point = {"volume": 2.0, "near": 1.0, "sharp": 1.0}

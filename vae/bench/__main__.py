@@ -1,9 +1,9 @@
-"""`python -m vae.bench ...` is `dora bench ...`."""
+"""`python -m dora_shapegen.vae.bench ...` is `dora bench ...`."""
 
 import sys
 
-from vae.bench.run import main
-from vae.local_attention import flush_denormals
+from dora_shapegen.vae.bench.run import main
+from dora_shapegen.vae.local_attention import flush_denormals
 
 flush_denormals()  # an entry point (also `dora bench`): denormals slow the CPU several-fold
 sys.exit(main())

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from data.config import from_dict
-from data.prepare_worker import shape_seed
+from dora_shapegen.data.config import from_dict
+from dora_shapegen.data.prepare_worker import shape_seed
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -99,7 +99,7 @@ def collect_shapes(spec: str, seed: int = 0) -> list[dict[str, Any]]:
     index file (.jsonl / .csv rows with ``path``).
     """
     if spec == "builtin" or spec.startswith("builtin:"):
-        from data.procedural import CATEGORIES
+        from dora_shapegen.data.procedural import CATEGORIES
 
         count = int(spec.split(":", 1)[1]) if ":" in spec else len(CATEGORIES)
         items = []
@@ -123,11 +123,11 @@ def collect_shapes(spec: str, seed: int = 0) -> list[dict[str, Any]]:
         npz = sorted(folder.glob("*.npz"))
         if npz:
             return [_prepared_item(file) for file in npz]
-        from data.prepare import scan_folder
+        from dora_shapegen.data.prepare import scan_folder
 
         items = scan_folder(path)
     elif path.is_file():
-        from data.prepare import read_index
+        from dora_shapegen.data.prepare import read_index
 
         items = read_index(path)
     else:
@@ -176,7 +176,7 @@ def cloud_key(epsilon: float, n_uniform: int, n_salient: int) -> str:
 
 def _load_input(item: dict[str, Any], processor: Any) -> Any:
     if item["kind"] == "builtin":
-        from data.procedural import generate_shape
+        from dora_shapegen.data.procedural import generate_shape
 
         return processor.load_mesh(generate_shape(item["category"], item["builtin_seed"], item["index"]).mesh)
     return processor.load_mesh(item["source"])
@@ -184,7 +184,7 @@ def _load_input(item: dict[str, Any], processor: Any) -> Any:
 
 def shape_level(mesh: Any, levels: LevelConfig) -> tuple[int, int, float]:
     """(level 1..4, sharp-edge count, sharp-edge length) of a clean, normalised input mesh."""
-    from vae.bench.metrics import complexity_level, count_sharp_edges, sharp_edge_length
+    from dora_shapegen.vae.bench.metrics import complexity_level, count_sharp_edges, sharp_edge_length
 
     if levels.by not in ("count", "length"):
         raise ValueError(f"levels.by must be 'count' or 'length', got {levels.by!r}")
@@ -217,9 +217,9 @@ def prepare_ground_truth(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str
 
 
 def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    from data.processor import MeshProcessor
-    from data.sampling import project_to_surface, sample_sharp_edges, sharp_edges
-    from vae.bench.metrics import mesh_occupancy
+    from dora_shapegen.data.processor import MeshProcessor
+    from dora_shapegen.data.sampling import project_to_surface, sample_sharp_edges, sharp_edges
+    from dora_shapegen.vae.bench.metrics import mesh_occupancy
 
     config = from_dict(BenchConfig, spec["config"])
     angle = config.levels.sharp_angle_deg

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import trimesh
 
-from vae.bench.metrics import chamfer_distance, sample_surface, volume_iou
+from dora_shapegen.vae.bench.metrics import chamfer_distance, sample_surface, volume_iou
 
 Extractor = Callable[[Any], trimesh.Trimesh]  # DecodedLatents (one shape) -> mesh
 

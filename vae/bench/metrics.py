@@ -24,8 +24,8 @@ import point_cloud_utils as pcu
 import trimesh
 from scipy.spatial import cKDTree
 
-from data.sampling import sample_sharp_edges, sharp_edges
-from data.sampling import sample_surface as _sample_surface_rng
+from dora_shapegen.data.sampling import sample_sharp_edges, sharp_edges
+from dora_shapegen.data.sampling import sample_surface as _sample_surface_rng
 
 DEFAULT_FSCORE_THRESHOLDS = (0.005, 0.01, 0.02)
 # Levels by the number of dihedral-sharp mesh edges (> 30 deg): L1 < 10 (smooth: spheres, organic scans such as

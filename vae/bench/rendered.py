@@ -37,7 +37,7 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
-from data.render import CUBE_DIAGONAL_VIEWS, NormalMap, project_points, render_normal_map
+from dora_shapegen.data.render import CUBE_DIAGONAL_VIEWS, NormalMap, project_points, render_normal_map
 
 DEFAULT_RESOLUTION = 512
 DEFAULT_HALF_WIDTH = 1.05 * math.sqrt(3.0)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import trimesh
 
-from vae.bench.data import BenchConfig
-from vae.bench.latent import mean_dicts
+from dora_shapegen.vae.bench.data import BenchConfig
+from dora_shapegen.vae.bench.latent import mean_dicts
 
 LEVELS = ("L1", "L2", "L3", "L4")
 SMOOTHNESS_KEYS = ["iou", "iou_change", "chamfer_l1", "empty_fraction"]
@@ -404,7 +404,7 @@ def write_contact_sheet(
     epsilons: dict[str, str],
 ) -> None:
     """Rows: shapes; columns: ground truth, then each model's reconstruction at the largest token count."""
-    from data.render import render_grid_png
+    from dora_shapegen.data.render import render_grid_png
 
     num_tokens = config.tokens[-1]
     meshes, titles = [], []
@@ -438,7 +438,7 @@ def write_outputs(
     """results.json, results.md, plots/*.png, contact_sheet.png under ``out``; returns the JSON document."""
     from dataclasses import asdict
 
-    from vae.bench.data import epsilon_key
+    from dora_shapegen.vae.bench.data import epsilon_key
 
     names = [m["name"] for m in models]
     aggregates = aggregate(shapes, names, config.tokens)

@@ -28,11 +28,21 @@ import torch
 import trimesh
 from tqdm import tqdm
 
-from data.config import load_config
-from vae.bench.data import BenchConfig, cloud_key, collect_shapes, epsilon_key, prepare_ground_truth
-from vae.bench.latent import interpolation, smoothness
-from vae.bench.metrics import mesh_metrics, volume_iou
-from vae.bench.rendered import SharpEdgeViews, render_sharp_edge_views, rendered_sharp_normal_error
+from dora_shapegen.data.config import load_config
+from dora_shapegen.vae.bench.data import (
+    BenchConfig,
+    cloud_key,
+    collect_shapes,
+    epsilon_key,
+    prepare_ground_truth,
+)
+from dora_shapegen.vae.bench.latent import interpolation, smoothness
+from dora_shapegen.vae.bench.metrics import mesh_metrics, volume_iou
+from dora_shapegen.vae.bench.rendered import (
+    SharpEdgeViews,
+    render_sharp_edge_views,
+    rendered_sharp_normal_error,
+)
 
 DEFAULT_CONFIG = "bench/default.yaml"
 
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_models(dirs: list[str], names: list[str] | None, device: torch.device) -> list[dict[str, Any]]:
     """Each VAE folder as {name, path, model, epsilon, n_uniform, n_salient, ...}; names made unique."""
-    from vae import DoraVAE
+    from dora_shapegen.vae import DoraVAE
 
     if names is not None and len(names) != len(dirs):
         raise ValueError(f"--names gives {len(names)} names for {len(dirs)} --vae folders")
@@ -139,7 +149,7 @@ def iterate_ground_truth(jobs: list[tuple[dict[str, Any], dict[str, Any]]], work
 
 def make_extractor(config: BenchConfig, resolution: int):
     """DecodedLatents of one shape -> mesh (hierarchical marching cubes); an empty result is data, not a warning."""
-    from data.marching import extract_mesh
+    from dora_shapegen.data.marching import extract_mesh
 
     def extract(decoded: Any) -> trimesh.Trimesh:
         with warnings.catch_warnings():
@@ -355,7 +365,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vae.bench.report import write_outputs
+    from dora_shapegen.vae.bench.report import write_outputs
 
     args = build_parser().parse_args(argv)
     try:

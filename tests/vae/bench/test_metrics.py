@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from vae.bench.metrics import (
+from dora_shapegen.vae.bench.metrics import (
     DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS,
     chamfer_distance,
     complexity_level,

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import trimesh
 
-from data.render import render_normal_map
-from vae.bench.metrics import sample_sharp_points
-from vae.bench.rendered import edge_pixel_mask, render_sharp_edge_views, rendered_sharp_normal_error
+from dora_shapegen.data.render import render_normal_map
+from dora_shapegen.vae.bench.metrics import sample_sharp_points
+from dora_shapegen.vae.bench.rendered import (
+    edge_pixel_mask,
+    render_sharp_edge_views,
+    rendered_sharp_normal_error,
+)
 
 EXTENTS = (1.6, 1.2, 0.8)
 RESOLUTION = 256  # the CPU bench's setting; 3 px dilation at 512 would only widen the band

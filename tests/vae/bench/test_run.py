@@ -12,12 +12,12 @@ import trimesh
 import yaml
 from PIL import Image
 
-from data.procedural import generate_shape
-from data.processor import MeshProcessor
-from vae import DoraVAE
-from vae.bench.data import LevelConfig, collect_shapes, shape_level
-from vae.bench.metrics import DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS
-from vae.bench.run import main
+from dora_shapegen.data.procedural import generate_shape
+from dora_shapegen.data.processor import MeshProcessor
+from dora_shapegen.vae import DoraVAE
+from dora_shapegen.vae.bench.data import LevelConfig, collect_shapes, shape_level
+from dora_shapegen.vae.bench.metrics import DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS
+from dora_shapegen.vae.bench.run import main
 
 TINY = dict(
     width=32,
@@ -272,7 +272,7 @@ def test_prepared_folder_stands_for_its_source_meshes(tmp_path):
 
 
 def test_uniform_only_ablation_config_differs_only_by_the_switch():
-    from data.config import load_yaml
+    from dora_shapegen.data.config import load_yaml
 
     salient, uniform = load_yaml("vae/small.yaml"), load_yaml("vae/small_uniform_only.yaml")
     assert salient["model"]["use_salient"] is True and uniform["model"]["use_salient"] is False

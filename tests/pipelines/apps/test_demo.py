@@ -20,7 +20,7 @@ import trimesh
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[demo]')")
 
-from pipelines.demo import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, build_demo  # noqa: E402
+from dora_shapegen.pipelines.apps.demo import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, build_demo  # noqa: E402
 from tests.pipelines._tiny_pipeline import center_surface_on, make_tiny_pipeline  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

@@ -23,8 +23,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def generate_samples(pipeline_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
     """One mesh per prompt of ``cfg.prompts`` (a .glb each), a captioned PNG grid and a JSON index."""
-    from pipelines.mesh_post import export_mesh, render_grid_png
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     if not cfg.prompts:
         raise ValueError("configs/quickstart/quickstart.yaml: generate.prompts is empty")

@@ -9,8 +9,8 @@ from pathlib import Path
 import trimesh
 import yaml
 
-from data.config import CONFIG_DIR
-from pipelines.quickstart import main
+from dora_shapegen.data.config import CONFIG_DIR
+from dora_shapegen.pipelines.apps.quickstart import main
 
 
 def _write(path: Path, values: dict) -> None:
@@ -115,7 +115,7 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
 
 
 def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_path, monkeypatch):
-    import pipelines.quickstart as quickstart
+    import dora_shapegen.pipelines.apps.quickstart as quickstart
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
@@ -144,7 +144,7 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
 
 
 def test_report_flags_a_training_cut_by_the_wall_clock_cap(tmp_path):
-    from pipelines.quickstart_report import write_report
+    from dora_shapegen.pipelines.apps.quickstart_report import write_report
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "dit").mkdir()

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bench_generation_data import PromptItem, ReferenceShape
-from pipelines.bench_generation_metrics import distribution_metrics, summarize_structure
-from vae.bench.report import _fmt, _table, json_ready
+from dora_shapegen.pipelines.bench.data import PromptItem, ReferenceShape
+from dora_shapegen.pipelines.bench.metrics import distribution_metrics, summarize_structure
+from dora_shapegen.vae.bench.report import _fmt, _table, json_ready
 
 SAMPLE_KEYS = (
     "set",
@@ -262,8 +262,8 @@ def write_outputs(
     config: Any,
 ) -> None:
     """results.json, results.md, contact_sheet_<set>.png (and meshes/ with ``save_meshes``) under ``out``."""
-    from data.render import render_grid_png
-    from pipelines.mesh_post import export_mesh
+    from dora_shapegen.data.render import render_grid_png
+    from dora_shapegen.pipelines.mesh_post import export_mesh
 
     out.mkdir(parents=True, exist_ok=True)
     for name, _ in prompt_sets:

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from vae.bench.metrics import sample_surface
+from dora_shapegen.vae.bench.metrics import sample_surface
 
 
 def normalize_cloud(points: np.ndarray) -> np.ndarray:

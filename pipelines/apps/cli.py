@@ -12,31 +12,49 @@ import sys
 
 # name -> (module, help). The data flow is data -> vae -> (cache) -> diffusion -> pipelines.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "build-dataset": ("data.procedural", "write the built-in procedural dataset (meshes + captions index)"),
-    "prepare": ("data.prepare", "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision"),
+    "build-dataset": (
+        "dora_shapegen.data.procedural",
+        "write the built-in procedural dataset (meshes + captions index)",
+    ),
+    "prepare": (
+        "dora_shapegen.data.prepare",
+        "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision",
+    ),
     "convert-prepared": (
-        "data.prepare_convert",
+        "dora_shapegen.data.prepare_convert",
         "rewrite prepared samples as uncompressed (fast) or compressed npz",
     ),
-    "train-vae": ("vae.train", "train the Dora VAE with accelerate (progressive token schedule)"),
+    "train-vae": (
+        "dora_shapegen.vae.train",
+        "train the Dora VAE with accelerate (progressive token schedule)",
+    ),
     "bench": (
-        "vae.bench.run",
+        "dora_shapegen.vae.bench.run",
         "Dora-bench: reconstruction metrics by complexity level, latent quality, token scaling",
     ),
-    "convert-dora-checkpoint": ("vae.convert_dora", "convert the released Dora-VAE v1.1 checkpoint"),
-    "cache-latents": ("vae.cache_latents", "encode a prepared dataset into WebDataset latent shards"),
-    "train-dit": ("diffusion.train", "train the text-conditioned DiT on cached latent shards"),
+    "convert-dora-checkpoint": (
+        "dora_shapegen.vae.convert_dora",
+        "convert the released Dora-VAE v1.1 checkpoint",
+    ),
+    "cache-latents": (
+        "dora_shapegen.vae.cache_latents",
+        "encode a prepared dataset into WebDataset latent shards",
+    ),
+    "train-dit": ("dora_shapegen.diffusion.train", "train the text-conditioned DiT on cached latent shards"),
     "assemble-pipeline": (
-        "pipelines.assemble",
+        "dora_shapegen.pipelines.assemble",
         "assemble VAE + DiT + text encoder into a diffusers pipeline",
     ),
-    "generate": ("pipelines.generate", "text -> mesh file(s) + preview PNG"),
+    "generate": ("dora_shapegen.pipelines.generate", "text -> mesh file(s) + preview PNG"),
     "bench-generation": (
-        "pipelines.bench_generation",
+        "dora_shapegen.pipelines.bench.run",
         "judge generated shapes: 1-NNA/COV/MMD, text following, structure",
     ),
-    "quickstart": ("pipelines.quickstart", "the whole chain on the built-in dataset, offline, on a CPU"),
-    "demo": ("pipelines.demo", "Gradio web demo"),
+    "quickstart": (
+        "dora_shapegen.pipelines.apps.quickstart",
+        "the whole chain on the built-in dataset, offline, on a CPU",
+    ),
+    "demo": ("dora_shapegen.pipelines.apps.demo", "Gradio web demo"),
 }
 
 
@@ -60,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     # Denormal floats slow the CPU several-fold (local attention's distance terms make many of them); flushing
     # them is process-wide state, so it is set here, where every `dora` command starts, not inside a model.
-    from vae.local_attention import flush_denormals
+    from dora_shapegen.vae.local_attention import flush_denormals
 
     flush_denormals()
     result = module.main(rest)

@@ -10,6 +10,7 @@ training data and the category judge is fitted on the other part.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import PROJECT_ROOT
-from pipelines.bench_generation_metrics import normalize_cloud
-from vae.bench.metrics import sample_surface
-from vae.train_validation import split_indices
+from dora_shapegen.data.config import resolve_config_path
+from dora_shapegen.pipelines.bench.metrics import normalize_cloud
+from dora_shapegen.vae.bench.metrics import sample_surface
+from dora_shapegen.vae.train_validation import split_indices
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def _load_prepared(folder: Path, num_points: int, seed: int) -> list[ReferenceSh
 
 
 def _load_meshes(spec: str, num_points: int, seed: int) -> list[ReferenceShape]:
-    from data.mesh_io import load_mesh
-    from data.procedural import generate_shape
-    from vae.bench.data import collect_shapes
+    from dora_shapegen.data.mesh_io import load_mesh
+    from dora_shapegen.data.procedural import generate_shape
+    from dora_shapegen.vae.bench.data import collect_shapes
 
     shapes = []
     for item in collect_shapes(spec, seed=seed):
@@ -219,8 +220,11 @@ def load_prompt_set(
         name, items = CAPTIONS, _caption_prompts(shapes, evaluated, per_category, reference_source)
     else:
         path = Path(spec)
-        if not path.exists() and (PROJECT_ROOT / spec).exists():  # a repo-relative default run from elsewhere
-            path = PROJECT_ROOT / spec
+        if (
+            not path.exists()
+        ):  # a shipped prompt file named as in the repository (configs/bench_generation/...)
+            with contextlib.suppress(FileNotFoundError):
+                path = resolve_config_path(spec)
         name, items = path.stem, _limit_per_category(_file_prompts(path), per_category)
     asked = sorted({item.category for item in items if item.category})
     known = {s.category for s in shapes if s.category}

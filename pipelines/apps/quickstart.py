@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data.config import CONFIG_DIR, from_dict, load_yaml
-from pipelines.quickstart_report import _read_json
+from dora_shapegen.data.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path
+from dora_shapegen.pipelines.apps.quickstart_report import _read_json
 
 QUICKSTART_CONFIGS = CONFIG_DIR / "quickstart"
 
@@ -137,7 +137,7 @@ class Quickstart:
 
     def _dora(self, *args: str) -> None:
         """Run one `dora` subcommand in a child process; its progress bars go straight to the terminal."""
-        command = [sys.executable, "-m", "pipelines.cli", *args]
+        command = [sys.executable, "-m", "dora_shapegen.pipelines.apps.cli", *args]
         self._log("  $ dora " + " ".join(shlex.quote(a) for a in args))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         result = subprocess.run(command, env=env)
@@ -285,7 +285,7 @@ class Quickstart:
 
     def generate(self) -> dict[str, Any]:
         # In-process: one pipeline load serves every prompt (a `dora generate` per prompt would reload it).
-        from pipelines.quickstart_report import generate_samples
+        from dora_shapegen.pipelines.apps.quickstart_report import generate_samples
 
         return generate_samples(self.out / "pipeline", self.out / "samples", self.config.generate)
 
@@ -350,7 +350,7 @@ class Quickstart:
             self._run_stage(index, len(stages), name, action)
             if name == stop_after:
                 break
-        from pipelines.quickstart_report import write_report
+        from dora_shapegen.pipelines.apps.quickstart_report import write_report
 
         report = write_report(self.out, self.stage_times)
         self._log(f"quickstart finished in {time.perf_counter() - start:.0f} s this run; report: {report}")
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default=str(QUICKSTART_CONFIGS),
-        help="folder of the stage YAMLs (default: configs/quickstart)",
+        help="folder of the stage YAMLs; one of the shipped configs can be named as configs/... "
+        "(default: the shipped configs/quickstart)",
     )
     parser.add_argument(
         "--vae-minutes",
@@ -402,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_shapes is not None:
         overrides["dataset.num_shapes"] = args.num_shapes
     try:
-        Quickstart(Path(args.out), Path(args.configs), overrides).run(stop_after=args.stop_after)
+        configs = resolve_config_path(args.configs)
+        Quickstart(Path(args.out), configs, overrides).run(stop_after=args.stop_after)
     except (RuntimeError, FileNotFoundError) as error:
         print(f"dora quickstart: {error}", file=sys.stderr)
         return 1

@@ -11,10 +11,9 @@ import torch
 import trimesh
 from PIL import Image
 
-from data.procedural import _PROMPTS, CATEGORIES, write_dataset
-from pipelines.bench_generation import DEFAULT_PARAPHRASES, main, run_generation_bench
-from pipelines.bench_generation_data import load_reference
-from pipelines.bench_generation_metrics import (
+from dora_shapegen.data.procedural import _PROMPTS, CATEGORIES, write_dataset
+from dora_shapegen.pipelines.bench.data import load_reference
+from dora_shapegen.pipelines.bench.metrics import (
     CloudSet,
     balanced_one_nna,
     chamfer_matrix,
@@ -28,8 +27,9 @@ from pipelines.bench_generation_metrics import (
     normalize_cloud,
     summarize_structure,
 )
+from dora_shapegen.pipelines.bench.run import DEFAULT_PARAPHRASES, main, run_generation_bench
+from dora_shapegen.vae.bench.metrics import chamfer_distance
 from tests.pipelines._tiny_pipeline import center_surface_on, make_tiny_pipeline
-from vae.bench.metrics import chamfer_distance
 
 POINTS = 256
 
@@ -162,7 +162,7 @@ def test_empty_sample_is_counted_not_crashed_on(pipeline_dir, tmp_path):
     summary = summarize_structure([mesh_structure(None), mesh_structure(trimesh.creation.box())])
     assert summary["empty_or_failed"] == 1 and summary["single_component_pct"] == 50.0
 
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)

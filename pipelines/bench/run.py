@@ -7,7 +7,7 @@ r"""`dora bench-generation`: judge a text-to-3D pipeline's shapes the way the fi
 
 For every prompt set (``captions``: training-style captions of the reference shapes, one or more per category; or
 a .txt / .jsonl prompt file, JSONL rows ``{"prompt", "category"}``) it samples ``samples_per_prompt`` shapes per
-prompt in batches, extracts each mesh, and measures (``pipelines/bench_generation_metrics.py`` has the protocol):
+prompt in batches, extracts each mesh, and measures (``pipelines/bench/metrics.py`` has the protocol):
 
 - distribution: 1-NNA, COV, MMD with Chamfer (and exact EMD on a small point count) against the reference split,
   overall and per category;
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from data.config import CONFIG_DIR, from_dict, load_yaml
-from pipelines.bench_generation_data import (
+from dora_shapegen.data.config import CONFIG_DIR, from_dict, load_yaml
+from dora_shapegen.pipelines.bench.data import (
     CAPTIONS,
     SPLITS,
     ReferenceShape,
@@ -43,7 +43,7 @@ from pipelines.bench_generation_data import (
     load_reference,
     select_split,
 )
-from pipelines.bench_generation_metrics import (
+from dora_shapegen.pipelines.bench.metrics import (
     CloudSet,
     chamfer_matrix,
     emd_matrix,
@@ -136,7 +136,7 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None) -> Any:
         )
     import torch
 
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DoraTextTo3DPipeline.from_pretrained(str(pipeline_dir)).to(device)
@@ -242,7 +242,7 @@ def run_generation_bench(
     :class:`GenerationBenchConfig` field, e.g. ``run_generation_bench("PIPE", "OUT", samples_per_prompt=2)``.
     Bad input raises a ValueError naming the item.
     """
-    from pipelines.bench_generation_report import evaluate_samples, write_outputs
+    from dora_shapegen.pipelines.bench.report import evaluate_samples, write_outputs
 
     config = dataclasses.replace(config or GenerationBenchConfig(), **overrides)
     check_config(config)

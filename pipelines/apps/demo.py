@@ -51,7 +51,7 @@ def build_demo(
     import gradio as gr
     import torch
 
-    from pipelines.mesh_post import export_mesh
+    from dora_shapegen.pipelines.mesh_post import export_mesh
 
     output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dora_demo_"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DoraTextTo3DPipeline.from_pretrained(args.pipeline).to(device)
