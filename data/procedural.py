@@ -377,7 +377,7 @@ def write_dataset(
 
     ``path`` is relative to the index file's folder, so the dataset can be moved as a whole. The index is
     written last and atomically: an index that exists is complete. ``captions`` holds the first
-    ``captions_per_shape`` (1-4) of each shape's phrasings; 1 keeps the one-template dataset (README: Results,
+    ``captions_per_shape`` (1-4) of each shape's phrasings; 1 keeps the one-template dataset (docs/RESULTS.md,
     The quickstart, measures both).
     """
     if not 1 <= captions_per_shape <= 4:

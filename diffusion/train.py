@@ -12,7 +12,7 @@ optimizer, EMA, budgets, checkpoints, logging) is the shared training core, ``tr
 micro-step (noise, timesteps, caption dropout, caption/view choice) comes from generators seeded by (seed,
 micro-step, rank), and in-memory batches are a function of the micro-step (see train_utils), so a run resumed from
 a checkpoint reproduces an uninterrupted one. The same script runs one CPU process (fp32) or many GPUs / nodes
-(bf16) under ``accelerate launch`` unchanged; see the README's scaling section.
+(bf16) under ``accelerate launch`` unchanged; see docs/SCALING.md.
 
 Outputs in OUT: ``checkpoints/checkpoint-<step>/`` (accelerate ``save_state``: model, optimizer, LR scheduler,
 RNG, + ema.safetensors/ema.json, train_state.json and config.yaml), ``logs/`` (tensorboard), ``samples/*.png``

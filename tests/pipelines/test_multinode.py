@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 def launch_two_machines(kind: str, config: str, data: str, out: Path) -> list[dict]:
-    """What the README tells a two-node cluster to run, with 127.0.0.1 as the main node's address."""
+    """What docs/SCALING.md tells a two-node cluster to run, with 127.0.0.1 as the main node's address."""
     port = str(_free_port())
     env = {
         **os.environ,
