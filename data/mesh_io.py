@@ -12,6 +12,9 @@ import numpy as np
 import trimesh
 
 MeshSource = str | Path | trimesh.Trimesh | trimesh.Scene
+# The file types a folder scan picks up as meshes (`dora prepare FOLDER`, `dora bench --meshes FOLDER`); the loader
+# reads anything trimesh reads. What the pipeline writes is pipelines.mesh_post.EXPORT_FORMATS.
+MESH_INPUT_SUFFIXES = frozenset({".obj", ".ply", ".stl", ".off", ".glb", ".gltf"})
 
 
 class MeshError(ValueError):

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dora_shapegen.data.config import load_config, save_yaml, to_dict
+from dora_shapegen import seeding
+from dora_shapegen.config import load_config, save_yaml, to_dict
+from dora_shapegen.data.mesh_io import MESH_INPUT_SUFFIXES
 from dora_shapegen.data.prepare_worker import PrepareConfig, check_storage, init_worker, process_item
 
-MESH_SUFFIXES = {".obj", ".ply", ".stl", ".off", ".glb", ".gltf"}
 ARRAY_KEYS = ("uniform_points", "uniform_normals", "salient_points", "salient_normals")
 SUPERVISION_KEYS = ("sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
 DEFAULT_CONFIG = "prepare/default.yaml"
@@ -101,7 +102,7 @@ def _captions(row: dict[str, Any], where: str) -> list[str]:
 def scan_folder(folder: str | Path) -> list[dict[str, Any]]:
     """Every mesh file under ``folder`` (recursive); the id is the relative path without suffix."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_INPUT_SUFFIXES)
     items = [
         {
             "path": str(p),
@@ -191,7 +192,7 @@ class PreparedDataset(torch.utils.data.Dataset):
             if self.cache_in_memory:
                 self._cache[index] = sample
         draw = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        rng = np.random.default_rng([self.seed, index, draw])
+        rng = seeding.rng(self.seed, index, draw)
         pick_u = self._pick(rng, len(sample["uniform_points"]), self.n_uniform)
         pick_s = self._pick(rng, len(sample["salient_points"]), self.n_salient)
         pick_q = self._pick(rng, len(sample["sup_points"]), self.n_supervision)

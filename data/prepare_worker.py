@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dora_shapegen.data.config import from_dict
+from dora_shapegen.config import from_dict
 from dora_shapegen.data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import trimesh
 from tqdm.auto import tqdm
 
+from dora_shapegen import seeding
 from dora_shapegen.data.procedural_machines import MACHINES_AND_BUILDINGS
 from dora_shapegen.data.procedural_shapes import FURNITURE_AND_VESSELS
 
@@ -324,7 +324,7 @@ def generate_shape(category: str, seed: int = 0, index: int = 0) -> ProceduralSh
         raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    rng = np.random.default_rng([seed, index, zlib.crc32(category.encode())])
+    rng = seeding.rng(seed, index, category)
     solid, params = BUILDERS[category](rng)
     raw = solid.to_mesh()
     vertices = np.asarray(raw.vert_properties, dtype=np.float64)[:, :3] @ _Z_UP_TO_Y_UP.T  # (V, 3)
@@ -336,7 +336,7 @@ def generate_shape(category: str, seed: int = 0, index: int = 0) -> ProceduralSh
     params = {key: _round(value) for key, value in params.items()}
     caption = make_caption(category, params, rng)
     # The alternatives draw from a stream of their own, so the first caption (and every mesh) stays what it was.
-    extra_rng = np.random.default_rng([seed, index, zlib.crc32(category.encode()), 1])
+    extra_rng = seeding.rng(seed, index, category, 1)
     captions = [caption, *alternative_captions(category, params, extra_rng)]
     return ProceduralShape(f"{category}-{index:04d}", category, caption, params, mesh, captions)
 

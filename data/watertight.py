@@ -107,18 +107,3 @@ def make_watertight(
     result.metadata.update(mesh.metadata)
     result.metadata["watertight"] = {"epsilon": float(epsilon), "spacing": spacing}
     return result
-
-
-def chamfer_distance(a: trimesh.Trimesh, b: trimesh.Trimesh, count: int = 20_000, seed: int = 0) -> float:
-    """Symmetric Chamfer distance: mean over both directions of exact point-to-surface distances of samples."""
-
-    def one_way(source: trimesh.Trimesh, target: trimesh.Trimesh, salt: int) -> float:
-        points = trimesh.sample.sample_surface(source, count, seed=seed + salt)[0]
-        distance, _, _ = pcu.closest_points_on_mesh(
-            np.ascontiguousarray(points, np.float64),
-            np.ascontiguousarray(target.vertices, np.float64),
-            np.ascontiguousarray(target.faces, np.int32),
-        )
-        return float(distance.mean())
-
-    return (one_way(a, b, 1) + one_way(b, a, 2)) / 2.0

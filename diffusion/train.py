@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.diffusion.finetune import LoraConfig
 from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
@@ -201,9 +201,9 @@ def train(
         load_latent_table,
         streaming_batches,
     )
+    from dora_shapegen.provenance import check_resume_provenance, check_vae_identity
     from dora_shapegen.training.ema import ema_weights
     from dora_shapegen.training.loop import StepContext, Trainer
-    from dora_shapegen.vae.provenance import check_resume_provenance, check_vae_identity
 
     output_dir = Path(output_dir)
     tcfg, dcfg, scfg = config.training, config.data, config.sampling
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.diffusion.train: an entry point
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
-    flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
+    flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
     raise SystemExit(main())

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_TEXT_ENCODER = "builtin:all-MiniLM-L6-v2"
+from dora_shapegen.diffusion import DEFAULT_TEXT_ENCODER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def _trained_num_tokens(record: dict[str, Any]) -> int | None:
     if sampled:
         return int(sampled)
     if record.get("schedule"):
-        from dora_shapegen.data.config import from_dict
+        from dora_shapegen.config import from_dict
         from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
         return TokenSchedule(from_dict(ScheduleConfig, record["schedule"], "run config schedule")).max_tokens

@@ -10,8 +10,6 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-MESH_SUFFIXES = (".glb", ".obj", ".ply", ".stl")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -76,7 +74,7 @@ def load_loras(pipe: Any, specs: list[str], transformer_dir: Path | None = None)
     import yaml
 
     from dora_shapegen.diffusion.finetune import ADAPTER_FILE
-    from dora_shapegen.vae.provenance import weight_hashes
+    from dora_shapegen.provenance import weight_hashes
 
     base = weight_hashes(transformer_dir) if transformer_dir is not None else None
     names, scales = [], []
@@ -115,10 +113,12 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dora_shapegen.pipelines.mesh_post import EXPORT_FORMATS
+
     output = Path(args.output)
-    if output.suffix.lower() not in MESH_SUFFIXES:
+    if output.suffix.lower() not in EXPORT_FORMATS:
         print(
-            f"dora generate: --output {output} must end with one of {', '.join(MESH_SUFFIXES)}",
+            f"dora generate: --output {output} must end with one of {', '.join(EXPORT_FORMATS)}",
             file=sys.stderr,
         )
         return 2

@@ -37,7 +37,7 @@ from dora_shapegen.diffusion.sampling import (
     uses_guidance,
 )
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
-from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, _detect_kind
+from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, detect_kind
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OUTPUT_TYPES = ("trimesh", "latent", "np")
@@ -188,7 +188,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     def text_encoder_wrapper(self) -> TextEncoder:
         """The registered encoder + tokenizer behind the same ``encode`` the DiT was trained with (same padding,
         truncation, pooling and empty-prompt unconditional embedding)."""
-        kind = self.config.text_encoder_kind or _detect_kind(self.text_encoder.config)
+        kind = self.config.text_encoder_kind or detect_kind(self.text_encoder.config)
         return TextEncoder(self.text_encoder, self.tokenizer, kind, max_length=self.config.text_max_length)
 
     # ------------------------------------------------------------------ steps

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 
 T = TypeVar("T")
 

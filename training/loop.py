@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.training.checkpoints import (
     CHECKPOINTS,
     find_checkpoint,

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dora_shapegen import seeding
+
 
 @dataclass
 class ScheduleConfig:
@@ -97,7 +99,7 @@ class TokenSchedule:
     def sample(self, step: int) -> int:
         """The token count of ``step``: a pure function of (seed, step), identical on every rank."""
         tokens, probs = self.distribution(step)
-        rng = np.random.default_rng([self.seed, int(step)])
+        rng = seeding.rng(self.seed, int(step))
         return int(tokens[int(rng.choice(len(tokens), p=probs))])
 
     @property

@@ -34,7 +34,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from dora_shapegen.data.config import load_config, to_dict
+from dora_shapegen.config import load_config, to_dict
 from dora_shapegen.data.latent_shards import (
     LatentShardWriter,
     LatentSums,
@@ -133,7 +133,7 @@ class PreparedViews(torch.utils.data.Dataset):
 
 def vae_identity(vae_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
     """The VAE's config and the sha256 of its weight file(s): what the manifest pins the latents to."""
-    from dora_shapegen.vae.provenance import weight_hashes
+    from dora_shapegen.provenance import weight_hashes
 
     return {
         "path": str(vae_dir),
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.cache_latents: an entry point
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
-    flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
+    flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
     raise SystemExit(main())

@@ -32,16 +32,6 @@ from dora_shapegen.vae.attention import CrossAttentionBlock, MultiHeadAttention
 GEOMETRY_FEATURES = 7
 
 
-def flush_denormals() -> None:
-    """Flush denormal floats to zero, process-wide: call it from an entry point, never from a model constructor.
-
-    Local attention's distance terms drive most attention weights far below 1e-38; x86 CPUs handle such denormal
-    floats in microcode, which made the attention backward ~6x slower on the CPU. Flushing them to zero changes
-    no result that matters, and is a no-op where the CPU does not support it (then it returns False).
-    """
-    torch.set_flush_denormal(True)
-
-
 def default_locality_sigmas(heads: int) -> list[float]:
     """One length per head, geometric from fine (0.04) to coarse (0.5); 0.1 for a single head."""
     return np.geomspace(0.04, 0.5, heads).tolist() if heads > 1 else [0.1]

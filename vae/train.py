@@ -21,11 +21,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dora_shapegen.data.config import save_yaml, to_dict
+from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
 from dora_shapegen.training.schedules import ScheduleConfig
 
 logger = logging.getLogger("dora.train_vae")
+
+# DoraVAE config keys a fine-tuning run may change: token / input point counts and runtime switches. Width,
+# heads, layers, latent channels, output type, epsilon, TSDF truncation, ... must match the init_from folder.
+VAE_FREE_KEYS = frozenset(
+    {
+        "default_num_tokens",
+        "max_train_tokens",
+        "n_uniform",
+        "n_salient",
+        "gradient_checkpointing",
+        "decode_chunk_size",
+        "sample_posterior",
+    }
+)
 
 
 @dataclass
@@ -79,7 +93,7 @@ class VAETrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    init_from: str | None = None  # start from a save_pretrained VAE folder (vae/provenance.py); --init-from
+    init_from: str | None = None  # start from a save_pretrained VAE folder (core/provenance.py); --init-from
     init_from_sha256: dict[str, str] | None = (
         None  # recorded by the run: sha256 of that folder's weight files
     )
@@ -138,8 +152,8 @@ def compute_loss(
 
 # ------------------------------------------------------------------------------------------- model, export
 def build_model(config: VAETrainConfig) -> Any:
+    from dora_shapegen.provenance import load_init_weights
     from dora_shapegen.vae.modeling_dora_vae import DoraVAE
-    from dora_shapegen.vae.provenance import load_init_weights
 
     model = DoraVAE(**config.model)
     if config.init_from:  # config.model is already the folder's (resolve_init_from in train())
@@ -168,11 +182,11 @@ def train(
     data_root: str | None = None,
 ) -> dict[str, Any]:
     """Train, validate, checkpoint and export; returns a summary (steps, final metrics, paths)."""
+    from dora_shapegen.provenance import check_resume_provenance, resolve_init_from
     from dora_shapegen.training.ema import ema_weights
     from dora_shapegen.training.loop import Trainer, loader_batches
     from dora_shapegen.training.schedules import TokenSchedule
     from dora_shapegen.vae.modeling_dora_vae import DoraVAE
-    from dora_shapegen.vae.provenance import VAE_FREE_KEYS, check_resume_provenance, resolve_init_from
     from dora_shapegen.vae.train_data import EpochPermutationSampler, SeededItems, build_datasets, collate
     from dora_shapegen.vae.train_validation import save_curves_png, save_reconstruction_png, validate
 
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.train: an entry point
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
-    flush_denormals()  # denormals slow the CPU several-fold (see vae/local_attention.py)
+    flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
     raise SystemExit(main())

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dora_shapegen.vae.train_validation import split_indices
+from dora_shapegen.seeding import split_indices
 
 # What data.prepare.PreparedDataset items hold: uniform/salient (N, 6) xyz+normal, supervision (M, ...).
 TENSOR_KEYS = ("uniform", "salient", "sup_points", "sup_occupancy", "sup_tsdf", "sup_group")

@@ -1,4 +1,4 @@
-"""Validation of a VAE during training: held-out split, volume IoU, Chamfer of extracted meshes, PNGs.
+"""Validation of a VAE during training: volume IoU and Chamfer of extracted meshes on the held-out shapes, PNGs.
 
 Kept apart from ``vae/train.py`` so the training loop stays readable. Plots use a small matplotlib helper of our own
 because ``vae`` must not import ``pipelines`` (data flows one way: data -> vae -> diffusion -> pipelines).
@@ -6,7 +6,6 @@ because ``vae`` must not import ``pipelines`` (data flows one way: data -> vae -
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def is_held_out(shape_id: str, fraction: float) -> bool:
-    """A fixed split by shape-id hash: the same shape is held out in every run, on every rank and machine."""
-    digest = hashlib.sha1(shape_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
-
-
-def split_indices(shape_ids: list[str], fraction: float) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices); never leaves either side empty when there are >= 2 shapes."""
-    held = [i for i, sid in enumerate(shape_ids) if is_held_out(sid, fraction)]
-    train = [i for i, sid in enumerate(shape_ids) if not is_held_out(sid, fraction)]
-    if fraction > 0 and not held and len(train) >= 2:
-        held = [train.pop()]  # tiny sets (tests) may hash nothing into the split
-    if not train and len(held) >= 2:
-        train = [held.pop(0)]
-    return train, held
+from dora_shapegen.metrics import chamfer_distance, volume_iou
 
 
 def _item_inputs(item: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return item["uniform"][None].to(device), item["salient"][None].to(device)  # (1, Nu, 6), (1, Ns, 6)
-
-
-def volume_iou(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    """IoU of two boolean occupancy vectors; 1.0 when both are empty."""
-    union = (predicted | target).sum().item()
-    return 1.0 if union == 0 else (predicted & target).sum().item() / union
 
 
 @torch.no_grad()
@@ -94,16 +72,14 @@ def validate(
 
 
 def chamfer(mesh: Any, surface_points: np.ndarray, num_points: int) -> float:
-    """Symmetric Chamfer distance (point_cloud_utils) between mesh surface samples and ground-truth surface points."""
-    import point_cloud_utils as pcu
+    """Chamfer-L1 (``dora_shapegen.metrics``) between ``num_points`` surface samples of the extracted mesh and the
+    ground truth's stored surface points; NaN for an empty mesh."""
     import trimesh
 
     if mesh is None or len(getattr(mesh, "faces", [])) == 0:
         return float("nan")  # nothing extracted: reported as an empty mesh, not as a distance
     samples, _ = trimesh.sample.sample_surface(mesh, num_points, seed=0)
-    return float(
-        pcu.chamfer_distance(np.asarray(samples, dtype=np.float32), surface_points.astype(np.float32))
-    )
+    return chamfer_distance(samples, surface_points)["chamfer_l1"]
 
 
 def _scatter(axis: Any, points: np.ndarray, title: str) -> None:

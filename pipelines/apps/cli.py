@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     # Denormal floats slow the CPU several-fold (local attention's distance terms make many of them); flushing
     # them is process-wide state, so it is set here, where every `dora` command starts, not inside a model.
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()
     result = module.main(rest)

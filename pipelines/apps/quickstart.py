@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dora_shapegen.data.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path
-from dora_shapegen.pipelines.apps.quickstart_report import _read_json
+from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path
+from dora_shapegen.pipelines.apps.quickstart_report import read_json
 
 QUICKSTART_CONFIGS = CONFIG_DIR / "quickstart"
 
@@ -216,7 +216,7 @@ class Quickstart:
             "--data",
             str(self.out / "prepared"),
         )
-        return _read_json(self.out / "vae" / "final" / "metrics.json")
+        return read_json(self.out / "vae" / "final" / "metrics.json")
 
     def bench(self) -> dict[str, Any]:
         cfg = self.config.bench
@@ -253,7 +253,7 @@ class Quickstart:
             "--config",
             str(_stage_yaml(self.config_dir, "cache")),
         )
-        manifest = _read_json(self.out / "latents" / "manifest.json")
+        manifest = read_json(self.out / "latents" / "manifest.json")
         return {key: manifest.get(key) for key in ("num_samples", "num_tokens", "latent_channels", "dtype")}
 
     def train_dit(self) -> dict[str, Any]:
@@ -301,7 +301,7 @@ class Quickstart:
             "--config",
             str(_stage_yaml(self.config_dir, "bench_generation")),
         )
-        results = _read_json(self.out / "bench_generation" / "results.json")
+        results = read_json(self.out / "bench_generation" / "results.json")
         return {
             name: {key: figures["overall"].get(key) for key in ("text_accuracy_pct", "1-NNA-CD")}
             for name, figures in results.get("sets", {}).items()

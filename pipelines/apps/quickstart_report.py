@@ -14,7 +14,8 @@ def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "shape"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A results file of an earlier stage, or {} when it is missing or unreadable (the report says "-")."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -75,11 +76,11 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in stage_times.items()]
     lines += [f"| **total** | **{sum(stage_times.values()):.0f}** |", ""]
 
-    prepared = _read_json(out / "prepared" / "summary.json")
+    prepared = read_json(out / "prepared" / "summary.json")
     if prepared:
         lines += ["## Data", "", "```", json.dumps(prepared, indent=2), "```", ""]
 
-    vae = _read_json(out / "vae" / "summary.json")
+    vae = read_json(out / "vae" / "summary.json")
     if vae:
         lines += [
             "## VAE (held-out reconstruction)",
@@ -93,7 +94,7 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
             "",
         ]
 
-    bench = _read_json(out / "bench" / "results.json")
+    bench = read_json(out / "bench" / "results.json")
     if bench.get("aggregates"):
         lines += [
             "## Dora-bench (brief, overall)",
@@ -111,12 +112,12 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
                 )
         lines += ["", "Per level, latent quality and plots: [bench/results.md](bench/results.md)", ""]
 
-    manifest = _read_json(out / "latents" / "manifest.json")
+    manifest = read_json(out / "latents" / "manifest.json")
     if manifest:
         keys = ("num_samples", "num_tokens", "latent_channels", "dtype")
         lines += ["## Latent cache", "", ", ".join(f"{k}: {manifest.get(k)}" for k in keys), ""]
 
-    dit = _read_json(out / "dit" / "summary.json")
+    dit = read_json(out / "dit" / "summary.json")
     if dit:
         lines += [
             "## DiT",
@@ -160,7 +161,7 @@ def _cut_warning(summary: dict[str, Any]) -> list[str]:
 
 def _generation_section(out: Path) -> list[str]:
     """The "Generation" section: `dora bench-generation`'s overall figures per prompt set, if the stage ran."""
-    results = _read_json(out / "bench_generation" / "results.json")
+    results = read_json(out / "bench_generation" / "results.json")
     if not results.get("sets"):
         return []
     settings, judge = results.get("settings", {}), results.get("judge") or {}

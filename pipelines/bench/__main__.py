@@ -3,7 +3,7 @@
 import sys
 
 from dora_shapegen.pipelines.bench.run import main
-from dora_shapegen.vae.local_attention import flush_denormals
+from dora_shapegen.runtime import flush_denormals
 
 flush_denormals()  # an entry point (also `dora bench-generation`): denormals slow the CPU several-fold
 sys.exit(main())

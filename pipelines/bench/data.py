@@ -4,7 +4,7 @@ Reference sources: a `dora prepare` folder (its stored surface samples of the wa
 learnt, no meshing needed), a folder of meshes or an index file (.jsonl/.csv rows with ``path``, ``category``,
 ``caption``; sampled here from the normalised input mesh), or ``builtin[:N]`` procedural shapes. Each reference shape
 is split into "train" / "held-out" by the same shape-id hash the VAE's validation uses
-(``vae.train_validation.split_indices``), so the default distribution reference is the held-out split of the
+(``dora_shapegen.seeding.split_indices``), so the default distribution reference is the held-out split of the
 training data and the category judge is fitted on the other part.
 """
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dora_shapegen.data.config import resolve_config_path
+from dora_shapegen import seeding
+from dora_shapegen.config import resolve_config_path
 from dora_shapegen.pipelines.bench.metrics import normalize_cloud
+from dora_shapegen.seeding import split_indices
 from dora_shapegen.vae.bench.metrics import sample_surface
-from dora_shapegen.vae.train_validation import split_indices
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def _load_prepared(folder: Path, num_points: int, seed: int) -> list[ReferenceSh
                 "skipping unreadable prepared sample %s (%s: %s)", file, type(error).__name__, error
             )
             continue
-        rng = np.random.default_rng([seed, len(shapes)])
+        rng = seeding.rng(seed, len(shapes))
         shapes.append(
             ReferenceShape(
                 str(meta.get("shape_id") or file.stem),

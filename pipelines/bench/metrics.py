@@ -4,10 +4,9 @@ Protocol (PointFlow / LION / 3DShape2VecSet): every shape, generated or referenc
 area-uniform surface samples, normalised per shape (bounding-box centre at the origin, largest half-extent 1, as
 LION does), so scale and placement errors do not count, only the shape. Distances between clouds:
 
-- Chamfer distance "CD": ``vae.bench.metrics.chamfer_distance``'s ``chamfer_l2`` (mean over both directions of the mean
-  *squared* nearest-neighbour distance; PointFlow sums the two directions instead, a factor 2). Computed here with
-  one cached ``cKDTree`` per cloud, since a benchmark needs tens of thousands of pairs; a test checks it equals
-  ``chamfer_distance`` exactly.
+- Chamfer distance "CD": ``dora_shapegen.metrics.chamfer_distance``'s ``chamfer_l2`` (mean over both directions of the mean
+  *squared* nearest-neighbour distance; PointFlow sums the two directions instead, a factor 2), with each cloud's
+  ``cKDTree`` built once, since a benchmark needs tens of thousands of pairs.
 - Earth mover's distance "EMD": the *exact* optimal bijection (``scipy.optimize.linear_sum_assignment``) between
   the first ``emd_points`` points of each cloud (random samples, so a random subset), mean Euclidean distance of the
   matched pairs. Exact matching is O(n^3), hence the small point count (256: ~6 ms a pair on one core).
@@ -35,6 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
+from dora_shapegen.metrics import chamfer_distance
 from dora_shapegen.vae.bench.metrics import sample_surface
 
 
@@ -69,16 +69,16 @@ class CloudSet:
 
 
 def chamfer_matrix(rows: CloudSet, columns: CloudSet, symmetric: bool = False) -> np.ndarray:
-    """(len(rows), len(columns)) Chamfer-L2 distances (``vae.bench.metrics.chamfer_distance``'s ``chamfer_l2``).
+    """(len(rows), len(columns)) Chamfer-L2 distances (``dora_shapegen.metrics.chamfer_distance``'s ``chamfer_l2``,
+    with each cloud's KD-tree built once).
 
     ``symmetric``: rows and columns are the same set, so only the upper triangle is computed (diagonal 0).
     """
     out = np.zeros((len(rows), len(columns)))
     for i, (points, tree) in enumerate(zip(rows.clouds, rows.trees)):
         for j in range(i + 1 if symmetric else 0, len(columns)):
-            forward, _ = columns.trees[j].query(points, k=1)  # (N,)
-            backward, _ = tree.query(columns.clouds[j], k=1)  # (M,)
-            out[i, j] = 0.5 * ((forward**2).mean() + (backward**2).mean())
+            pair = chamfer_distance(points, columns.clouds[j], trees=(tree, columns.trees[j]))
+            out[i, j] = pair["chamfer_l2"]
     return out + out.T if symmetric else out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from dora_shapegen.pipelines.bench.data import PromptItem, ReferenceShape
 from dora_shapegen.pipelines.bench.metrics import distribution_metrics, summarize_structure
-from dora_shapegen.vae.bench.report import _fmt, _table, json_ready
+from dora_shapegen.report import format_figure, json_ready, markdown_table
 
 SAMPLE_KEYS = (
     "set",
@@ -157,19 +157,19 @@ def evaluate_samples(
 
 # ---------------------------------------------------------------------------------------------- markdown
 def _cells(figures: dict[str, Any], distances: list[str]) -> list[str]:
-    cells = [str(figures.get("num_samples", 0)), _fmt(figures.get("text_accuracy_pct"))]
+    cells = [str(figures.get("num_samples", 0)), format_figure(figures.get("text_accuracy_pct"))]
     for name in distances:
         cells += [
-            _fmt(figures.get(f"1-NNA-{name}")),
-            _fmt(figures.get(f"COV-{name}")),
-            _fmt(figures.get(f"MMD-{name}"), 1e3 if name == "CD" else 1e2),
+            format_figure(figures.get(f"1-NNA-{name}")),
+            format_figure(figures.get(f"COV-{name}")),
+            format_figure(figures.get(f"MMD-{name}"), 1e3 if name == "CD" else 1e2),
         ]
     cells += [
-        _fmt(figures.get("structure_single_component_pct")),
-        _fmt(figures.get("structure_mean_floater_share_pct")),
+        format_figure(figures.get("structure_single_component_pct")),
+        format_figure(figures.get("structure_mean_floater_share_pct")),
         str(figures.get("structure_empty_or_failed", "-")),
-        _fmt(figures.get("structure_watertight_pct")),
-        _fmt(figures.get("structure_median_faces")),
+        format_figure(figures.get("structure_watertight_pct")),
+        format_figure(figures.get("structure_median_faces")),
     ]
     return cells
 
@@ -192,11 +192,11 @@ def summary_text(results: dict[str, Any]) -> str:
     for name, figures in results["sets"].items():
         overall = figures["overall"]
         lines.append(
-            f"{name}: {overall['num_samples']} samples, text accuracy {_fmt(overall.get('text_accuracy_pct'))}%, "
-            f"1-NNA-CD {_fmt(overall.get('1-NNA-CD'))}%, COV-CD {_fmt(overall.get('COV-CD'))}%, "
-            f"MMD-CD {_fmt(overall.get('MMD-CD'), 1e3)}e-3, one component "
-            f"{_fmt(overall.get('structure_single_component_pct'))}%, floaters "
-            f"{_fmt(overall.get('structure_mean_floater_share_pct'))}%"
+            f"{name}: {overall['num_samples']} samples, text accuracy {format_figure(overall.get('text_accuracy_pct'))}%, "
+            f"1-NNA-CD {format_figure(overall.get('1-NNA-CD'))}%, COV-CD {format_figure(overall.get('COV-CD'))}%, "
+            f"MMD-CD {format_figure(overall.get('MMD-CD'), 1e3)}e-3, one component "
+            f"{format_figure(overall.get('structure_single_component_pct'))}%, floaters "
+            f"{format_figure(overall.get('structure_mean_floater_share_pct'))}%"
         )
     return "\n".join(lines)
 
@@ -218,7 +218,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     lines += [f"- **{key}**: {value}" for key, value in results["protocol"].items() if value is not None]
     lines += ["", "## Overall", ""]
-    lines += _table(
+    lines += markdown_table(
         _header(distances, "prompt set"),
         [[name] + _cells(figures["overall"], distances) for name, figures in results["sets"].items()],
     )
@@ -236,7 +236,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
         header = _header(distances, "category")
         lines += (
-            _table(header[:1] + ["ref shapes"] + header[1:], rows) if rows else ["_no categorised prompts_"]
+            markdown_table(header[:1] + ["ref shapes"] + header[1:], rows)
+            if rows
+            else ["_no categorised prompts_"]
         )
         lines += ["", f"![{name}](contact_sheet_{name}.png)", ""]
     lines += [f"Seconds: {', '.join(f'{k} {v}' for k, v in results['seconds'].items())}", ""]

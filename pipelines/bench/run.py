@@ -27,14 +27,11 @@ import dataclasses
 import logging
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dora_shapegen.data.config import CONFIG_DIR, from_dict, load_yaml
+from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml
 from dora_shapegen.pipelines.bench.data import (
     CAPTIONS,
     SPLITS,
@@ -51,6 +48,7 @@ from dora_shapegen.pipelines.bench.metrics import (
     mesh_cloud,
     mesh_structure,
 )
+from dora_shapegen.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +146,7 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None) -> Any:
 def _sample_seed(seed: int, prompt: str, sample_index: int) -> int:
     # Per prompt text and sample, so a shape depends neither on the batch size nor on the other prompts of the run
     # (a later run with more prompts per category reproduces the shapes of the prompts it shares).
-    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), sample_index]).generate_state(1)[0])
+    return derive_seed(seed, prompt, sample_index)
 
 
 def generate_meshes(

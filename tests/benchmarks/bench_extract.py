@@ -35,13 +35,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 from dora_shapegen.data import MeshProcessor  # noqa: E402
 from dora_shapegen.data.marching import evaluate_grid, mesh_from_grid  # noqa: E402
-from dora_shapegen.vae.bench.metrics import (  # noqa: E402
-    chamfer_distance,
-    mesh_occupancy,
-    mesh_volume_iou,
-    sample_surface,
-    volume_iou,
-)
+from dora_shapegen.metrics import chamfer_distance, volume_iou  # noqa: E402
+from dora_shapegen.vae.bench.metrics import mesh_occupancy, mesh_volume_iou, sample_surface  # noqa: E402
 
 DEFAULT_MESH = PROJECT_ROOT.parent / "shared" / "meshes" / "fandisk.off"
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 from throughput import count_flops  # noqa: E402
 
-from dora_shapegen.data.config import CONFIG_DIR, from_dict  # noqa: E402
+from dora_shapegen.config import CONFIG_DIR, from_dict  # noqa: E402
 from dora_shapegen.training.schedules import TokenSchedule  # noqa: E402
 
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     args = parser.parse_args(argv)
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()  # as `dora` does: denormals (local attention makes many) slow the CPU several-fold
     torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-from dora_shapegen.data.config import load_yaml  # noqa: E402
+from dora_shapegen.config import load_yaml  # noqa: E402
 
 SALIENT, UNIFORM = "vae/small.yaml", "vae/small_uniform_only.yaml"
 # name -> (base config, dotted overrides). The first two are the ablation; the rest probe why one side wins.
@@ -143,8 +143,8 @@ def train_all(jobs: list[tuple[str, int]], args: argparse.Namespace) -> dict[str
 def heldout_index(args: argparse.Namespace) -> Path:
     """An index of held-out training-set shapes with sharp edges, round-robin over categories."""
     from dora_shapegen.data.mesh_io import load_mesh
+    from dora_shapegen.seeding import is_held_out
     from dora_shapegen.vae.bench.metrics import count_sharp_edges
-    from dora_shapegen.vae.train_validation import is_held_out
 
     fraction = float(load_yaml(SALIENT)["data"]["val_fraction"])
     rows = [json.loads(line) for line in args.index.read_text().splitlines() if line.strip()]

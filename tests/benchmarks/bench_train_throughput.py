@@ -43,7 +43,7 @@ from throughput import (  # noqa: E402
     vae_step_flops,
 )
 
-from dora_shapegen.data.config import load_yaml  # noqa: E402
+from dora_shapegen.config import load_yaml  # noqa: E402
 
 # What each model is measured at: config, tokens, and the batch (GPU: the config's per-GPU batch).
 GPU_SETUP = {
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch <= 2 (smoke test)")
     parser.add_argument("--out", default="runs/bench_train_throughput")
     args = parser.parse_args(argv)
-    from dora_shapegen.vae.local_attention import flush_denormals
+    from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()  # as `dora` does: denormals (local attention makes many) slow the CPU several-fold
     report = run(args)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import H100_BF16_DENSE_TFLOPS, vae_step_flops  # noqa: E402
 
-from dora_shapegen.data.config import load_yaml  # noqa: E402
+from dora_shapegen.config import load_yaml  # noqa: E402
 
 FORMATS = ("npz_compressed", "npz")
 

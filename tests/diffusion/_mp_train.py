@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.train import DiTTrainConfig, train
 from dora_shapegen.training.checkpoints import state_dict_sha256

@@ -21,7 +21,7 @@ from dora_shapegen.diffusion.finetune import (
     target_module_names,
 )
 from dora_shapegen.diffusion.train import build_parser, train
-from dora_shapegen.vae.provenance import weight_hashes
+from dora_shapegen.provenance import weight_hashes
 
 from .test_train import TINY, fixed_loss, shards, tiny_config  # noqa: F401  (module fixture)
 
@@ -191,7 +191,7 @@ def test_lora_resume_matches_an_uninterrupted_run(shards, base_dit, tmp_path):  
 
 
 def test_lora_recipe_config_loads():
-    from dora_shapegen.data.config import load_config
+    from dora_shapegen.config import load_config
     from dora_shapegen.diffusion.finetune import check_lora_config
     from dora_shapegen.diffusion.train import DiTTrainConfig
 

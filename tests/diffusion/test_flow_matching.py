@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from dora_shapegen.data.config import load_yaml
+from dora_shapegen.config import load_yaml
 from dora_shapegen.diffusion import ShapeDiT
 from dora_shapegen.diffusion.flow_matching import (
     add_noise,

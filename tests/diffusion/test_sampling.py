@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import FrozenDict
 
-from dora_shapegen.data.config import load_yaml
+from dora_shapegen.config import load_yaml
 from dora_shapegen.diffusion import ShapeDiT
 from dora_shapegen.diffusion.sampling import sample_latents
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dora_shapegen.data.config import load_yaml
+from dora_shapegen.config import load_yaml
 from dora_shapegen.diffusion import ShapeDiT, ShapeDiTOutput
 
 TINY = load_yaml("dit/tiny.yaml")["model"]

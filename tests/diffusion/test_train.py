@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 from dora_shapegen.data.latent_shards import (
     LatentShardWriter,
     LatentStats,

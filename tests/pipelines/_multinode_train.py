@@ -15,7 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 from dora_shapegen.training.checkpoints import state_dict_sha256
 
 MODEL_CLASSES = {"vae": "DoraVAE", "dit": "ShapeDiT"}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import throughput  # noqa: E402
 
-from dora_shapegen.data.config import load_yaml  # noqa: E402
+from dora_shapegen.config import load_yaml  # noqa: E402
 
 
 def test_meta_flop_counts_equal_a_real_count_and_scale_with_batch():

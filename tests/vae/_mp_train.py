@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 from dora_shapegen.vae.train import VAETrainConfig, train
 
 

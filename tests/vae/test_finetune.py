@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
+from dora_shapegen.provenance import check_vae_identity, resolve_init_from, weight_hashes
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
-from dora_shapegen.vae.provenance import VAE_FREE_KEYS, check_vae_identity, resolve_init_from, weight_hashes
-from dora_shapegen.vae.train import VAETrainConfig, build_model, main, train
+from dora_shapegen.vae.train import VAE_FREE_KEYS, VAETrainConfig, build_model, main, train
 
 from .test_train import TINY, _fixed_set_loss, prepared_root  # noqa: F401  (session fixture)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
 from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss, main, train
 from dora_shapegen.vae.train_data import SeededItems, build_datasets, collate
 
@@ -176,7 +176,7 @@ def test_torchrun_on_cpus_trains_data_parallel(prepared_root, tmp_path):
 def test_cpu_configs_weight_every_supervision_point_volume_twice(config_name):
     """The short-run configs weight points, not groups (volume x2): their group weights must follow the point counts
     of the data they are documented with, or the loss silently shifts toward whichever group is small."""
-    from dora_shapegen.data.config import load_yaml
+    from dora_shapegen.config import load_yaml
 
     prepare, training = load_yaml("quickstart/prepare.yaml"), load_yaml(config_name)["training"]
     per_point = {"volume": 2.0, "near": 1.0, "sharp": 1.0}

@@ -2,8 +2,8 @@
 
 import sys
 
+from dora_shapegen.runtime import flush_denormals
 from dora_shapegen.vae.bench.run import main
-from dora_shapegen.vae.local_attention import flush_denormals
 
 flush_denormals()  # an entry point (also `dora bench`): denormals slow the CPU several-fold
 sys.exit(main())

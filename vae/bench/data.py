@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dora_shapegen.data.config import from_dict
+from dora_shapegen.config import from_dict
 from dora_shapegen.data.prepare_worker import shape_seed
 
 # ----------------------------------------------------------------------------------------------- config

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import trimesh
 
-from dora_shapegen.vae.bench.metrics import chamfer_distance, sample_surface, volume_iou
+from dora_shapegen.metrics import chamfer_distance, volume_iou
+from dora_shapegen.vae.bench.metrics import sample_surface
 
 Extractor = Callable[[Any], trimesh.Trimesh]  # DecodedLatents (one shape) -> mesh
 

@@ -7,8 +7,9 @@ Conventions shared by every metric here:
   [-1.05, 1.05]^3 has voxels of 0.0082).
 - Surface metrics compare point samples drawn area-uniformly from both surfaces (``sample_surface``; 100k points
   per surface by default in ``mesh_metrics``), nearest neighbours found with a ``scipy.spatial.cKDTree``.
-- "Chamfer-L1" follows Occupancy Networks / 3DShape2VecSet: the *Euclidean* (not squared) nearest-neighbour
-  distance, averaged over points, then over the two directions. "Chamfer-L2" is the same with squared distances.
+- Chamfer distance and volume IoU are the project's one Chamfer and one IoU (``dora_shapegen.metrics``, which
+  documents the conventions): "Chamfer-L1" is the *Euclidean* (not squared) nearest-neighbour
+  distance, averaged over points, then over the two directions; "Chamfer-L2" the same with squared distances.
 - Sampling floor: two *independent* N-point samples of one surface of area A sit ~0.5 * sqrt(A / N) apart on average
   (~0.005 for A = 10, N = 100k), which bounds how small Chamfer and how large F-score@0.005 can be. ``mesh_metrics``
   draws both surfaces with the same seed (common random numbers) so a mesh against itself scores exactly 0 / 1.
@@ -26,6 +27,7 @@ from scipy.spatial import cKDTree
 
 from dora_shapegen.data.sampling import sample_sharp_edges, sharp_edges
 from dora_shapegen.data.sampling import sample_surface as _sample_surface_rng
+from dora_shapegen.metrics import as_points, chamfer_distance, nearest, volume_iou
 
 DEFAULT_FSCORE_THRESHOLDS = (0.005, 0.01, 0.02)
 # Levels by the number of dihedral-sharp mesh edges (> 30 deg): L1 < 10 (smooth: spheres, organic scans such as
@@ -35,19 +37,6 @@ DEFAULT_SHARP_EDGE_COUNT_THRESHOLDS = (10, 200, 1000)
 # The same grading by total sharp-edge length in [-1, 1] units (tessellation-independent): a cube of side 1.9 has
 # 22.8 -> L2; pinion 63 -> L3; cheese 263 -> L4.
 DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS = (2.0, 30.0, 100.0)
-
-
-def _as_points(points: np.ndarray, name: str) -> np.ndarray:
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (N, 3), got {points.shape}")
-    return points
-
-
-def _nearest(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance and index of each source point's nearest target point."""
-    distances, indices = cKDTree(target).query(source, k=1)
-    return distances, indices
 
 
 def sample_surface(mesh: trimesh.Trimesh, num_points: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,30 +49,6 @@ def sample_surface(mesh: trimesh.Trimesh, num_points: int, seed: int = 0) -> tup
     return _sample_surface_rng(mesh, num_points, np.random.default_rng(seed))
 
 
-def chamfer_distance(pred_points: np.ndarray, gt_points: np.ndarray) -> dict[str, float]:
-    """Symmetric Chamfer distance between two point samples, in [-1, 1] units.
-
-    Returns:
-        ``chamfer_l1``: 0.5 * (mean_p min_g |p - g| + mean_g min_p |g - p|), Euclidean distances (the "CD-L1" of
-            Occupancy Networks / 3DShape2VecSet / Dora tables; those tables often print it x10^3 or x10^4).
-            Two concentric spheres of radii 0.5 and 0.6 give 0.1.
-        ``chamfer_l2``: the same with squared distances (units^2; 0.01 for the spheres above).
-        ``accuracy``: mean pred -> gt distance (how far the prediction strays from the truth).
-        ``completeness``: mean gt -> pred distance (how much of the truth the prediction misses).
-    """
-    pred, gt = _as_points(pred_points, "pred_points"), _as_points(gt_points, "gt_points")
-    if len(pred) == 0 or len(gt) == 0:
-        raise ValueError(f"chamfer_distance needs non-empty samples (pred {len(pred)}, gt {len(gt)} points)")
-    pred_to_gt, _ = _nearest(pred, gt)
-    gt_to_pred, _ = _nearest(gt, pred)
-    return {
-        "chamfer_l1": float(0.5 * (pred_to_gt.mean() + gt_to_pred.mean())),
-        "chamfer_l2": float(0.5 * ((pred_to_gt**2).mean() + (gt_to_pred**2).mean())),
-        "accuracy": float(pred_to_gt.mean()),
-        "completeness": float(gt_to_pred.mean()),
-    }
-
-
 def f_score(
     pred_points: np.ndarray, gt_points: np.ndarray, thresholds: Sequence[float] = DEFAULT_FSCORE_THRESHOLDS
 ) -> dict[str, float]:
@@ -94,11 +59,11 @@ def f_score(
     e.g. ``f_score@0.01``. With 100k points on a shape of area ~10 the sample spacing is ~0.01, so tau = 0.005 is
     partly limited by sampling.
     """
-    pred, gt = _as_points(pred_points, "pred_points"), _as_points(gt_points, "gt_points")
+    pred, gt = as_points(pred_points, "pred_points"), as_points(gt_points, "gt_points")
     if len(pred) == 0 or len(gt) == 0:
         raise ValueError(f"f_score needs non-empty samples (pred {len(pred)}, gt {len(gt)} points)")
-    pred_to_gt, _ = _nearest(pred, gt)
-    gt_to_pred, _ = _nearest(gt, pred)
+    pred_to_gt, _ = nearest(pred, gt)
+    gt_to_pred, _ = nearest(gt, pred)
     result = {}
     for tau in thresholds:
         precision = float((pred_to_gt < tau).mean())
@@ -118,11 +83,11 @@ def normal_consistency(
     In [0, 1] (1 = identical orientation up to sign; ~0.5 for unrelated directions). Orientation-agnostic, so a
     ground truth with inconsistently wound faces is not penalised.
     """
-    pred, gt = _as_points(pred_points, "pred_points"), _as_points(gt_points, "gt_points")
-    pred_n = _unit(_as_points(pred_normals, "pred_normals"))
-    gt_n = _unit(_as_points(gt_normals, "gt_normals"))
-    _, pred_to_gt = _nearest(pred, gt)
-    _, gt_to_pred = _nearest(gt, pred)
+    pred, gt = as_points(pred_points, "pred_points"), as_points(gt_points, "gt_points")
+    pred_n = _unit(as_points(pred_normals, "pred_normals"))
+    gt_n = _unit(as_points(gt_normals, "gt_normals"))
+    _, pred_to_gt = nearest(pred, gt)
+    _, gt_to_pred = nearest(gt, pred)
     forward = np.abs(np.einsum("ij,ij->i", pred_n, gt_n[pred_to_gt])).mean()
     backward = np.abs(np.einsum("ij,ij->i", gt_n, pred_n[gt_to_pred])).mean()
     return float(0.5 * (forward + backward))
@@ -152,16 +117,16 @@ def sharp_edge_error(
     sample), ``sharp_chamfer_l1`` (their average), ``sharp_chamfer_l2`` (same, squared distances) and the point
     counts. No gt points near a sharp edge (a smooth shape) -> NaN distances and ``num_sharp_gt_points = 0``.
     """
-    pred, gt = _as_points(pred_points, "pred_points"), _as_points(gt_points, "gt_points")
-    sharp = _as_points(gt_sharp_points, "gt_sharp_points")
+    pred, gt = as_points(pred_points, "pred_points"), as_points(gt_points, "gt_points")
+    sharp = as_points(gt_sharp_points, "gt_sharp_points")
     gt_near, pred_near = gt[_near(gt, sharp, radius)], pred[_near(pred, sharp, radius)]
     result = {"num_sharp_gt_points": len(gt_near), "num_sharp_pred_points": len(pred_near)}
     if len(gt_near) == 0 or len(pred) == 0:
         keys = ("sharp_completeness", "sharp_accuracy", "sharp_chamfer_l1", "sharp_chamfer_l2")
         return result | dict.fromkeys(keys, math.nan)
-    completeness, _ = _nearest(gt_near, pred)
+    completeness, _ = nearest(gt_near, pred)
     # No pred point near the gt creases: the prediction misses the region, so the gt-side distances stand for both.
-    accuracy = _nearest(pred_near, gt)[0] if len(pred_near) else completeness
+    accuracy = nearest(pred_near, gt)[0] if len(pred_near) else completeness
     result["sharp_completeness"] = float(completeness.mean())
     result["sharp_accuracy"] = float(accuracy.mean())
     result["sharp_chamfer_l1"] = 0.5 * (result["sharp_completeness"] + result["sharp_accuracy"])
@@ -188,7 +153,7 @@ def sharp_normal_error(
     if len(pred_mesh.faces) == 0:
         return 90.0
     gt_points, gt_normals = sample_surface(gt_mesh, num_points, seed)
-    near = _near(gt_points.astype(np.float64), _as_points(gt_sharp_points, "gt_sharp_points"), radius)
+    near = _near(gt_points.astype(np.float64), as_points(gt_sharp_points, "gt_sharp_points"), radius)
     if not near.any():
         return math.nan
     _, face_index, _ = pcu.closest_points_on_mesh(
@@ -199,19 +164,6 @@ def sharp_normal_error(
     pred_normals = pred_mesh.face_normals[face_index]
     cosine = np.abs(np.einsum("ij,ij->i", _unit(gt_normals[near].astype(np.float64)), pred_normals))
     return float(np.degrees(np.arccos(np.clip(cosine, 0.0, 1.0))).mean())
-
-
-def volume_iou(pred_occupancy: np.ndarray, gt_occupancy: np.ndarray) -> float:
-    """|pred AND gt| / |pred OR gt| of two boolean occupancies on the same points, in [0, 1].
-
-    With points uniform in a box this estimates the volume IoU (standard error ~ sqrt(IoU (1 - IoU) / N_union)).
-    Both empty -> 1.0 (they agree).
-    """
-    pred, gt = np.asarray(pred_occupancy, dtype=bool), np.asarray(gt_occupancy, dtype=bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"occupancy shapes differ: pred {pred.shape}, gt {gt.shape}")
-    union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 
 
 def mesh_occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import trimesh
 
+from dora_shapegen.report import format_figure, json_ready, markdown_table
 from dora_shapegen.vae.bench.data import BenchConfig
 from dora_shapegen.vae.bench.latent import mean_dicts
 
@@ -107,33 +107,6 @@ def aggregate_latent(shapes: list[dict[str, Any]], interpolations: dict[str, Any
     return out
 
 
-def json_ready(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON), numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _fmt(value: Any, factor: float = 1.0) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "-"
-    return f"{value * factor:.4g}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
-
-
 def _level_notes(config: BenchConfig) -> str:
     t, unit = config.levels.thresholds, "sharp edges" if config.levels.by == "count" else "sharp-edge length"
     return (
@@ -161,7 +134,7 @@ def render_markdown(
         f"token counts {config.tokens}; marching cubes {config.resolution}^3 (hierarchical); {seconds:.0f} s. "
         f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-        *_table(
+        *markdown_table(
             [
                 "model",
                 "path",
@@ -229,22 +202,22 @@ def render_markdown(
                             str(g["num_sharp_shapes"]),
                             str(g["num_empty"]),
                         ]
-                        + [_fmt(g.get(key), f) for key, _, f in columns]
+                        + [format_figure(g.get(key), f) for key, _, f in columns]
                     )
         if rows:
             lines += [
                 f"## {'Overall' if group == 'overall' else 'Level ' + group}",
                 "",
-                *_table(header, rows),
+                *markdown_table(header, rows),
                 "",
             ]
     lines += ["## Token scaling (overall)", ""]
     for key, title, factor in columns:
         rows = [
-            [name] + [_fmt(per_tokens[str(k)]["overall"].get(key), factor) for k in config.tokens]
+            [name] + [format_figure(per_tokens[str(k)]["overall"].get(key), factor) for k in config.tokens]
             for name, per_tokens in aggregates.items()
         ]
-        lines += [f"**{title}**", "", *_table(["model"] + [str(k) for k in config.tokens], rows), ""]
+        lines += [f"**{title}**", "", *markdown_table(["model"] + [str(k) for k in config.tokens], rows), ""]
     if latent:
         lines += [
             "## Latent-space quality",
@@ -259,9 +232,9 @@ def render_markdown(
                 name,
                 k,
                 scale,
-                _fmt(v.get("iou")),
-                _fmt(v.get("chamfer_l1"), 1e3),
-                _fmt(v.get("empty_fraction")),
+                format_figure(v.get("iou")),
+                format_figure(v.get("chamfer_l1"), 1e3),
+                format_figure(v.get("empty_fraction")),
                 str(v.get("num")),
             ]
             for name, per_tokens in latent.items()
@@ -270,7 +243,7 @@ def render_markdown(
             if scale != "clean"
         ]
         lines += [
-            *_table(["model", "tokens", "noise scale", "IoU", "CD-L1 x1e3", "empty", "shapes"], rows),
+            *markdown_table(["model", "tokens", "noise scale", "IoU", "CD-L1 x1e3", "empty", "shapes"], rows),
             "",
         ]
         lines += [
@@ -284,17 +257,17 @@ def render_markdown(
                 name,
                 k,
                 str(v.get("num")),
-                _fmt(v.get("single_watertight_fraction")),
-                _fmt(v.get("monotonic_fraction")),
-                _fmt(v.get("max_second_difference")),
-                _fmt(v.get("max_linearity_deviation")),
+                format_figure(v.get("single_watertight_fraction")),
+                format_figure(v.get("monotonic_fraction")),
+                format_figure(v.get("max_second_difference")),
+                format_figure(v.get("max_linearity_deviation")),
             ]
             for name, per_tokens in latent.items()
             for k, slot in per_tokens.items()
             if (v := slot.get("interpolation"))
         ]
         lines += [
-            *_table(["model", "tokens", "pairs", "single", "monotonic", "2nd diff", "lin dev"], rows),
+            *markdown_table(["model", "tokens", "pairs", "single", "monotonic", "2nd diff", "lin dev"], rows),
             "",
         ]
     errors = [[s["shape_id"], "-", "-", s["reason"]] for s in failed]
@@ -310,7 +283,7 @@ def render_markdown(
         lines += [
             "## Failures",
             "",
-            *_table(
+            *markdown_table(
                 ["shape", "model", "tokens", "reason"], [[c.replace("|", "/") for c in row] for row in errors]
             ),
             "",
@@ -416,7 +389,7 @@ def write_contact_sheet(
             mesh = by_key.get((name, num_tokens))
             result = entry["results"].get(name, {}).get(str(num_tokens), {})
             meshes.append(mesh if mesh is not None else trimesh.Trimesh())
-            cd = _fmt(result.get("chamfer_l1"), 1e3)
+            cd = format_figure(result.get("chamfer_l1"), 1e3)
             titles.append(
                 f"{name} @{num_tokens}: CD-L1 x1e3 {cd}" if "error" not in result else f"{name}: error"
             )

@@ -28,7 +28,8 @@ import torch
 import trimesh
 from tqdm import tqdm
 
-from dora_shapegen.data.config import load_config
+from dora_shapegen.config import load_config
+from dora_shapegen.metrics import volume_iou
 from dora_shapegen.vae.bench.data import (
     BenchConfig,
     cloud_key,
@@ -37,7 +38,7 @@ from dora_shapegen.vae.bench.data import (
     prepare_ground_truth,
 )
 from dora_shapegen.vae.bench.latent import interpolation, smoothness
-from dora_shapegen.vae.bench.metrics import mesh_metrics, volume_iou
+from dora_shapegen.vae.bench.metrics import mesh_metrics
 from dora_shapegen.vae.bench.rendered import (
     SharpEdgeViews,
     render_sharp_edge_views,

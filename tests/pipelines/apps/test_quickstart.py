@@ -9,7 +9,7 @@ from pathlib import Path
 import trimesh
 import yaml
 
-from dora_shapegen.data.config import CONFIG_DIR
+from dora_shapegen.config import CONFIG_DIR
 from dora_shapegen.pipelines.apps.quickstart import main
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import trimesh
 
+from dora_shapegen.metrics import chamfer_distance, volume_iou
 from dora_shapegen.vae.bench.metrics import (
     DEFAULT_SHARP_EDGE_LENGTH_THRESHOLDS,
-    chamfer_distance,
     complexity_level,
     count_sharp_edges,
     f_score,
@@ -22,7 +22,6 @@ from dora_shapegen.vae.bench.metrics import (
     sharp_edge_error,
     sharp_edge_length,
     sharp_normal_error,
-    volume_iou,
 )
 
 NUM_POINTS = 20_000

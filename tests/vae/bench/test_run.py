@@ -272,7 +272,7 @@ def test_prepared_folder_stands_for_its_source_meshes(tmp_path):
 
 
 def test_uniform_only_ablation_config_differs_only_by_the_switch():
-    from dora_shapegen.data.config import load_yaml
+    from dora_shapegen.config import load_yaml
 
     salient, uniform = load_yaml("vae/small.yaml"), load_yaml("vae/small_uniform_only.yaml")
     assert salient["model"]["use_salient"] is True and uniform["model"]["use_salient"] is False

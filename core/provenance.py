@@ -1,7 +1,9 @@
 """Where a model's weights come from: starting a training run from a ``save_pretrained`` folder, weight hashes,
 and the VAE identity that ties a latent cache (and every DiT trained on it) to one set of VAE weights.
 
-Shared by `dora train-vae` and `dora train-dit` (diffusion may import vae, never the reverse).
+Shared by `dora train-vae` and `dora train-dit`, and by the stages that check a VAE identity (cache-latents,
+assemble-pipeline, generate); each model lists the config keys a fine-tuning run may change beside its training
+(``VAE_FREE_KEYS`` in vae/train.py, ``DIT_FREE_KEYS`` in diffusion/finetune.py).
 
 ``init_from`` semantics, the same in both loops:
 
@@ -30,19 +32,6 @@ T = TypeVar("T")
 
 # Keys of a model config that describe its files or diffusers' bookkeeping, not the architecture.
 _META_PREFIX = "_"
-# DoraVAE config keys a fine-tuning run may change: token / input point counts and runtime switches. Width,
-# heads, layers, latent channels, output type, epsilon, TSDF truncation, ... must match the init_from folder.
-VAE_FREE_KEYS = frozenset(
-    {
-        "default_num_tokens",
-        "max_train_tokens",
-        "n_uniform",
-        "n_salient",
-        "gradient_checkpointing",
-        "decode_chunk_size",
-        "sample_posterior",
-    }
-)
 
 
 def weight_hashes(folder: str | Path) -> dict[str, str]:
