@@ -7,8 +7,10 @@ with the cache manifest's per-channel statistics. Progressive token lengths: the
 a step trains on the prefix ``latents[:, :k]`` with k drawn from the ``schedule:`` section (the VAE's
 ``TokenSchedule``: a function of (seed, step), identical on every rank, as DDP needs equal shapes).
 
-This module is the DiT's part: run config, model, data, loss, previews and export. The loop itself (accelerate,
-optimizer, EMA, budgets, checkpoints, logging) is the shared training core, ``training/loop.py``. Randomness of a
+This module is the DiT's part, read top to bottom as the VAE's is: run config, cache and model (``load_cache``,
+``build_model``), data (``build_data``, ``batch_source``), the loss of one micro-batch (``compute_loss``), previews
+and export; ``train`` wires them into the shared training core, ``training/loop.py`` (accelerate, optimizer, EMA,
+budgets, checkpoints, logging). Randomness of a
 micro-step (noise, timesteps, caption dropout, caption/view choice) comes from generators seeded by (seed,
 micro-step, rank), and in-memory batches are a function of the micro-step (see train_utils), so a run resumed from
 a checkpoint reproduces an uninterrupted one. The same script runs one CPU process (fp32) or many GPUs / nodes
@@ -37,7 +39,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +48,9 @@ from dora_shapegen.diffusion.finetune import LoraConfig
 from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
 from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
+
+if TYPE_CHECKING:
+    from dora_shapegen.training.loop import BatchSource, StepContext
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -147,6 +152,213 @@ def check_compatibility(
         )
 
 
+# ------------------------------------------------------------------------------------------- cache, model
+def load_cache(config: DiTTrainConfig, vae_dir: str | None) -> tuple[DiTTrainConfig, dict[str, Any]]:
+    """The latent cache's manifest, checked against the previews' VAE; a fine-tuning run's config and the base's
+    latent statistics (``diffusion/finetune.py``)."""
+    from dora_shapegen.data.latent_shards import load_manifest
+    from dora_shapegen.diffusion.finetune import prepare_finetune
+    from dora_shapegen.provenance import check_vae_identity
+
+    manifest = load_manifest(config.data.shards)
+    if vae_dir:  # previews decode these latents: only through the VAE that cached them
+        check_vae_identity(manifest, vae_dir, f"{config.data.shards} with --vae")
+    return prepare_finetune(config, manifest, config.data.shards)  # init_from / LoRA; base latent stats
+
+
+def build_model(
+    config: DiTTrainConfig, manifest: dict[str, Any], text_encoder: Any, schedule: TokenSchedule
+) -> Any:
+    """The ShapeDiT (random, or init_from's weights, with LoRA adapters when asked), checked against the cache and
+    the text encoder. Seed torch first: every rank must build the same weights."""
+    from dora_shapegen.diffusion.finetune import build_dit
+
+    model = build_dit(config)
+    check_compatibility(model.config, manifest, text_encoder, schedule, config.data.shards)
+    if config.training.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclass
+class DiTData:
+    """The latents and captions of a run: the table and its batches when the cache fits in memory."""
+
+    stats: Any  # LatentStats: the normalisation of the latents (the manifest's, or init_from's)
+    captions: Any  # CaptionEmbeddingCache: every caption encoded once
+    num_shapes: int
+    in_memory: Any | None  # InMemoryBatches, or None when streaming shards
+
+
+def build_data(
+    config: DiTTrainConfig, manifest: dict[str, Any], schedule: TokenSchedule, text_encoder: Any, trainer: Any
+) -> DiTData:
+    """Every unique caption is encoded once, up front (in memory) or on first sight (streaming)."""
+    from dora_shapegen.data.latent_shards import LatentStats
+    from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, InMemoryBatches, load_latent_table
+
+    dcfg, accelerator = config.data, trainer.accelerator
+    stats = LatentStats.from_manifest(manifest)
+    captions = CaptionEmbeddingCache(text_encoder, trainer.device)
+    if not dcfg.in_memory:
+        captions.precompute([""])
+        return DiTData(stats, captions, int(manifest.get("num_samples", 0)), None)
+    table = load_latent_table(dcfg.shards, schedule.max_tokens, stats)
+    batches = InMemoryBatches(
+        table, dcfg.batch_size, config.training.seed, accelerator.process_index, accelerator.num_processes
+    )
+    captions.precompute([c for shape in table.captions for c in shape] + [""])
+    return DiTData(stats, captions, len(table), batches)
+
+
+def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule, trainer: Any) -> BatchSource:
+    """(epoch, batch) from a micro-step on: in memory a function of the micro-step (its own generator picks views and
+    captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
+    from dora_shapegen.diffusion.train_utils import streaming_batches
+
+    def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        if data.in_memory is not None:
+            for micro in itertools.count(start):
+                generator = torch.Generator().manual_seed(trainer.step_seed(micro))
+                yield data.in_memory.epoch_of(micro), data.in_memory.batch(micro, generator)
+        else:
+            dcfg = config.data
+            seed = config.training.seed * 1_009 + trainer.state["global_step"]
+            for batch in streaming_batches(
+                dcfg.shards,
+                schedule.max_tokens,
+                data.stats,
+                dcfg.batch_size,
+                seed,
+                dcfg.shuffle_buffer,
+                dcfg.num_workers,
+            ):
+                yield 0, batch
+
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------- loss
+def compute_loss(
+    model: Any,
+    batch: dict[str, Any],
+    context: StepContext,
+    captions: Any,
+    training: TrainingConfig,
+    use_pooled: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rectified flow on the FPS prefix of ``context.num_tokens`` tokens (a coarse cover of the shape); the noise,
+    timesteps and caption dropout come from the micro-step's generator (on the training device). ``use_pooled``:
+    the model takes the pooled text vector. Returns the loss and the values to log as tensors (the core averages
+    them on the device, with no host sync per micro-step)."""
+    from dora_shapegen.diffusion.flow_matching import (
+        add_noise,
+        drop_captions,
+        flow_matching_loss,
+        sample_timesteps,
+        velocity_target,
+    )
+
+    generator, device = context.generator, context.generator.device
+    latents = batch["latents"][:, : context.num_tokens].to(device)  # (B,k,C)
+    noise = torch.randn(latents.shape, generator=generator, device=device)  # (B,k,C)
+    sigmas, timesteps = sample_timesteps(
+        latents.shape[0],
+        training.timestep_sampling,
+        generator,
+        device,
+        training.logit_mean,
+        training.logit_std,
+        training.mode_scale,
+        training.scheduler_shift,
+    )  # (B,), (B,)
+    text = captions(drop_captions(batch["caption"], training.caption_dropout, generator))
+    prediction = model(
+        add_noise(latents, noise, sigmas),
+        timesteps,
+        text.hidden_states,
+        encoder_attention_mask=text.attention_mask,
+        pooled_projections=text.pooled if use_pooled else None,
+        return_dict=False,
+    )[0]
+    loss = flow_matching_loss(prediction, velocity_target(latents, noise), training.loss_weighting, sigmas)
+    return loss, {"loss": loss}
+
+
+# ------------------------------------------------------------------------------------------------ previews
+@dataclass
+class Previews:
+    """Preview grids of decoded samples (``diffusion/sampling_preview.py``: the sampler `dora generate` runs)."""
+
+    text_encoder: Any
+    prompts: list[str]
+    stats: Any
+    num_tokens: int
+    vae: Any | None  # decode the samples to meshes when given (--vae)
+    folder: Path
+    sampling: SamplingConfig
+    scheduler_shift: float
+
+    def render(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
+        """One grid with the EMA weights, ``folder/<tag>.png``; its metrics (None without prompts)."""
+        from dora_shapegen.diffusion.sampling_preview import render_preview
+        from dora_shapegen.training.ema import ema_weights
+
+        if not self.prompts:
+            return None
+        s = self.sampling
+        with ema_weights(model, ema):
+            return render_preview(
+                model,
+                self.text_encoder,
+                self.prompts,
+                self.stats,
+                self.folder / f"{tag}.png",
+                self.num_tokens,
+                s.num_inference_steps,
+                s.guidance_scale,
+                self.scheduler_shift,
+                s.seed,
+                self.vae,
+                s.mesh_resolution,
+            )
+
+
+def build_previews(
+    config: DiTTrainConfig,
+    text_encoder: Any,
+    stats: Any,
+    schedule: TokenSchedule,
+    vae_dir: str | None,
+    trainer: Any,
+) -> Previews:
+    from dora_shapegen.diffusion.sampling_preview import default_prompts
+
+    scfg, vae = config.sampling, None
+    if vae_dir:
+        from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+
+        vae = DoraVAE.from_pretrained(vae_dir).to(trainer.device).eval()
+    return Previews(
+        text_encoder,
+        list(scfg.prompts) or default_prompts(scfg.num_prompts),
+        stats,
+        scfg.num_tokens or schedule.max_tokens,
+        vae,
+        trainer.output_dir / "samples",
+        scfg,
+        config.training.scheduler_shift,
+    )
+
+
+def log_preview(previews: Previews, trainer: Any, tag: str) -> None:
+    metrics = previews.render(trainer.unwrapped, trainer.ema, tag)
+    if metrics is not None:
+        trainer.accelerator.log(metrics, step=trainer.state["global_step"])
+
+
+# -------------------------------------------------------------------------------------------------- export
 def export_final(
     model: Any, ema: Any, directory: Path, config: DiTTrainConfig, manifest: dict[str, Any]
 ) -> None:
@@ -176,6 +388,7 @@ def export_final(
     )
 
 
+# ---------------------------------------------------------------------------------------------------- train
 def train(
     config: DiTTrainConfig,
     output_dir: str | Path,
@@ -184,163 +397,50 @@ def train(
     vae_dir: str | None = None,
 ) -> TrainResult:
     """Train, checkpoint, preview and export; returns the summary and this process's model."""
-    from dora_shapegen.data.latent_shards import LatentStats, load_manifest
-    from dora_shapegen.diffusion.finetune import build_dit, prepare_finetune, register_lora_checkpointing
-    from dora_shapegen.diffusion.flow_matching import (
-        add_noise,
-        drop_captions,
-        flow_matching_loss,
-        sample_timesteps,
-        velocity_target,
-    )
-    from dora_shapegen.diffusion.sampling_preview import default_prompts, render_preview
+    from dora_shapegen.diffusion.finetune import register_lora_checkpointing
     from dora_shapegen.diffusion.text_encoder import TextEncoder
-    from dora_shapegen.diffusion.train_utils import (
-        CaptionEmbeddingCache,
-        InMemoryBatches,
-        load_latent_table,
-        streaming_batches,
-    )
-    from dora_shapegen.provenance import check_resume_provenance, check_vae_identity
-    from dora_shapegen.training.ema import ema_weights
-    from dora_shapegen.training.loop import StepContext, Trainer
+    from dora_shapegen.provenance import check_resume_provenance
+    from dora_shapegen.training.loop import Trainer
 
     output_dir = Path(output_dir)
-    tcfg, dcfg, scfg = config.training, config.data, config.sampling
+    tcfg = config.training
     trainer = Trainer(tcfg, output_dir, "dit", logger, max_minutes)
-    accelerator, device = trainer.accelerator, trainer.device
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    manifest = load_manifest(dcfg.shards)
-    if vae_dir:  # previews decode these latents: only through the VAE that cached them
-        check_vae_identity(manifest, vae_dir, f"{dcfg.shards} with --vae")
-    config, manifest = prepare_finetune(config, manifest, dcfg.shards)  # init_from / LoRA; base latent stats
-    stats = LatentStats.from_manifest(manifest)
+    config, manifest = load_cache(config, vae_dir)
     schedule = TokenSchedule(config.schedule, seed=tcfg.seed)
     text_encoder = TextEncoder.from_name(config.text_encoder, max_length=tcfg.text_max_length)
-    text_encoder.model.to(device)
+    text_encoder.model.to(trainer.device)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_dit(config)
-    check_compatibility(model.config, manifest, text_encoder, schedule, dcfg.shards)
-    if tcfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model = build_model(config, manifest, text_encoder, schedule)
     use_pooled = model.config.pooled_projection_dim is not None
-
-    # Every unique caption is encoded once, up front (in-memory) or on first sight (streaming).
-    captions = CaptionEmbeddingCache(text_encoder, device)
-    if dcfg.in_memory:
-        table = load_latent_table(dcfg.shards, schedule.max_tokens, stats)
-        in_memory = InMemoryBatches(table, dcfg.batch_size, tcfg.seed, rank, world)
-        captions.precompute([c for shape in table.captions for c in shape] + [""])
-        num_shapes = len(table)
-    else:
-        captions.precompute([""])
-        num_shapes = int(manifest.get("num_samples", 0))
+    data = build_data(config, manifest, schedule, text_encoder, trainer)
 
     model, _ = trainer.prepare(model)
-    unwrapped, ema = trainer.unwrapped, trainer.ema
-    if config.lora.rank > 0:
-        register_lora_checkpointing(
-            accelerator, unwrapped
-        )  # checkpoints hold the adapter, not the frozen base
+    if config.lora.rank > 0:  # checkpoints hold the adapter, not the frozen base
+        register_lora_checkpointing(trainer.accelerator, trainer.unwrapped)
     resumed_from = trainer.resume(
         resume, check=lambda checkpoint: check_resume_provenance(checkpoint, config)
     )
     state = trainer.state
-
-    def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(epoch, batch) from micro-step ``start``: in memory a function of the micro-step (its own generator picks
-        views and captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
-        if dcfg.in_memory:
-            for micro in itertools.count(start):
-                generator = torch.Generator().manual_seed(trainer.step_seed(micro))
-                yield in_memory.epoch_of(micro), in_memory.batch(micro, generator)
-        else:
-            seed = tcfg.seed * 1_009 + state["global_step"]
-            for batch in streaming_batches(
-                dcfg.shards,
-                schedule.max_tokens,
-                stats,
-                dcfg.batch_size,
-                seed,
-                dcfg.shuffle_buffer,
-                dcfg.num_workers,
-            ):
-                yield 0, batch
-
-    def loss_step(
-        batch: dict[str, Any], context: StepContext
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Rectified flow on the FPS prefix of ``context.num_tokens`` tokens (a coarse cover of the shape)."""
-        generator = context.generator
-        latents = batch["latents"][:, : context.num_tokens].to(device)  # (B,k,C)
-        noise = torch.randn(latents.shape, generator=generator, device=device)  # (B,k,C)
-        sigmas, timesteps = sample_timesteps(
-            latents.shape[0],
-            tcfg.timestep_sampling,
-            generator,
-            device,
-            tcfg.logit_mean,
-            tcfg.logit_std,
-            tcfg.mode_scale,
-            tcfg.scheduler_shift,
-        )  # (B,), (B,)
-        text = captions(drop_captions(batch["caption"], tcfg.caption_dropout, generator))
-        prediction = model(
-            add_noise(latents, noise, sigmas),
-            timesteps,
-            text.hidden_states,
-            encoder_attention_mask=text.attention_mask,
-            pooled_projections=text.pooled if use_pooled else None,
-            return_dict=False,
-        )[0]
-        loss = flow_matching_loss(prediction, velocity_target(latents, noise), tcfg.loss_weighting, sigmas)
-        return loss, {"loss": loss}
-
-    vae = None
-    prompts = list(scfg.prompts) or default_prompts(scfg.num_prompts)
     trainer.start(config)
+    previews = None
     if trainer.is_main_process:
-        if vae_dir:
-            from dora_shapegen.vae.modeling_dora_vae import DoraVAE
-
-            vae = DoraVAE.from_pretrained(vae_dir).to(device).eval()
+        previews = build_previews(config, text_encoder, data.stats, schedule, vae_dir, trainer)
         logger.info(
             "%d shapes, %d cached captions, %s on %s x%d, %d parameters",
-            num_shapes,
-            len(captions),
+            data.num_shapes,
+            len(data.captions),
             trainer.precision,
-            device.type,
-            world,
-            sum(p.numel() for p in unwrapped.parameters()),
+            trainer.device.type,
+            trainer.accelerator.num_processes,
+            sum(p.numel() for p in trainer.unwrapped.parameters()),
         )
 
-    def preview(tag: str) -> None:
-        if not prompts:
-            return
-        with ema_weights(unwrapped, ema):
-            metrics = render_preview(
-                unwrapped,
-                text_encoder,
-                prompts,
-                stats,
-                output_dir / "samples" / f"{tag}.png",
-                scfg.num_tokens or schedule.max_tokens,
-                scfg.num_inference_steps,
-                scfg.guidance_scale,
-                tcfg.scheduler_shift,
-                scfg.seed,
-                vae,
-                scfg.mesh_resolution,
-            )
-        accelerator.log(metrics, step=state["global_step"])
-
     trainer.fit(
-        loss_step,
-        batches,
+        lambda batch, context: compute_loss(model, batch, context, data.captions, tcfg, use_pooled),
+        batch_source(config, data, schedule, trainer),
         schedule,
-        evaluate=lambda step: preview(f"step{step:07d}"),
-        evaluate_every=scfg.every_steps,
+        evaluate=lambda step: log_preview(previews, trainer, f"step{step:07d}"),
+        evaluate_every=config.sampling.every_steps,
     )
 
     last_checkpoint = trainer.save_checkpoint()
@@ -351,20 +451,20 @@ def train(
         "resumed_from_step": resumed_from,
         "stopped_by_time": trainer.out_of_time,
         "minutes": trainer.minutes(),
-        "num_shapes": num_shapes,
-        "num_processes": world,
-        "cached_captions": len(captions),
+        "num_shapes": data.num_shapes,
+        "num_processes": trainer.accelerator.num_processes,
+        "cached_captions": len(data.captions),
         "final_loss": history[-1][1] if history else None,
         "checkpoint": str(last_checkpoint),
         "export": str(output_dir / "final"),
     }
     if trainer.is_main_process:
-        if scfg.final:
-            preview(f"final_step{state['global_step']:07d}")
-        export_final(unwrapped, ema, output_dir / "final", config, manifest)
+        if config.sampling.final:
+            log_preview(previews, trainer, f"final_step{state['global_step']:07d}")
+        export_final(trainer.unwrapped, trainer.ema, output_dir / "final", config, manifest)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.end()
-    return TrainResult(summary, unwrapped, ema)
+    return TrainResult(summary, trainer.unwrapped, trainer.ema)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -112,7 +112,7 @@ def compute_loss(
     output_type: str,
     training: TrainingConfig,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
     anchor term of models with local attention)."""
     out = model(
@@ -147,7 +147,8 @@ def compute_loss(
     if "anchor_loss" in out:  # local attention: each token learns where it sits (its FPS point)
         parts["anchor"] = out["anchor_loss"].float().mean()
         loss = loss + training.anchor_weight * parts["anchor"]
-    return loss, {f"loss/{k}": v.item() for k, v in parts.items()} | {"loss/total": loss.item()}
+    # Tensors, not floats: the core sums them on the device (a .item() here would sync the host every micro-step).
+    return loss, {f"loss/{k}": v.detach() for k, v in parts.items()} | {"loss/total": loss.detach()}
 
 
 # ------------------------------------------------------------------------------------------- model, export
@@ -263,7 +264,7 @@ def train(
         logger.info("validation at step %d: %s", step, json.dumps(metrics))
         return metrics
 
-    def loss_step(batch: dict[str, Any], context: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_step(batch: dict[str, Any], context: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return compute_loss(model, batch, context.num_tokens, output_type, tcfg, context.generator)
 
     trainer.fit(
