@@ -50,6 +50,9 @@ class MetricConfig:
         ]
     )  # (elev, azim) deg
     render_dilation_px: int | None = None  # None: ceil(sharp_radius / pixel size), the geometric band's width
+    # Surface roughness (vae/bench/surface.py): stripes as a number, for the reconstruction and for the ground
+    # truth extracted on the same grid (its signed distance), so a ratio near 1 means no stripes of our own.
+    roughness: bool = True
 
 
 @dataclass

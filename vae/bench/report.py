@@ -43,6 +43,8 @@ def metric_columns(config: BenchConfig) -> list[tuple[str, str, float]]:
     if config.metrics.rendered_sne:
         columns.append(("rendered_sharp_normal_error_deg", "rendered SNE deg", 1.0))
     columns += [("volume_iou", "IoU field", 1.0), ("mesh_volume_iou", "IoU mesh", 1.0)]
+    if config.metrics.roughness:
+        columns += [("roughness_deg", "roughness deg", 1.0), ("gt_roughness_deg", "gt roughness deg", 1.0)]
     return columns
 
 

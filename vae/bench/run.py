@@ -44,6 +44,11 @@ from dora_shapegen.vae.bench.rendered import (
     render_sharp_edge_views,
     rendered_sharp_normal_error,
 )
+from dora_shapegen.vae.bench.surface import (
+    default_roughness_radius,
+    ground_truth_surface,
+    surface_roughness,
+)
 
 DEFAULT_CONFIG = "bench/default.yaml"
 
@@ -274,6 +279,14 @@ def evaluate_shape(
         key: trimesh.Trimesh(g["vertices"], g["faces"], process=False) for key, g in result["gt"].items()
     }
     gt_views = rendered_reference(config, gt_meshes, result["gt"])
+    radius = default_roughness_radius(config.resolution, config.bounds)
+    gt_roughness = {}
+    if config.metrics.roughness:  # the ground truth through the same extraction as every reconstruction
+        for key, mesh in gt_meshes.items():
+            surface, _ = ground_truth_surface(
+                mesh, config.resolution, config.bounds, config.coarse_resolution
+            )
+            gt_roughness[key] = surface_roughness(surface, radius, seed=result["seed"])
     latents_kept, meshes = {}, {"gt": gt_meshes}
     for spec in models:
         key = epsilon_key(spec["epsilon"])
@@ -290,6 +303,9 @@ def evaluate_shape(
             except Exception as error:  # e.g. more tokens than points: record and go on
                 per_tokens[str(num_tokens)] = {"error": _reason(error)}
                 continue
+            if config.metrics.roughness:
+                metrics["roughness_deg"] = surface_roughness(mesh, radius, seed=result["seed"])
+                metrics["gt_roughness_deg"] = gt_roughness[key]
             per_tokens[str(num_tokens)] = metrics
             if keep:
                 meshes[(spec["name"], num_tokens)] = mesh

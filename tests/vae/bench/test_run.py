@@ -134,6 +134,8 @@ def test_per_shape_entries_and_metric_ranges(bench_run):
                 # Both shapes have sharp edges: the rendered variant sits beside the geometric one.
                 assert row["rendered_sharp_pixels"] > 0
                 assert 0.0 <= row["rendered_sharp_normal_error_deg"] <= 180.0
+                # Roughness of the reconstruction and of the ground truth through the same extraction.
+                assert 0.0 <= row["roughness_deg"] <= 90.0 and 0.0 < row["gt_roughness_deg"] <= 90.0
             # 1024 tokens need 512 uniform points, the model samples 256: recorded per pair, the run goes on.
             assert "points" in shape["results"][model]["1024"]["error"]
 
