@@ -378,24 +378,27 @@ class DoraVAE(ModelMixin, ConfigMixin):
         num_tokens: int | None = None,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
-        latent_noise: float = 0.0,
+        latent_noise: float | torch.Tensor = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Training pass: dict(raw=(B, M) logits or TSDF at query_points (B, M, 3), kl=(B,), latents=(B, N, C)
         as decoded, mean, logvar, and with local attention anchor_loss=(B,), the squared error of each token's
         predicted xyz + normal against its FPS point's). No chunking: the whole query set takes part in the backward
         pass. ``latent_noise`` > 0 decodes ``latents + latent_noise * std * N(0, 1)`` (std per channel over the
         batch, no gradient): a decoder that must read slightly wrong codes tolerates the errors of a generated one,
-        and a relative scale cannot be escaped by growing the latents (the posterior's own noise can be shrunk)."""
+        and a relative scale cannot be escaped by growing the latents (the posterior's own noise can be shrunk).
+        A (B,) tensor gives each code its own level."""
         if query_points is None:
             raise ValueError("forward needs query_points (B, M, 3)")
         posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
-        if latent_noise > 0:
+        level = torch.as_tensor(latent_noise, device=latents.device, dtype=latents.dtype)
+        if bool((level > 0).any()):
             spread = latents.detach().flatten(0, 1).std(0)  # (C,)
             noise = torch.randn(
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
-            latents = latents + latent_noise * spread * noise  # (B, N, C)
+            level = level.reshape(-1, 1, 1) if level.dim() == 1 else level  # (B, 1, 1) or ()
+            latents = latents + level * spread * noise  # (B, N, C)
         tokens = self.post_kl(latents)  # (B, N, W)
         for block in self.decoder_blocks:
             tokens = self._run_block(block, tokens)  # (B, N, W)

@@ -10,6 +10,12 @@ within float tolerance. Checkpoints: see ``training/checkpoints.py`` (EMA as saf
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP workers sleep instead of spinning (see pipelines/cli.py): for `python -m dora_shapegen.vae.train` / torchrun,
+# where this module is imported before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging
@@ -69,6 +75,10 @@ class TrainingConfig(LoopConfig):
         True  # False: decode the posterior mean (KL still regularises it); see small.yaml
     )
     latent_noise: float = 0.0  # decode codes + this x their per-channel std x N(0,1): robust to DiT errors
+    # How the noise level is drawn per code: "fixed" (every code gets latent_noise) or "half_normal" (each code
+    # of the batch gets latent_noise x |N(0, 1)|, as RAE's noise-augmented decoder: most codes see little noise,
+    # so on-manifold detail is not blurred away the way one fixed level blurs thin parts).
+    latent_noise_sampling: str = "fixed"
 
 
 @dataclass
@@ -105,6 +115,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def noise_levels(
+    training: TrainingConfig, batch_size: int, generator: torch.Generator | None = None
+) -> float | torch.Tensor:
+    """The decoder's latent-noise level: a float for "fixed", else one level per code (B,)."""
+    if training.latent_noise <= 0 or training.latent_noise_sampling == "fixed":
+        return training.latent_noise
+    if training.latent_noise_sampling == "half_normal":
+        device = generator.device if generator is not None else "cpu"
+        draws = torch.randn(batch_size, generator=generator, device=device)  # (B,)
+        return training.latent_noise * draws.abs()
+    raise ValueError(
+        f"training.latent_noise_sampling must be 'fixed' or 'half_normal', got {training.latent_noise_sampling!r}"
+    )
+
+
 def compute_loss(
     model: Any,
     batch: dict[str, Any],
@@ -115,6 +140,7 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
     anchor term of models with local attention)."""
+    latent_noise = noise_levels(training, batch["uniform"].shape[0], generator)
     out = model(
         uniform=batch["uniform"],
         salient=batch["salient"],
@@ -122,7 +148,7 @@ def compute_loss(
         num_tokens=num_tokens,
         sample_posterior=training.sample_posterior,
         generator=generator,
-        latent_noise=training.latent_noise,
+        latent_noise=latent_noise,
     )
     raw = out["raw"].float()  # (B, M)
     if output_type == "occupancy":

@@ -8,7 +8,14 @@ imports are paid only when it runs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# Before any stage loads torch (and with it OpenMP): idle OpenMP workers sleep instead of spinning. On a CPU shared
+# with other processes spinning workers stall each other at every op: the quickstart's VAE step (batch 16) took
+# 10-14 s instead of ~1 s on 2 cores with a test suite running beside it. On an idle machine it costs nothing
+# noticeable. diffusion/train.py sets the same for `python -m dora_shapegen.diffusion.train`; set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> (module, help). The data flow is data -> vae -> (cache) -> diffusion -> pipelines.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

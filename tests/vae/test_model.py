@@ -303,6 +303,41 @@ def test_latent_noise_perturbs_the_decoded_code_relative_to_its_spread():
     assert ratio.mean().item() == pytest.approx(0.5, rel=0.15)
 
 
+def test_latent_noise_per_code_levels():
+    """A (B,) level gives each code its own noise: a code at level 0 decodes exactly as without noise. The training
+    config's "half_normal" draws those levels (RAE's noise-augmented decoder); "fixed" keeps one float."""
+    from dora_shapegen.vae.train import TrainingConfig, noise_levels
+
+    vae = make_model().train()
+    uniform, salient = torch.randn(3, 60, 6), torch.randn(3, 30, 6)
+    kwargs = dict(
+        uniform=uniform,
+        salient=salient,
+        query_points=torch.rand(3, 40, 3) * 2 - 1,
+        num_tokens=16,
+        sample_posterior=False,
+    )
+    levels = torch.tensor([0.0, 0.3, 0.6])
+    with torch.no_grad():
+        clean = vae(**kwargs)
+        noisy = vae(**kwargs, latent_noise=levels, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy["raw"][0], clean["raw"][0])
+    change = (noisy["latents"] - clean["latents"]).flatten(1).std(1)  # (B,)
+    assert change[0] == 0 and 0 < change[1] < change[2]
+
+    fixed = TrainingConfig(latent_noise=0.25)
+    assert noise_levels(fixed, 3) == 0.25
+    drawn = noise_levels(
+        TrainingConfig(latent_noise=0.25, latent_noise_sampling="half_normal"),
+        4096,
+        torch.Generator().manual_seed(0),
+    )
+    assert drawn.shape == (4096,) and (drawn >= 0).all()
+    assert drawn.mean().item() == pytest.approx(0.25 * (2 / np.pi) ** 0.5, rel=0.05)  # E|N(0,1)| = sqrt(2/pi)
+    with pytest.raises(ValueError, match="latent_noise_sampling"):
+        noise_levels(TrainingConfig(latent_noise=0.25, latent_noise_sampling="uniform"), 3)
+
+
 def test_item_field_queries_only_its_own_shape(model, queries):
     latents = model.encode([make_point_cloud(seed=0), make_point_cloud(seed=1)], num_tokens=32)  # (2, 32, C)
     decoded = model.decode(latents)
