@@ -149,6 +149,9 @@ class ShapeDiTBlock(nn.Module):
         return hidden_states + gate_mlp * self.mlp(mlp_in)
 
 
+TEXT_CONTEXTS = ("tokens", "pooled", "pooled+tokens")
+
+
 class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Rectified-flow velocity predictor for vecset latents, conditioned on text tokens (+ pooled text vector).
 
@@ -161,6 +164,10 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_long_skips: U-ViT skips from block i to block num_layers-1-i (second half concatenates first half).
         qk_norm: RMS-normalise queries and keys in self- and cross-attention.
         dropout: attention and MLP dropout (training only).
+        text_context: what cross-attention reads: ``"tokens"`` (the encoder's token states), ``"pooled"`` (one
+            token, the projected pooled vector) or ``"pooled+tokens"`` (that token first, then the states). A
+            sentence encoder's pooled vector is trained to be the same for a paraphrase (all-MiniLM-L6-v2 puts
+            every benchmark paraphrase nearest a training caption of its category), its token states are not.
 
     ``PeftAdapterMixin`` gives diffusers' LoRA methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
     ``fuse_lora``); see ``diffusion/finetune.py``.
@@ -183,8 +190,13 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_long_skips: bool = True,
         qk_norm: bool = True,
         dropout: float = 0.0,
+        text_context: str = "tokens",
     ) -> None:
         super().__init__()
+        if text_context not in TEXT_CONTEXTS:
+            raise ValueError(f"ShapeDiT: text_context must be one of {TEXT_CONTEXTS}, got {text_context!r}")
+        if text_context != "tokens" and pooled_projection_dim is None:
+            raise ValueError(f"ShapeDiT: text_context={text_context!r} needs a pooled_projection_dim")
         if width % num_heads != 0:
             raise ValueError(f"ShapeDiT: width={width} must be divisible by num_heads={num_heads}")
         if num_layers < 1:
@@ -200,6 +212,9 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             PixArtAlphaTextProjection(pooled_projection_dim, width, act_fn="silu")
             if pooled_projection_dim is not None
             else None
+        )
+        self.pooled_context = (
+            nn.Linear(pooled_projection_dim, cross_attention_dim) if text_context != "tokens" else None
         )
         self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # shared by all blocks
         self.blocks = nn.ModuleList(
@@ -303,6 +318,19 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         hidden = self.proj_in(hidden_states)  # (B,N,W)
         context = encoder_hidden_states.to(hidden.dtype)  # (B,L,D)
+        if self.pooled_context is not None:  # text_context "pooled" / "pooled+tokens"
+            if pooled_projections is None:
+                raise ValueError(
+                    f"ShapeDiT: text_context={self.config.text_context!r} needs pooled_projections"
+                )
+            pooled_token = self.pooled_context(pooled_projections.to(hidden.dtype))[:, None]  # (B,1,D)
+            if self.config.text_context == "pooled":
+                context, encoder_attention_mask = pooled_token, None  # (B,1,D)
+            else:
+                context = torch.cat([pooled_token, context], dim=1)  # (B,1+L,D)
+                if encoder_attention_mask is not None:
+                    first = encoder_attention_mask.new_ones((batch_size, 1))  # (B,1)
+                    encoder_attention_mask = torch.cat([first, encoder_attention_mask], dim=1)  # (B,1+L)
         context_mask, context_gate = self._context_mask(encoder_attention_mask, hidden.dtype)
         conditioning = self._embed_time(timestep, batch_size, pooled_projections, hidden)  # (B,W)
         modulation = self.adaln_single(conditioning)  # (B,6W)

@@ -83,6 +83,40 @@ def test_timestep_text_and_pooled_change_the_output():
         assert (changed - base).abs().max() > 1e-3
 
 
+def test_text_context_pooled_reads_only_the_pooled_vector(tmp_path):
+    model = randomize(make_model(text_context="pooled"))
+    latents, timestep, text, mask, pooled = make_inputs()
+    with torch.no_grad():
+        base = model(latents, timestep, text, mask, pooled).sample
+        other_tokens = model(latents, timestep, torch.randn_like(text), mask[:, :1], pooled).sample
+        other_pooled = model(latents, timestep, text, mask, -pooled).sample
+    assert torch.allclose(base, other_tokens)  # the token states do not matter, their count neither
+    assert (other_pooled - base).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    loaded = ShapeDiT.from_pretrained(tmp_path).eval()
+    assert loaded.config.text_context == "pooled"
+    with torch.no_grad():
+        assert torch.equal(loaded(latents, timestep, text, mask, pooled).sample, base)
+    with pytest.raises(ValueError, match="needs pooled_projections"):
+        model(latents, timestep, text, mask, None)
+
+
+def test_text_context_pooled_plus_tokens_reads_both():
+    model = randomize(make_model(text_context="pooled+tokens"))
+    latents, timestep, text, mask, pooled = make_inputs()
+    with torch.no_grad():
+        base = model(latents, timestep, text, mask, pooled).sample
+        other_text = model(latents, timestep, text.flip(1), mask, pooled).sample
+        other_pooled = model(latents, timestep, text, mask, -pooled).sample
+        fully_masked = model(latents, timestep, text, torch.zeros_like(mask), pooled).sample
+    assert (other_text - base).abs().max() > 1e-3 and (other_pooled - base).abs().max() > 1e-3
+    assert torch.isfinite(fully_masked).all()  # the pooled token is always there to attend to
+    with pytest.raises(ValueError, match="text_context"):
+        make_model(text_context="words")
+    with pytest.raises(ValueError, match="pooled_projection_dim"):
+        make_model(text_context="pooled", pooled_projection_dim=None)
+
+
 def test_scalar_timestep_broadcasts():
     model = randomize(make_model())
     latents, _, text, mask, pooled = make_inputs()
