@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -108,6 +109,20 @@ def sampling_timesteps(
     return scheduler.timesteps
 
 
+def in_interval(sigma: float, interval: tuple[float, float] | None) -> bool:
+    return interval is None or interval[0] <= sigma <= interval[1]
+
+
+def check_guidance_interval(interval: Any) -> tuple[float, float] | None:
+    """None, or a (low, high) pair of noise levels with 0 <= low < high <= 1; a ValueError saying so otherwise."""
+    if interval is None:
+        return None
+    values = tuple(float(v) for v in interval)
+    if len(values) != 2 or not (0.0 <= values[0] < values[1] <= 1.0):
+        raise ValueError(f"guidance_interval must be (low, high) with 0 <= low < high <= 1, got {interval!r}")
+    return values
+
+
 @torch.no_grad()
 def guided_sample(
     transformer: torch.nn.Module,
@@ -118,8 +133,13 @@ def guided_sample(
     generator: torch.Generator | None = None,
     on_step: Callable[[int, torch.Tensor, SamplingState], None] | None = None,
     interrupted: Callable[[], bool] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Integrate the flow ODE over ``timesteps`` from ``state.latents`` (B, N, C); returns the latents (B, N, C).
+
+    ``guidance_interval = (low, high)`` applies guidance only at noise levels sigma = t / 1000 within it (Kynkäänniemi
+    et al. 2024, arXiv 2404.07724: guidance at high noise collapses diversity, at low noise it does little); other
+    steps run the conditional branch alone. None guides every step.
 
     ``transformer`` follows the ShapeDiT forward signature; it runs in eval mode and its mode is restored.
     ``generator`` goes to ``scheduler.step`` (used by its stochastic variants). ``on_step(i, t, state)`` runs
@@ -134,7 +154,12 @@ def guided_sample(
             if interrupted is not None and interrupted():
                 continue
             latents, text = state.latents, state.conditioning
-            model_input = torch.cat([latents, latents]) if guidance else latents  # (B', N, C)
+            guide = guidance and in_interval(float(t) / 1000.0, guidance_interval)
+            if (
+                guidance and not guide
+            ):  # outside the interval: the conditional half only (unconditional first)
+                text = TextEmbeddings(*(tensor[latents.shape[0] :] for tensor in text))
+            model_input = torch.cat([latents, latents]) if guide else latents  # (B', N, C)
             velocity = transformer(
                 hidden_states=model_input,
                 timestep=t.expand(model_input.shape[0]).to(latents.dtype),  # (B',)
@@ -143,7 +168,7 @@ def guided_sample(
                 pooled_projections=text.pooled if use_pooled else None,
                 return_dict=False,
             )[0]  # (B', N, C)
-            if guidance:
+            if guide:
                 velocity_uncond, velocity_text = velocity.chunk(2)  # (B, N, C) each
                 velocity = velocity_uncond + guidance_scale * (velocity_text - velocity_uncond)
             state.latents = scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[
@@ -183,6 +208,7 @@ def sample_latents(
     guidance_scale: float = 4.0,
     generator: torch.Generator | None = None,
     in_channels: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """:func:`guided_sample` on embeddings encoded elsewhere; returns latents (B, N, C).
 
@@ -205,4 +231,11 @@ def sample_latents(
         batch_size, num_tokens, in_channels or model.config.in_channels, dtype, device, generator
     )  # (B, N, C)
     timesteps = sampling_timesteps(scheduler, num_steps, num_tokens, device)
-    return guided_sample(model, scheduler, SamplingState(latents, conditioning), timesteps, guidance_scale)
+    return guided_sample(
+        model,
+        scheduler,
+        SamplingState(latents, conditioning),
+        timesteps,
+        guidance_scale,
+        guidance_interval=check_guidance_interval(guidance_interval),
+    )

@@ -30,6 +30,7 @@ from dora_shapegen.diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.sampling import (
     SamplingState,
+    check_guidance_interval,
     encode_prompts,
     guided_sample,
     initial_noise,
@@ -328,6 +329,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 5.0,
+        guidance_interval: tuple[float, float] | None = None,
         num_tokens: int | None = None,
         num_shapes_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -350,6 +352,8 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             negative_prompt: the unconditional branch of CFG (default ""); a string or one per prompt.
             num_inference_steps: Euler steps of the flow-matching ODE.
             guidance_scale: CFG weight ``w`` (``v = v_u + w (v_c - v_u)``); <= 1 disables CFG.
+            guidance_interval: ``(low, high)``: guide only at noise levels sigma in this interval (arXiv 2404.07724);
+                None guides every step.
             num_tokens: latent tokens per shape (default: ``pipe.default_num_tokens``); at most ``pipe.token_limit``.
             num_shapes_per_prompt: shapes per prompt.
             generator: torch generator(s) for the initial noise; same seed -> same result.
@@ -372,6 +376,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             output_type, latents=latents, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         self._guidance_scale = float(guidance_scale)
+        guidance_interval = check_guidance_interval(guidance_interval)
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
@@ -430,6 +435,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
                 generator=step_generator,
                 on_step=on_step,
                 interrupted=lambda: self.interrupt,
+                guidance_interval=guidance_interval,
             )  # (B*S, N, C)
 
         # 5. Back to VAE space, then the field -> meshes.

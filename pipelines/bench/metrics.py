@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import trimesh
@@ -170,6 +171,46 @@ def distribution_metrics(
 
 
 # ---------------------------------------------------------------------------------------------- the judge
+def mean_pairwise(distances: np.ndarray) -> float:
+    """Mean off-diagonal entry of a square distance matrix; NaN with fewer than two items."""
+    count = distances.shape[0]
+    if count < 2:
+        return math.nan
+    return float((distances.sum() - np.trace(distances)) / (count * (count - 1)))
+
+
+def category_spread(clouds: CloudSet, categories: Sequence[str]) -> dict[str, float]:
+    """Mean pairwise Chamfer-L2 between shapes of the same category (categories with >= 2 shapes): how different
+    two real shapes of a category are, the yardstick for two samples of one prompt."""
+    spread = {}
+    for category in sorted(set(categories)):
+        members = [i for i, c in enumerate(categories) if c == category]
+        if len(members) >= 2:
+            subset = CloudSet([clouds.clouds[i] for i in members])
+            spread[category] = mean_pairwise(chamfer_matrix(subset, subset, symmetric=True))
+    return spread
+
+
+def prompt_diversity(
+    generated_distances: np.ndarray,
+    groups: Sequence[Any],
+    categories: Sequence[str | None],
+    spread: dict[str, float],
+) -> list[float | None]:
+    """Per generated shape: the mean pairwise Chamfer among the samples of its prompt (``groups``: one key per
+    shape) divided by its category's real spread; None where a prompt has < 2 samples or the category no spread.
+    1 = two samples differ as much as two real shapes of the category; near 0 = one shape, whatever the seed."""
+    out: list[float | None] = []
+    for group, category in zip(groups, categories):
+        members = [i for i, g in enumerate(groups) if g == group]
+        reference = spread.get(category) if category else None
+        if len(members) < 2 or not reference:
+            out.append(None)
+            continue
+        out.append(mean_pairwise(generated_distances[np.ix_(members, members)]) / reference)
+    return out
+
+
 @dataclass
 class NearestShapeJudge:
     """k-NN vote on Chamfer distance to reference shapes of known category: a judge that never saw the DiT.

@@ -21,6 +21,7 @@ SAMPLE_KEYS = (
     "sample",
     "seed",
     "judged",
+    "diversity",
     "error",
     "empty",
     "faces",
@@ -56,6 +57,9 @@ def protocol(config: Any, judge: Any) -> dict[str, Any]:
         else f"{judge.k}-NN vote on CD to {len(judge.categories)} reference shapes of known category (the reference "
         f"set's training part); its accuracy on the {judge.num_held_out} held-out reference shapes: "
         f"{100 * judge.accuracy:.1f}%. Empty or failed samples count as wrong",
+        "diversity": "per prompt, the mean pairwise CD of its samples divided by the mean pairwise CD of the judge's "
+        "reference shapes of its category, averaged over prompts (1 = samples differ as much as real shapes; "
+        "needs >= 2 samples per prompt)",
         "structure": "components edge-connected after merging vertices; floater share = 1 - largest component's "
         "share of the volume (area when a component is open); "
         + (
@@ -95,6 +99,9 @@ def _group_metrics(
             100.0 * sum(row.get("judged") == row["category"] for row in judged) / len(judged)
         )
         result["num_judged"] = len(judged)
+    ratios = [row["diversity"] for row in rows if row.get("diversity") is not None]
+    if ratios:  # every prompt has the same number of samples, so a mean over samples is one over prompts
+        result["diversity_ratio"] = float(np.mean(ratios))
     result |= {f"structure_{k}": v for k, v in summarize_structure(rows).items() if k != "num_samples"}
     return result
 
@@ -157,7 +164,11 @@ def evaluate_samples(
 
 # ---------------------------------------------------------------------------------------------- markdown
 def _cells(figures: dict[str, Any], distances: list[str]) -> list[str]:
-    cells = [str(figures.get("num_samples", 0)), format_figure(figures.get("text_accuracy_pct"))]
+    cells = [
+        str(figures.get("num_samples", 0)),
+        format_figure(figures.get("text_accuracy_pct")),
+        format_figure(figures.get("diversity_ratio")),
+    ]
     for name in distances:
         cells += [
             format_figure(figures.get(f"1-NNA-{name}")),
@@ -175,7 +186,7 @@ def _cells(figures: dict[str, Any], distances: list[str]) -> list[str]:
 
 
 def _header(distances: list[str], first: str) -> list[str]:
-    header = [first, "samples", "text acc. %"]
+    header = [first, "samples", "text acc. %", "diversity (× real)"]
     for name in distances:
         header += [f"1-NNA-{name} %", f"COV-{name} %", f"MMD-{name} ×{'1e3' if name == 'CD' else '1e2'}"]
     return header + ["one component %", "floater share %", "empty/failed", "watertight %", "median faces"]

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml
+from dora_shapegen.diffusion.sampling import check_guidance_interval
 from dora_shapegen.pipelines.bench.data import (
     CAPTIONS,
     SPLITS,
@@ -42,11 +45,13 @@ from dora_shapegen.pipelines.bench.data import (
 )
 from dora_shapegen.pipelines.bench.metrics import (
     CloudSet,
+    category_spread,
     chamfer_matrix,
     emd_matrix,
     fit_judge,
     mesh_cloud,
     mesh_structure,
+    prompt_diversity,
 )
 from dora_shapegen.seeding import derive_seed
 
@@ -65,6 +70,10 @@ class GenerationBenchConfig:
     samples_per_prompt: int = 4
     steps: int = 25
     guidance: float = 4.0
+    guidance_interval: list[float] | None = (
+        None  # (low, high) noise levels where guidance applies; None = all
+    )
+    threshold: float = 0.5  # iso-level of the extraction (the VAE's occupancy-like field)
     tokens: int | None = None  # None: the pipeline's default token count
     seed: int = 0
     resolution: int = 96  # finest grid of the mesh extraction
@@ -106,6 +115,9 @@ def check_config(config: GenerationBenchConfig) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {config.split!r}")
     if not config.prompts:
         raise ValueError("prompts: give at least one prompt set ('captions' or a .txt / .jsonl file)")
+    check_guidance_interval(config.guidance_interval)
+    if not 0.0 < config.threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), the occupancy field's range, got {config.threshold}")
 
 
 def _resolve_reference(pipeline_dir: Path | None, reference: str | None) -> str:
@@ -169,6 +181,7 @@ def generate_meshes(
                     [r["prompt"] for r in batch],
                     num_inference_steps=config.steps,
                     guidance_scale=config.guidance,
+                    guidance_interval=config.guidance_interval,
                     num_tokens=config.tokens,
                     generator=generators,
                     output_type="latent",
@@ -185,6 +198,7 @@ def generate_meshes(
                     mesh = pipe.decode_latents(
                         latent[None],
                         mesh_resolution=config.resolution,
+                        mesh_threshold=config.threshold,
                         remove_floaters=config.remove_floaters,
                     )[0]
                     results.append({**request, "mesh": mesh, "error": None})
@@ -297,6 +311,16 @@ def run_generation_bench(
     if judge is not None and made:
         for sample, verdict in zip(made, judge.predict(generated)):
             sample["judged"] = verdict
+    if made and judge is not None:  # diversity: samples of one prompt against real shapes of its category
+        spread = category_spread(judge.gallery, judge.categories)
+        ratios = prompt_diversity(
+            matrices["CD"][0],
+            [(s["set"], s["prompt_index"]) for s in made],
+            [s["category"] for s in made],
+            spread,
+        )
+        for sample, ratio in zip(made, ratios):
+            sample["diversity"] = ratio
     results = evaluate_samples(samples, made, evaluated, matrices, prompt_sets, judge, config)
     timings["metrics"] = time.perf_counter() - clock
     results.update(
@@ -347,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="shapes per prompt (4)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (25)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (4.0)")
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="guide only at noise levels in [LOW, HIGH] (0 <= LOW < HIGH <= 1; default: every step)",
+    )
+    parser.add_argument("--threshold", type=float, default=None, help="iso-level of the extraction (0.5)")
     parser.add_argument("--tokens", type=int, default=None, help="latent tokens (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (0)")
     parser.add_argument("--resolution", type=int, default=None, help="mesh extraction grid (96)")

@@ -105,3 +105,31 @@ def test_sampler_runs_the_shape_dit_with_guidance(tiny_text):
     torch.testing.assert_close(plain, no_uncond)
     assert (guided - plain).abs().max() > 1e-3
     assert model.training  # the sampler restores the mode it found
+
+
+def test_guidance_interval_guides_only_inside_it():
+    """Outside the interval a step is the conditional branch alone: a full interval equals plain guidance, an
+    interval that holds no step equals no guidance, a partial one lands in between; a bad interval is refused."""
+    from dora_shapegen.diffusion.sampling import check_guidance_interval
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    x0 = torch.tensor([[0.5, -1.0, 2.0, 0.0]])  # (B,C)
+    null = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+
+    def run(interval):
+        return sample_latents(
+            DiracOracle(4), scheduler, embeddings_for(x0, 3), embeddings_for(null, 1), num_tokens=2,
+            num_steps=8, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), guidance_interval=interval,
+        )[0, 0]  # fmt: skip
+
+    guided = run(None)
+    torch.testing.assert_close(guided, null[0] + 3.0 * (x0[0] - null[0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run((0.0, 1.0)), guided)
+    # The oracle's last Euler step (sigma 0.125 -> 0) lands exactly on the target of the branch it runs: guided when
+    # the interval holds sigma 0.125, the conditional data point when it does not.
+    torch.testing.assert_close(run((0.0, 0.2)), guided, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run((0.3, 0.8)), x0[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run((0.0, 1e-6)), x0[0], atol=1e-4, rtol=1e-4)
+    for bad in ((0.8, 0.3), (0.0, 1.5), (0.1,)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            check_guidance_interval(bad)

@@ -136,6 +136,26 @@ def test_judge_reproduces_its_stated_accuracy_on_the_held_out_part():
 
 
 # ---------------------------------------------------------------------------------------------- structure
+def test_diversity_compares_samples_of_a_prompt_with_real_shapes_of_its_category():
+    from dora_shapegen.pipelines.bench.metrics import category_spread, mean_pairwise, prompt_diversity
+
+    boxes = _boxes(3, seed=0)
+    real = CloudSet(boxes + [boxes[0], boxes[0]])
+    spread = category_spread(real, ["vase", "vase", "vase", "mug", "mug"])
+    # Three real vases of different proportions differ; two identical mugs do not (no yardstick then).
+    assert spread["vase"] > 0 and spread["mug"] == 0.0
+    samples = CloudSet(
+        [boxes[0], boxes[1], boxes[2], boxes[2]]
+    )  # prompt A: two boxes; prompt B: one box twice
+    distances = chamfer_matrix(samples, samples, symmetric=True)
+    ratios = prompt_diversity(distances, ["A", "A", "B", "B"], ["vase", "mug", "vase", "vase"], spread)
+    assert ratios[0] == pytest.approx(distances[0, 1] / spread["vase"]) and ratios[0] > 0
+    assert ratios[1] is None  # its category has no spread to compare with
+    assert ratios[2] == ratios[3] == 0.0  # the same shape whatever the seed
+    assert prompt_diversity(distances[:1, :1], ["A"], ["vase"], spread) == [None]  # one sample: undefined
+    assert np.isnan(mean_pairwise(np.zeros((1, 1))))
+
+
 def test_fragmented_mesh_counts_as_several_components():
     body = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
     floaters = [
@@ -288,6 +308,7 @@ def test_command_end_to_end_on_a_tiny_pipeline(pipeline_dir, tmp_path, capsys):
         right = sum(row["judged"] == row["category"] for row in mine)
         assert overall["text_accuracy_pct"] == pytest.approx(100.0 * right / len(mine))
         made = [row for row in mine if not row["empty"]]
+        assert 0.0 <= overall.get("diversity_ratio", 0.0) < 10.0
         assert overall["num_generated"] == len(made) > 0
         assert 0.0 <= overall["1-NNA-CD"] <= 100.0 and 0.0 <= overall["COV-EMD"] <= 100.0
         assert overall["structure_single_component_pct"] == pytest.approx(
