@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path
+from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path, save_yaml
 from dora_shapegen.pipelines.apps.quickstart_report import read_json
 
 QUICKSTART_CONFIGS = CONFIG_DIR / "quickstart"
@@ -104,10 +104,53 @@ def load_quickstart_config(config_dir: Path) -> QuickstartConfig:
     return from_dict(QuickstartConfig, load_yaml(_stage_yaml(config_dir, "quickstart")), "quickstart.yaml")
 
 
+# Keys of the training stages' YAMLs that count optimizer steps: a budget multiplier scales all of them, so a longer
+# run is the same recipe stretched (warmup, cosine decay, token-length ramp, validation and checkpoint spacing).
+STEP_KEYS = (
+    ("training", "max_steps"),
+    ("training", "warmup_steps"),
+    ("training", "checkpoint_every"),
+    ("validation", "every_steps"),
+    ("sampling", "every_steps"),
+)
+
+
+def scale_stage_config(values: dict[str, Any], budget: float) -> dict[str, Any]:
+    """A training stage's YAML values with every step count times ``budget`` (rounded, at least 1 where it was);
+    the EMA keeps averaging the same share of the run (``1 - decay`` divided by the budget)."""
+    if not budget > 0:
+        raise ValueError(f"budget must be a positive multiplier, got {budget}")
+    scaled = json.loads(json.dumps(values))  # a deep copy of plain YAML data
+
+    def times(value: Any) -> Any:
+        return value if not value else max(1, round(value * budget))
+
+    for section, key in STEP_KEYS:
+        if key in scaled.get(section, {}) and scaled[section][key] is not None:
+            scaled[section][key] = times(int(scaled[section][key]))
+    schedule = scaled.get("schedule") or {}
+    if schedule.get("mixture") and "ramp_steps" in schedule["mixture"]:
+        schedule["mixture"]["ramp_steps"] = times(int(schedule["mixture"]["ramp_steps"]))
+    for phase in schedule.get("phases") or []:
+        if phase.get("until_step") is not None:
+            phase["until_step"] = times(int(phase["until_step"]))
+    training = scaled.get("training", {})
+    if training.get("use_ema") and "ema_decay" in training:
+        training["ema_decay"] = 1.0 - (1.0 - float(training["ema_decay"])) / budget
+    return scaled
+
+
 class Quickstart:
-    def __init__(self, out_dir: Path, config_dir: Path, overrides: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        config_dir: Path,
+        overrides: dict[str, float] | None = None,
+        budget: float = 1.0,
+    ) -> None:
         self.out = out_dir
         self.config_dir = config_dir
+        self.budget = float(budget)
         self.config = load_quickstart_config(config_dir)
         for key, value in (overrides or {}).items():
             section, name = key.split(".")
@@ -190,13 +233,23 @@ class Quickstart:
         summary = self.out / "prepared" / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
 
+    def training_config(self, config_name: str) -> Path:
+        """The training stage's YAML; with a budget other than 1, a copy with every step count scaled, written to
+        OUT/configs/ (the command in the log names it, so the stage can be rerun by hand)."""
+        path = _stage_yaml(self.config_dir, config_name)
+        if self.budget == 1.0:
+            return path
+        scaled = self.out / "configs" / f"{config_name}_budget{self.budget:g}.yaml"
+        save_yaml(scale_stage_config(load_yaml(path), self.budget), scaled)
+        return scaled
+
     def _train(
         self, command: str, config_name: str, run_dir: Path, minutes: float | None, *extra: str
     ) -> None:
         args = [
             command,
             "--config",
-            str(_stage_yaml(self.config_dir, config_name)),
+            str(self.training_config(config_name)),
             "--output-dir",
             str(run_dir),
             *(["--max-minutes", str(minutes)] if minutes else []),
@@ -310,15 +363,18 @@ class Quickstart:
     def eta_message(self) -> str:
         """Step budgets and the expected time, from the calibration scaled by this machine's matmul rate now."""
         steps = {
-            name: int(load_yaml(_stage_yaml(self.config_dir, name))["training"]["max_steps"])
+            name: scale_stage_config(load_yaml(_stage_yaml(self.config_dir, name)), self.budget)["training"][
+                "max_steps"
+            ]
             for name in ("vae", "dit")
         }
         budget = f"budgets: VAE {steps['vae']} steps, DiT {steps['dit']} steps"
+        if self.budget != 1.0:
+            budget += f" (--budget {self.budget:g}: every training step count x{self.budget:g})"
         calibration = self.config.calibration
-        seconds = (
-            calibration.other_stages_seconds
-            + self.config.vae.calibrated_seconds
-            + self.config.dit.calibrated_seconds
+        # The trainings scale with their steps; the other stages do not depend on the budget.
+        seconds = calibration.other_stages_seconds + self.budget * (
+            self.config.vae.calibrated_seconds + self.config.dit.calibrated_seconds
         )
         if calibration.matmul_gflops <= 0 or seconds <= 0:
             return budget
@@ -392,9 +448,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="wall-clock safety cap of the DiT training (its budget is steps, in dit.yaml)",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="multiply every training step count (steps, warmup, decay, ramps) by this: 2 = twice the steps, "
+        "the same recipe; the ETA says what it costs (default: %(default)s)",
+    )
     parser.add_argument("--num-shapes", type=int, default=None, help="override the dataset size")
     parser.add_argument("--stop-after", default=None, help="stop after this stage (e.g. train-vae)")
     args = parser.parse_args(argv)
+    if not (args.budget > 0 and args.budget < float("inf")):
+        parser.error(f"--budget must be a positive number, got {args.budget}")
     overrides: dict[str, float] = {}
     if args.vae_minutes is not None:
         overrides["vae.max_minutes"] = args.vae_minutes
@@ -404,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["dataset.num_shapes"] = args.num_shapes
     try:
         configs = resolve_config_path(args.configs)
-        Quickstart(Path(args.out), configs, overrides).run(stop_after=args.stop_after)
+        Quickstart(Path(args.out), configs, overrides, args.budget).run(stop_after=args.stop_after)
     except (RuntimeError, FileNotFoundError) as error:
         print(f"dora quickstart: {error}", file=sys.stderr)
         return 1

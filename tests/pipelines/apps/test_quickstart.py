@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import trimesh
 import yaml
 
@@ -156,3 +157,37 @@ def test_report_flags_a_training_cut_by_the_wall_clock_cap(tmp_path):
     vae_part, dit_part = report.split("## DiT")
     assert "wall-clock cap" not in vae_part
     assert "wall-clock cap stopped this training after 31 steps" in dit_part
+
+
+def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
+    import dora_shapegen.pipelines.apps.quickstart as quickstart
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR / "quickstart", configs)
+    orchestration = yaml.safe_load((configs / "quickstart.yaml").read_text())
+    orchestration["calibration"] = {"matmul_gflops": 200.0, "other_stages_seconds": 300.0}
+    orchestration["vae"]["calibrated_seconds"] = 420.0
+    orchestration["dit"]["calibrated_seconds"] = 480.0
+    _write(configs / "quickstart.yaml", orchestration)
+    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: 200.0)
+    run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
+    # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
+    assert "~35 min on a free 2-core machine" in run.eta_message()
+
+    original = yaml.safe_load((configs / "dit.yaml").read_text())
+    scaled = yaml.safe_load(run.training_config("dit").read_text())
+    assert scaled["training"]["max_steps"] == 2 * original["training"]["max_steps"]
+    assert scaled["training"]["warmup_steps"] == 2 * original["training"]["warmup_steps"]
+    assert scaled["schedule"]["mixture"]["ramp_steps"] == 2 * original["schedule"]["mixture"]["ramp_steps"]
+    # The EMA averages the same share of the longer run; everything that is not a step count is unchanged.
+    assert 1 - scaled["training"]["ema_decay"] == pytest.approx((1 - original["training"]["ema_decay"]) / 2)
+    assert (
+        scaled["model"] == original["model"]
+        and scaled["training"]["learning_rate"] == original["training"]["learning_rate"]
+    )
+    # At 1x the shipped YAML itself is used, and a nonsense budget is refused.
+    assert quickstart.Quickstart(tmp_path / "out", configs).training_config("dit") == configs / "dit.yaml"
+    with pytest.raises(ValueError, match="positive"):
+        quickstart.scale_stage_config(original, 0.0)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--budget", "-1"])
