@@ -42,6 +42,10 @@ from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, de
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OUTPUT_TYPES = ("trimesh", "latent", "np")
+LEGACY_MODULES = {
+    "vae.modeling_dora_vae": "dora_shapegen.vae.modeling_dora_vae",
+    "diffusion.modeling_shape_dit": "dora_shapegen.diffusion.modeling_shape_dit",
+}
 
 
 @dataclass
@@ -150,6 +154,18 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             text_max_length=text_max_length,
             text_encoder_kind=text_encoder_kind,
         )
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config``, with the module paths of pipelines saved before the ``dora_shapegen``
+        namespace (``model_index.json`` naming ``vae.modeling_dora_vae``, the checkout's top-level module) mapped
+        to today's, so such folders still load: diffusers imports a component's module by that name."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        for value in config.values():
+            if isinstance(value, list) and len(value) == 2 and value[0] in LEGACY_MODULES:
+                value[0] = LEGACY_MODULES[value[0]]
+        return result
 
     # ------------------------------------------------------------------ model facts
 

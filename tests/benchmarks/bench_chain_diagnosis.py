@@ -12,8 +12,8 @@ Rows (each held-out shape of the quickstart layout, ``PIPE/../prepared`` and ``P
 
 Columns: components, one-piece rate, floater share (of the raw extraction: no floater removal), volume IoU of the
 field against the shape's supervision (rows 2-3), surface roughness (``vae/bench/surface.py``) and its ratio to the
-ground truth's, inside/outside crossings per grid line along x / y / z (2 for a convex solid; more = the field
-rings), and the latent distance in std units: for perturbed codes to their clean code, for the DiT samples and the
+ground truth's, inside/outside crossings per grid line along x / y / z for the ground truth and the clean code
+(dense grid; 2 for a convex solid; more = the field rings), and the latent distance in std units: for perturbed codes to their clean code, for the DiT samples and the
 clean held-out codes to the nearest *training* code (token-set Chamfer, per channel RMS, so a perturbation of s
 reads ~s). The DiT's distance set against the perturbation curve says whether the DiT's error or the decoder's
 tolerance is the weaker link. Extra rows at ``--fine-resolution`` tell extraction terracing (roughness that falls
@@ -56,6 +56,7 @@ from dora_shapegen.vae.bench.surface import (  # noqa: E402
     ground_truth_surface,
     surface_roughness,
 )
+from dora_shapegen.vae.modeling_dora_vae import DoraVAE  # noqa: E402
 from dora_shapegen.vae.train_validation import split_indices  # noqa: E402
 
 
@@ -124,7 +125,10 @@ def markdown(table: dict[str, dict[str, Any]], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", required=True, type=Path, help="a saved pipeline (quickstart layout)")
+    parser.add_argument("--pipeline", type=Path, default=None, help="a saved pipeline (quickstart layout)")
+    parser.add_argument(
+        "--vae", type=Path, default=None, help="without a pipeline: the VAE folder (no DiT rows)"
+    )
     parser.add_argument("--prepared", type=Path, default=None, help="default: PIPE/../prepared")
     parser.add_argument("--shards", type=Path, default=None, help="default: PIPE/../latents")
     parser.add_argument("--held-out-fraction", type=float, default=0.1)
@@ -141,11 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.monotonic()
-    prepared = args.prepared or args.pipeline.parent / "prepared"
-    shards = args.shards or args.pipeline.parent / "latents"
-    pipe = load_pipeline(args.pipeline, "cpu")
-    vae = pipe.vae.eval()
-    num_tokens = int(args.tokens or pipe.default_num_tokens)
+    if args.pipeline is None and (args.vae is None or args.shards is None or args.prepared is None):
+        parser.error("give --pipeline, or --vae, --shards and --prepared (then no DiT rows)")
+    root = args.pipeline.parent if args.pipeline else None
+    prepared = args.prepared or root / "prepared"
+    shards = args.shards or root / "latents"
+    if args.pipeline is not None:
+        pipe = load_pipeline(args.pipeline, "cpu")
+        vae = pipe.vae.eval()
+        default_tokens = pipe.default_num_tokens
+    else:
+        pipe, args.samples, default_tokens = None, 0, 256
+        vae = DoraVAE.from_pretrained(args.vae).eval()
+    num_tokens = int(args.tokens or default_tokens)
     stats = LatentStats.from_manifest(load_manifest(shards))
     table = load_latent_table(shards, num_tokens, stats)
     train_ids, held_ids = split_indices(table.shape_ids, args.held_out_fraction)
@@ -189,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             noise = torch.randn(clean.shape, generator=generator)  # (1, N, C)
             codes.append((f"decode(mean + {scale:g}·std·noise)", clean + scale * spread * noise, None))
         for name, code, distance in codes:
+            # Dense only where the crossings are read (the clean code); the same grid values either way near the
+            # surface, so the meshes of every row match.
+            method = "dense" if name == "decode(mean)" else "hierarchical"
             with torch.no_grad():
-                grid = field_grid(vae, code, args.resolution, "dense")
+                grid = field_grid(vae, code, args.resolution, method)
                 occupancy = vae.decode(code)(volume_points)[0].float().numpy() > 0.5  # (M,)
             mesh = mesh_from_grid(grid, 0.5)
             if distance is None:  # perturbed: how far from its own clean code, in the same units
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 "iou": float(np.logical_and(occupancy, volume_occupancy).sum() / max(union, 1)),
                 "latent_distance": distance,
             }
-            row |= {f"crossings_{a}": v for a, v in grid_line_crossings(grid.values).items()}
+            if method == "dense":
+                row |= {f"crossings_{a}": v for a, v in grid_line_crossings(grid.values).items()}
             add(name, row, mesh)
             if name == "decode(mean)" and args.fine_resolution:
                 with torch.no_grad():
@@ -220,13 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                 output_type="latent",
             ).latents  # (1, N, C) VAE space
             with torch.no_grad():
-                grid = field_grid(vae, latents.float(), args.resolution, "dense")
+                grid = field_grid(vae, latents.float(), args.resolution, "hierarchical")
             mesh = mesh_from_grid(grid, 0.5)
             row = score_mesh(mesh, radius) | {
                 "latent_distance": float(latent_distance(stats.normalize(latents).float(), train_latents)[0]),
                 "prompt": caption,
             }
-            row |= {f"crossings_{a}": v for a, v in grid_line_crossings(grid.values).items()}
             add("DiT samples", row, mesh)
 
     gt_roughness = summarize(rows["ground truth"], 0.0)["roughness_deg"]
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, group in rows.items()
     }
     header = (
-        f"Chain diagnosis of `{args.pipeline}`: {len(held_ids)} held-out shapes, {num_tokens} tokens, dense "
+        f"Chain diagnosis of `{args.pipeline or args.vae}`: {len(held_ids)} held-out shapes, {num_tokens} tokens, dense "
         f"{args.resolution}^3 at iso 0.5 (rows marked @{args.fine_resolution}: hierarchical {args.fine_resolution}^3), "
         f"raw extraction; DiT: {args.samples} samples per held-out caption, {args.steps} steps, guidance "
         f"{args.guidance:g}; roughness radius 2 cells. {time.monotonic() - started:.0f} s."

@@ -158,6 +158,25 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(before, after)
 
 
+def test_a_pipeline_saved_before_the_namespace_still_loads(tmp_path):
+    """Folders written before the dora_shapegen namespace name the checkout's top-level modules in model_index.json."""
+    pipe = make_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    index_path = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["vae"][0], index["transformer"][0] = "vae.modeling_dora_vae", "diffusion.modeling_shape_dit"
+    index_path.write_text(json.dumps(index))
+    loaded = DoraTextTo3DPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded.vae) is type(pipe.vae) and type(loaded.transformer) is type(pipe.transformer)
+    before = pipe(PROMPT, num_inference_steps=2, generator=seeded(3), output_type="latent").latents
+    after = loaded(PROMPT, num_inference_steps=2, generator=seeded(3), output_type="latent").latents
+    assert torch.equal(before, after)
+    loaded.save_pretrained(tmp_path / "again")  # written back under today's names
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["vae"][0].startswith(
+        "dora_shapegen."
+    )
+
+
 def test_to_moves_every_component_dtype():
     pipe = make_tiny_pipeline().to("cpu", torch.float64)
     assert pipe.vae.dtype == pipe.transformer.dtype == pipe.text_encoder.dtype == torch.float64
