@@ -391,12 +391,13 @@ class DoraVAE(ModelMixin, ConfigMixin):
             raise ValueError("forward needs query_points (B, M, 3)")
         posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
-        level = torch.as_tensor(latent_noise, device=latents.device, dtype=latents.dtype)
-        if bool((level > 0).any()):
+        # A tensor of levels (one per code) always perturbs; a float only when positive (no host sync either way).
+        if isinstance(latent_noise, torch.Tensor) or latent_noise > 0:
             spread = latents.detach().flatten(0, 1).std(0)  # (C,)
             noise = torch.randn(
                 latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
             )
+            level = torch.as_tensor(latent_noise, device=latents.device, dtype=latents.dtype)
             level = level.reshape(-1, 1, 1) if level.dim() == 1 else level  # (B, 1, 1) or ()
             latents = latents + level * spread * noise  # (B, N, C)
         tokens = self.post_kl(latents)  # (B, N, W)

@@ -140,7 +140,7 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction (BCE on occupancy logits or MSE on TSDF) per supervision group, weighted, plus KL (and the
     anchor term of models with local attention)."""
-    latent_noise = noise_levels(training, batch["uniform"].shape[0], generator)
+    latent_noise = noise_levels(training, batch["sup_occupancy"].shape[0], generator)
     out = model(
         uniform=batch["uniform"],
         salient=batch["salient"],
