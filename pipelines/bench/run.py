@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml
 from dora_shapegen.diffusion.sampling import check_guidance_interval
 from dora_shapegen.pipelines.bench.data import (

@@ -50,6 +50,7 @@ from dora_shapegen.data.processor import MeshProcessor  # noqa: E402
 from dora_shapegen.diffusion.train_utils import load_latent_table  # noqa: E402
 from dora_shapegen.pipelines.bench.metrics import mesh_structure  # noqa: E402
 from dora_shapegen.pipelines.bench.run import _sample_seed, load_pipeline  # noqa: E402
+from dora_shapegen.seeding import split_indices  # noqa: E402
 from dora_shapegen.vae.bench.surface import (  # noqa: E402
     default_roughness_radius,
     grid_line_crossings,
@@ -57,7 +58,6 @@ from dora_shapegen.vae.bench.surface import (  # noqa: E402
     surface_roughness,
 )
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE  # noqa: E402
-from dora_shapegen.vae.train_validation import split_indices  # noqa: E402
 
 
 def latent_distance(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
