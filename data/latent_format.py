@@ -16,6 +16,10 @@ Sample layout (one sample per shape; member names inside the tar are ``<key>.<su
 - ``source.txt``   -- the source mesh path recorded by ``dora prepare`` (else the prepared sample's path).
 - ``json``         -- metadata: shape_id, captions, category, source, prepared_path, num_tokens, num_views,
   latent_channels, dtype, token_order, and ``meta`` (the prepared sample's own metadata).
+- ``render_<v>.png`` -- optional, v = 0 .. R-1: the shape's condition images (``dora render-views``: shaded
+  renders from random views, recentred as inference images are), 8-bit RGB PNG; ``json["renders"]`` holds their
+  count, size and cameras, and the manifest's ``renders`` entry says the whole cache has them. Shards without them
+  (text-only caches, older caches) read as before.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ SAMPLE_KEYS = {
     "json": "metadata: shape_id, captions, category, source, prepared_path, num_tokens, num_views, "
     "latent_channels, dtype, token_order, meta (prepared sample metadata)",
 }
+RENDER_MEMBER = "render_{view}.png"  # optional members: one 8-bit RGB PNG per condition image
+IMAGE_MODES = ("none", "one", "all")  # what decode_sample reads of the condition images
+OPTIONAL_SAMPLE_KEYS = {RENDER_MEMBER.format(view="<v>"): "condition image v (8-bit RGB PNG), when rendered"}
 
 
 @dataclass
@@ -173,13 +180,40 @@ def sample_key(shape_id: str) -> str:
     return key
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless; renders on white compress ~10x)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, where: str) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8; a ValueError naming ``where`` when they are not an RGB image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+    except Exception as error:
+        raise ValueError(f"{where}: unreadable condition image ({type(error).__name__}: {error})") from error
+    return array  # (H, W, 3)
+
+
 def encode_sample(
-    shape_id: str, stored_latents: np.ndarray, captions: list[str], source: str, metadata: dict[str, Any]
+    shape_id: str,
+    stored_latents: np.ndarray,
+    captions: list[str],
+    source: str,
+    metadata: dict[str, Any],
+    renders: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """One shape -> a webdataset sample dict of bytes (see the module docstring for the keys)."""
+    """One shape -> a webdataset sample dict of bytes (see the module docstring for the keys); ``renders``
+    (R, H, W, 3) uint8 adds one PNG member per condition image."""
     buffer = io.BytesIO()
     np.save(buffer, stored_latents, allow_pickle=False)
-    return {
+    sample = {
         "__key__": sample_key(shape_id),
         "latents.npy": buffer.getvalue(),
         "caption.txt": (captions[0] if captions else "").encode("utf-8"),
@@ -187,6 +221,27 @@ def encode_sample(
         "source.txt": source.encode("utf-8"),
         "json": json.dumps(metadata, default=str).encode("utf-8"),
     }
+    for view, image in enumerate(renders if renders is not None else []):
+        sample[RENDER_MEMBER.format(view=view)] = encode_png(image)
+    return sample
+
+
+def render_members(raw: dict[str, Any]) -> list[str]:
+    """The sample's condition-image member names in view order (none for a text-only cache)."""
+    found = [key for key in raw if key.startswith("render_") and key.endswith(".png")]
+    return sorted(found, key=lambda key: int(key[len("render_") : -len(".png")]))
+
+
+def decode_renders(raw: dict[str, Any]) -> np.ndarray:
+    """Every condition image of a raw sample, (R, H, W, 3) uint8; a ValueError naming the sample if it has none."""
+    members = render_members(raw)
+    where = f"sample {raw.get('__key__')} ({raw.get('__url__', 'shard')})"
+    if not members:
+        raise ValueError(
+            f"{where} has no condition images: the cache was made without renders; run `dora render-views "
+            "PREPARED`, then `dora cache-latents` into a new folder"
+        )
+    return np.stack([decode_png(raw[key], f"{where} {key}") for key in members])  # (R, H, W, 3)
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -212,12 +267,15 @@ def decode_sample(
     stats: LatentStats | None = None,
     view: int | None = None,
     rng: random.Random | None = None,
+    images: str = "none",
 ) -> dict[str, Any]:
-    """Raw tar sample -> {latents (N, C) float32 tensor, caption, shape_id, meta}.
+    """Raw tar sample -> {latents (N, C) float32 tensor, caption, shape_id, meta} (+ ``image``).
 
     One view is taken (``view``, else a random one when V > 1), truncated to the first ``num_tokens`` tokens
     (a valid coarse cover: FPS order) and normalised with ``stats`` when given. A random caption is chosen when a
-    shape has several.
+    shape has several. ``images``: ``"none"``; ``"one"`` adds ``image``, a random condition image (H, W, 3) uint8
+    tensor; ``"all"`` adds ``images``, all of them (R, H, W, 3). A sample cached without renders is then a
+    ValueError naming it.
     """
     meta = json.loads(raw["json"])
     stored = load_npy(raw["latents.npy"])  # (V, N, C)
@@ -232,17 +290,34 @@ def decode_sample(
         latents = stats.normalize(latents)
     captions = meta.get("captions") or [raw["caption.txt"].decode("utf-8")]
     meta["view"] = index
-    return {"latents": latents, "caption": rng.choice(captions), "shape_id": meta["shape_id"], "meta": meta}
+    sample = {"latents": latents, "caption": rng.choice(captions), "shape_id": meta["shape_id"], "meta": meta}
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+    if images == "all":
+        sample["images"] = torch.from_numpy(decode_renders(raw))  # (R, H, W, 3)
+    elif images == "one":  # drawn after the caption, so text-only reading consumes the generator as before
+        members = render_members(raw)
+        if not members:
+            decode_renders(raw)  # raises, naming the sample
+        key = members[rng.randrange(len(members))]
+        sample["image"] = torch.from_numpy(
+            decode_png(raw[key], f"sample {meta['shape_id']} {key}")
+        )  # (H, W, 3)
+    return sample
 
 
 def collate_latents(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """DataLoader collate: stack latents (B, N, C); captions / shape ids / metas stay lists."""
-    return {
+    """DataLoader collate: stack latents (B, N, C) and condition images (B, H, W, 3) when read; captions / shape
+    ids / metas stay lists."""
+    collated = {
         "latents": torch.stack([item["latents"] for item in batch]),  # (B, N, C)
         "caption": [item["caption"] for item in batch],
         "shape_id": [item["shape_id"] for item in batch],
         "meta": [item["meta"] for item in batch],
     }
+    if "image" in batch[0]:
+        collated["image"] = torch.stack([item["image"] for item in batch])  # (B, H, W, 3)
+    return collated
 
 
 def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:

@@ -30,7 +30,9 @@ from dora_shapegen.data.latent_format import (  # noqa: F401  (re-exported: the 
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    IMAGE_MODES,
     MANIFEST_NAME,
+    OPTIONAL_SAMPLE_KEYS,
     SAMPLE_KEYS,
     TAR_BLOCK,
     LatentStats,
@@ -155,8 +157,9 @@ class LatentShardWriter:
         captions: list[str],
         source: str,
         metadata: dict[str, Any],
+        renders: np.ndarray | None = None,
     ) -> None:
-        sample = encode_sample(shape_id, stored_latents, captions, source, metadata)
+        sample = encode_sample(shape_id, stored_latents, captions, source, metadata, renders)
         # exact tar size of the members: a 512-byte header each, data padded to 512 bytes
         size = sum(
             TAR_BLOCK + -(-len(value) // TAR_BLOCK) * TAR_BLOCK
@@ -233,7 +236,7 @@ def build_manifest(records: Iterable[ShardRecord], sums: LatentSums, **fields: A
         "num_shards": len(shards),
         "shards": shards,
         "stats": LatentStats.from_sums(sums).to_dict(),
-        "sample_keys": SAMPLE_KEYS,
+        "sample_keys": SAMPLE_KEYS | (OPTIONAL_SAMPLE_KEYS if fields.get("renders") else {}),
     }
 
 
@@ -341,6 +344,7 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
     With ``resampled`` (multi-node), every rank/worker draws shards with replacement forever: bound an epoch with
     ``.with_epoch(n)``. Corrupt shards raise :class:`CorruptShardError`, or are skipped with a warning when
     ``skip_corrupt`` (without ``verify``, samples read before the damage have already been yielded).
+    ``images="one"`` adds a random condition image per sample (``image``), ``"all"`` all of them (``images``).
     """
 
     def __init__(
@@ -359,6 +363,7 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
         seed: int = 0,
         view: int | None = None,
         manifest: dict[str, Any] | str | None = None,
+        images: str = "none",
     ) -> None:
         super().__init__()
         self.urls, found = resolve_shards(source)
@@ -376,6 +381,7 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
         self.num_tokens, self.view, self.seed, self.epoch = num_tokens, view, seed, -1
         self.shuffle_buffer, self.shardshuffle, self.handler = shuffle_buffer, shardshuffle, handler
         self.skip_corrupt, self.verify = skip_corrupt, verify
+        self.images = images
         if resampled:
             self.append(wds.ResampledShards(self.urls, seed=seed, deterministic=True))
         else:
@@ -414,7 +420,7 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
             source = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(source)
         for raw in source:
             try:
-                yield decode_sample(raw, self.num_tokens, self.stats, self.view, rng)
+                yield decode_sample(raw, self.num_tokens, self.stats, self.view, rng, self.images)
             except Exception as error:
                 error.args = (*error.args, raw.get("__url__"), raw.get("__key__"))
                 if self.handler(error):

@@ -16,6 +16,11 @@ be shared by all ranks (one filesystem), since the progress log there is what ma
 A prepared sample that cannot be read or encoded is logged to ``progress/failures-RRRRR.jsonl`` (and listed in the
 manifest) and skipped; a rerun tries it again. Text embeddings are not cached (the text encoder runs at training
 time; it is small next to the VAE encoder).
+
+Condition images: when ``PREPARED/renders`` holds the renders of `dora render-views` (``renders: auto``, or
+``on`` to require them), every sample also stores its renders as ``render_<v>.png`` members (the image encoder runs
+at training time, as the text encoder does: the CPU default trains with the DiT, so features could not be cached)
+and the manifest records the render settings under ``renders``; a shape without renders is then a logged failure.
 """
 
 from __future__ import annotations
@@ -62,6 +67,31 @@ class CacheConfig:
     num_workers: int = 1  # DataLoader workers reading prepared samples
     n_uniform: int | None = None  # points per stream fed to the encoder; None = the VAE config's
     n_salient: int | None = None
+    # Condition images (`dora render-views`) beside the latents: "auto" when PREPARED/renders holds any, "on"
+    # (required: a shape without renders fails), "off".
+    renders: str = "auto"
+
+
+RENDER_MODES = ("auto", "on", "off")
+RENDER_KEYS = ("num_views", "size", "border_ratio", "elevation_range", "seed", "supersample", "render_scale")
+
+
+def render_settings(prepared_dir: Path, mode: str) -> dict[str, Any] | None:
+    """What the cache records about its condition images (the render config), or None when it holds none."""
+    from dora_shapegen.data.render_views import renders_folder
+
+    if mode not in RENDER_MODES:
+        raise ValueError(f"renders must be one of {RENDER_MODES}, got {mode!r}")
+    folder = renders_folder(prepared_dir)
+    present = folder.is_dir() and any(folder.glob("*.npz"))
+    if mode == "off" or (mode == "auto" and not present):
+        return None
+    if not present or not (folder / "config.yaml").is_file():
+        raise FileNotFoundError(f"{folder}: no renders; run `dora render-views {prepared_dir}` first")
+    import yaml
+
+    recorded = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return {key: recorded.get(key) for key in RENDER_KEYS} | {"folder": str(folder), "format": "png"}
 
 
 def stable_seed(*parts: Any) -> int:
@@ -88,10 +118,32 @@ class PreparedViews(torch.utils.data.Dataset):
     raised, so one corrupt file is logged and skipped instead of killing a worker."""
 
     def __init__(
-        self, items: list[tuple[str, Path]], n_uniform: int, n_salient: int, num_views: int, seed: int
+        self,
+        items: list[tuple[str, Path]],
+        n_uniform: int,
+        n_salient: int,
+        num_views: int,
+        seed: int,
+        renders: dict[str, Any] | None = None,
     ):
         self.items, self.n_uniform, self.n_salient = items, n_uniform, n_salient
-        self.num_views, self.seed = num_views, seed
+        self.num_views, self.seed, self.renders = num_views, seed, renders
+
+    def _renders(self, shape_id: str) -> dict[str, Any]:
+        """The shape's condition images, checked against the cache's render settings."""
+        from dora_shapegen.data.render_views import load_renders
+
+        path = Path(self.renders["folder"]) / f"{shape_id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"shape {shape_id} has no renders ({path}); run `dora render-views`")
+        renders = load_renders(path)
+        count, size = self.renders["num_views"], self.renders["size"]
+        if renders["images"].shape[:3] != (count, size, size):
+            raise ValueError(
+                f"{path}: {renders['images'].shape[0]} renders of {renders['images'].shape[1]} px, the render "
+                f"config says {count} of {size} px; render again with --overwrite"
+            )
+        return renders
 
     def __len__(self) -> int:
         return len(self.items)
@@ -120,15 +172,19 @@ class PreparedViews(torch.utils.data.Dataset):
                 )
                 for view in range(self.num_views)
             ]
+            renders = self._renders(shape_id) if self.renders else None
         except Exception as error:  # a batch job logs, skips and goes on
             return {"shape_id": shape_id, "path": str(path), "error": f"{type(error).__name__}: {error}"}
-        return {
+        item = {
             "shape_id": shape_id,
             "path": str(path),
             "meta": sample["meta"],
             "uniform": torch.stack([u for u, _ in views]),
             "salient": torch.stack([s for _, s in views]),
         }
+        if renders is not None:
+            item["renders"] = renders
+        return item
 
 
 def vae_identity(vae_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -262,6 +318,9 @@ def cache_latents(
     # what decides the latents' content and layout; batch size, workers and shard bounds may change on resume
     settings = {key: value for key, value in to_dict(config).items() if key in CONTENT_KEYS}
     settings.update(n_uniform=n_uniform, n_salient=n_salient, vae=identity["weights_sha256"])
+    renders = render_settings(prepared_dir, config.renders)
+    if renders is not None:  # only then: a text-only cache made before keeps its recorded settings
+        settings["renders"] = {key: renders[key] for key in RENDER_KEYS}
     progress = out_dir / PROGRESS_DIR
     progress.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, settings, write=state.is_main_process)  # every rank fails alike on a mismatch
@@ -285,7 +344,12 @@ def cache_latents(
         append_jsonl(failure_path, {"shape_id": item["shape_id"], "path": item["path"], "error": error})
 
     dataset = PreparedViews(
-        [(shape, files[shape]) for shape in mine], n_uniform, n_salient, config.num_views, config.seed
+        [(shape, files[shape]) for shape in mine],
+        n_uniform,
+        n_salient,
+        config.num_views,
+        config.seed,
+        renders,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -338,12 +402,21 @@ def cache_latents(
                     "token_order": "fps",
                     "meta": meta,
                 }
+                images = None
+                if "renders" in item:
+                    images = item["renders"]["images"]  # (R, S, S, 3)
+                    metadata["renders"] = {
+                        "num_views": int(images.shape[0]),
+                        "size": int(images.shape[1]),
+                        "cameras": item["renders"]["cameras"].tolist(),  # (elevation, azimuth) degrees
+                    }
                 writer.write(
                     item["shape_id"],
                     to_storage(shape_latents, config.dtype),
                     captions,
                     str(meta.get("source") or item["path"]),
                     metadata,
+                    images,
                 )
                 encoded += 1
             bar.update(len(batch))
@@ -418,6 +491,7 @@ def finish(
         latent_shape=["num_views", "num_tokens", "latent_channels"],
         cache_config=to_dict(config),
         settings=settings,
+        renders=settings.get("renders"),
         world_size=world_size,
         last_run=run,
         num_input_shapes=len(all_ids),
@@ -452,6 +526,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ]:
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
+    parser.add_argument(
+        "--renders",
+        choices=RENDER_MODES,
+        default=None,
+        help="store the condition images of `dora render-views` beside the latents: auto (when PREPARED/renders "
+        "exists), on (required), off",
+    )
     parser.add_argument("--sample-posterior", action="store_true", default=None)
     return parser.parse_args(argv)
 

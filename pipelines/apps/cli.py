@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "dora_shapegen.data.prepare",
         "meshes -> watertight -> surface/sharp samples + occupancy/TSDF supervision",
     ),
+    "render-views": (
+        "dora_shapegen.data.render_views",
+        "shaded renders of every prepared shape from random views (image-conditioning data)",
+    ),
     "convert-prepared": (
         "dora_shapegen.data.prepare_convert",
         "rewrite prepared samples as uncompressed (fast) or compressed npz",
@@ -47,7 +51,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "dora_shapegen.vae.cache_latents",
         "encode a prepared dataset into WebDataset latent shards",
     ),
-    "train-dit": ("dora_shapegen.diffusion.train", "train the text-conditioned DiT on cached latent shards"),
+    "train-dit": (
+        "dora_shapegen.diffusion.train",
+        "train the DiT (text, image or both conditioned) on cached latent shards",
+    ),
     "assemble-pipeline": (
         "dora_shapegen.pipelines.assemble",
         "assemble VAE + DiT + text encoder into a diffusers pipeline",

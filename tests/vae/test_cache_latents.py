@@ -352,3 +352,34 @@ def test_posterior_samples_do_not_depend_on_batching(workspace, tmp_path):
     for shape_id, latents in runs["1"].items():
         assert torch.allclose(latents, runs["3"][shape_id], atol=1e-5)
         assert not torch.allclose(latents, means[shape_id], atol=1e-3)
+
+
+def test_renders_are_cached_beside_the_latents_and_a_shape_without_them_fails(workspace, tmp_path):
+    from dora_shapegen.data.render_views import RenderConfig, load_renders, render_dataset
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(workspace / "prepared" / "samples", prepared / "samples")
+    summary = render_dataset(prepared, RenderConfig(num_views=2, size=48))
+    assert summary["done"] == 30
+    (prepared / "renders" / "ball_01.npz").unlink()  # one shape lost its renders
+    args = ["--vae", str(workspace / "vae"), "--data", str(prepared), "--num-tokens", str(NUM_TOKENS)]
+    assert main([*args, "--out", str(tmp_path / "with"), "--num-workers", "0"]) == 0
+    assert main([*args, "--out", str(tmp_path / "without"), "--num-workers", "0", "--renders", "off"]) == 0
+
+    manifest = load_manifest(tmp_path / "with")
+    assert manifest["renders"]["num_views"] == 2 and manifest["renders"]["size"] == 48
+    assert [failure["shape_id"] for failure in manifest["failures"]] == ["ball_01"]
+    assert "run `dora render-views`" in manifest["failures"][0]["error"]
+    assert load_manifest(tmp_path / "without")["renders"] is None  # a text-only cache says so
+    with_images = {s["shape_id"]: s for s in read_raw(tmp_path / "with", images="all")}
+    plain = {s["shape_id"]: s for s in read_raw(tmp_path / "without")}
+    assert len(with_images) == 29 and len(plain) == 30
+    for shape_id, sample in with_images.items():
+        np.testing.assert_array_equal(sample["latents"].numpy(), plain[shape_id]["latents"].numpy())
+        expected = load_renders(prepared / "renders" / f"{shape_id}.npz")
+        np.testing.assert_array_equal(sample["images"].numpy(), expected["images"])
+        assert sample["meta"]["renders"]["cameras"] == expected["cameras"].tolist()
+
+    # A text-only cache is not silently extended with images (or the other way round).
+    with pytest.raises(ValueError, match=r"other settings \(\['renders'\]\)"):
+        main([*args, "--out", str(tmp_path / "without"), "--num-workers", "0"])
