@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from dora_shapegen.data.config import load_config, save_yaml, to_dict
-from dora_shapegen.data.prepare_worker import shape_seed, write_npz_atomic
+from dora_shapegen.config import load_config, save_yaml, to_dict
+from dora_shapegen.data.prepare_worker import write_npz_atomic
+from dora_shapegen.seeding import rng
 
 RENDERS_DIR = "renders"
 FAILURES_FILE = "render_failures.jsonl"
@@ -74,10 +75,10 @@ def check_config(config: RenderConfig) -> None:
 def view_cameras(config: RenderConfig, shape_id: str) -> np.ndarray:
     """(V, 2) (elevation, azimuth) in degrees: uniform azimuth, elevation uniform in ``elevation_range``; a
     function of (seed, shape id) only, so reruns and any worker count give the same views."""
-    rng = np.random.default_rng(shape_seed(config.seed, f"render:{shape_id}"))
+    draw = rng(config.seed, "render-views", shape_id)  # the project's seed scheme (dora_shapegen.seeding)
     low, high = config.elevation_range
-    elevation = rng.uniform(low, high, config.num_views)  # (V,)
-    azimuth = rng.uniform(0.0, 360.0, config.num_views)  # (V,)
+    elevation = draw.uniform(low, high, config.num_views)  # (V,)
+    azimuth = draw.uniform(0.0, 360.0, config.num_views)  # (V,)
     return np.stack([elevation, azimuth], axis=1).astype(np.float32)  # (V, 2)
 
 

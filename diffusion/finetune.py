@@ -198,7 +198,7 @@ def init_latent_stats(init_from: str | None, manifest: dict[str, Any], shards: s
 
 def check_text_encoder(config: Any) -> None:
     """A DiT fine-tuned with another text encoder than it was trained with would read foreign embeddings."""
-    if not config.init_from:
+    if not config.init_from or getattr(config, "condition", "text") == "image":  # an image DiT reads no text
         return
     path = Path(config.init_from) / "run_config.yaml"
     if not path.is_file():

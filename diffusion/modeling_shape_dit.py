@@ -1,4 +1,4 @@
-"""ShapeDiT: a text-conditioned diffusion transformer over vecset shape latents.
+"""ShapeDiT: a diffusion transformer over vecset shape latents, conditioned on text or an image (or both).
 
 The latents of the shape VAE are an unordered set of tokens (B, N, C), and any prefix of them is a valid coarser
 shape, so the denoiser has no positional embedding at all: every layer is per-token or attention, which makes the
@@ -13,6 +13,11 @@ Conditioning:
   (+151M on top of 406M at width 1024 / 24 layers), which PixArt-alpha found unnecessary. The gate rows and the shared
   MLP start at zero, so every block starts as the identity, which is what makes adaLN-Zero train stably.
 - text tokens -> cross-attention (keys/values straight from the encoder's hidden size) with the encoder's mask.
+- an image instead of text (``condition: image``): the image encoder's tokens and pooled vector take the same two
+  places. Both (``condition: both``, ``diffusion/conditioning.py``): the image tokens are projected to the text width
+  (``image_embed_dim``) and appended to the cross-attention context with their own mask, and the image's pooled
+  vector gets its own embedding (``image_pooled_projection_dim``) added beside the text's. These modules exist only
+  when configured, so a text model's parameters, initial weights and outputs are what they were.
 """
 
 from __future__ import annotations
@@ -168,6 +173,10 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             token, the projected pooled vector) or ``"pooled+tokens"`` (that token first, then the states). A
             sentence encoder's pooled vector is trained to be the same for a paraphrase (all-MiniLM-L6-v2 puts
             every benchmark paraphrase nearest a training caption of its category), its token states are not.
+        image_embed_dim: D of a second, image token stream (``condition: both``), projected to
+            ``cross_attention_dim`` and appended to the context; None = no second stream.
+        image_pooled_projection_dim: size of that stream's pooled vector, added to the timestep embedding; None
+            disables it.
 
     ``PeftAdapterMixin`` gives diffusers' LoRA methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
     ``fuse_lora``); see ``diffusion/finetune.py``.
@@ -191,6 +200,8 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         qk_norm: bool = True,
         dropout: float = 0.0,
         text_context: str = "tokens",
+        image_embed_dim: int | None = None,
+        image_pooled_projection_dim: int | None = None,
     ) -> None:
         super().__init__()
         if text_context not in TEXT_CONTEXTS:
@@ -232,6 +243,13 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.out_scale_shift_table = nn.Parameter(torch.randn(2, width) / width**0.5)
         self.proj_out = nn.Linear(width, out_channels)
+        # Created last and only when configured: a text model draws the same initial weights as before.
+        self.image_proj = nn.Linear(image_embed_dim, cross_attention_dim) if image_embed_dim else None
+        self.image_pooled_embedding = (
+            PixArtAlphaTextProjection(image_pooled_projection_dim, width, act_fn="silu")
+            if image_pooled_projection_dim is not None
+            else None
+        )
         self._init_zero()
 
     def _init_zero(self) -> None:
@@ -249,7 +267,12 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.proj_out.bias)
 
     def _embed_time(
-        self, timestep: torch.Tensor | float, batch_size: int, pooled: torch.Tensor | None, like: torch.Tensor
+        self,
+        timestep: torch.Tensor | float,
+        batch_size: int,
+        pooled: torch.Tensor | None,
+        like: torch.Tensor,
+        image_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=like.device, dtype=torch.float32)
         if timestep.ndim == 0:
@@ -271,7 +294,43 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(
                 "ShapeDiT: pooled_projections given but the model has pooled_projection_dim=None"
             )
+        if self.image_pooled_embedding is not None:
+            if image_pooled is None:
+                raise ValueError(
+                    "ShapeDiT: image_pooled_projections is required (image_pooled_projection_dim="
+                    f"{self.config.image_pooled_projection_dim}); pass zeros for no image"
+                )
+            embedding = embedding + self.image_pooled_embedding(image_pooled.to(like.dtype))  # (B,W)
+        elif image_pooled is not None:
+            raise ValueError(
+                "ShapeDiT: image_pooled_projections given but the model has image_pooled_projection_dim=None"
+            )
         return embedding
+
+    def _append_image_context(
+        self,
+        context: torch.Tensor,
+        mask: torch.Tensor | None,
+        image: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text context (B, L, D) with the projected image tokens (B, L_i, D_i) appended, and the joint mask."""
+        if self.image_proj is None:
+            if image is not None:
+                raise ValueError("ShapeDiT: image_hidden_states given but the model has image_embed_dim=None")
+            return context, mask
+        if image is None or image.ndim != 3 or image.shape[0] != context.shape[0]:
+            raise ValueError(
+                f"ShapeDiT: image_hidden_states (B={context.shape[0]}, L, {self.config.image_embed_dim}) are "
+                "required for a model with an image stream (ImageEncoder.unconditional gives 'no image')"
+            )
+        image_context = self.image_proj(image.to(context.dtype))  # (B,L_i,D)
+        batch, length, image_length = context.shape[0], context.shape[1], image.shape[1]
+        text_mask = mask if mask is not None else torch.ones(batch, length, device=context.device)
+        if image_mask is None:
+            image_mask = torch.ones(batch, image_length, device=context.device)
+        joint_mask = torch.cat([text_mask.long(), image_mask.long()], dim=1)  # (B,L+L_i)
+        return torch.cat([context, image_context], dim=1), joint_mask  # (B,L+L_i,D)
 
     @staticmethod
     def _context_mask(
@@ -294,11 +353,16 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
         return_dict: bool = True,
+        image_hidden_states: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        image_pooled_projections: torch.Tensor | None = None,
     ) -> ShapeDiTOutput | tuple[torch.Tensor]:
         """Predict the flow velocity for noisy latents ``hidden_states`` (B, N, C) at ``timestep`` (B,) in [0, 1000].
 
         ``encoder_hidden_states`` (B, L, D) are text token embeddings with ``encoder_attention_mask`` (B, L)
-        (1/True = real token); ``pooled_projections`` (B, P) is the pooled text vector. Returns a
+        (1/True = real token); ``pooled_projections`` (B, P) is the pooled text vector. A model with an image stream
+        (``image_embed_dim``) also takes ``image_hidden_states`` (B, L_i, D_i), ``image_attention_mask`` (B, L_i)
+        and ``image_pooled_projections`` (B, P_i). Returns a
         :class:`ShapeDiTOutput`, or the tuple ``(sample,)`` with ``return_dict=False``.
         """
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
@@ -331,8 +395,13 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 if encoder_attention_mask is not None:
                     first = encoder_attention_mask.new_ones((batch_size, 1))  # (B,1)
                     encoder_attention_mask = torch.cat([first, encoder_attention_mask], dim=1)  # (B,1+L)
+        context, encoder_attention_mask = self._append_image_context(
+            context, encoder_attention_mask, image_hidden_states, image_attention_mask
+        )  # (B,L',D), (B,L')
         context_mask, context_gate = self._context_mask(encoder_attention_mask, hidden.dtype)
-        conditioning = self._embed_time(timestep, batch_size, pooled_projections, hidden)  # (B,W)
+        conditioning = self._embed_time(
+            timestep, batch_size, pooled_projections, hidden, image_pooled_projections
+        )  # (B,W)
         modulation = self.adaln_single(conditioning)  # (B,6W)
 
         skips: list[torch.Tensor] = []

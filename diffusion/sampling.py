@@ -13,6 +13,8 @@
    ``v_u + w (v_c - v_u)`` (guidance when ``w > 1``).
 
 :func:`sample_latents` runs 2-4 on embeddings encoded elsewhere (a prompt batch and the ``""`` encoding).
+An image-conditioned DiT runs the same loop: for ``condition: image`` the image embeddings are the state's
+``conditioning``; for ``condition: both`` they are its ``image`` beside the text (``diffusion/conditioning.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class SamplingState:
     latents: torch.Tensor  # (B, N, C)
     conditioning: (
         TextEmbeddings  # (B', L, D), (B', L), (B', P) with B' = 2B under guidance, unconditional first
+    )
+    image: TextEmbeddings | None = (
+        None  # the image stream of a condition-"both" DiT, laid out as `conditioning`
     )
 
 
@@ -147,6 +152,7 @@ def guided_sample(
     """
     guidance = uses_guidance(guidance_scale)
     use_pooled = bool(transformer.config.get("pooled_projection_dim"))
+    use_image_pooled = bool(transformer.config.get("image_pooled_projection_dim"))
     was_training = transformer.training
     transformer.eval()
     try:
@@ -155,11 +161,21 @@ def guided_sample(
                 continue
             latents, text = state.latents, state.conditioning
             guide = guidance and in_interval(float(t) / 1000.0, guidance_interval)
+            image_stream = state.image  # only a condition-"both" DiT has a second stream
             if (
                 guidance and not guide
             ):  # outside the interval: the conditional half only (unconditional first)
                 text = TextEmbeddings(*(tensor[latents.shape[0] :] for tensor in text))
+                if image_stream is not None:
+                    image_stream = TextEmbeddings(*(tensor[latents.shape[0] :] for tensor in image_stream))
             model_input = torch.cat([latents, latents]) if guide else latents  # (B', N, C)
+            image = {}
+            if image_stream is not None:
+                image = {
+                    "image_hidden_states": image_stream.hidden_states,
+                    "image_attention_mask": image_stream.attention_mask,
+                    "image_pooled_projections": image_stream.pooled if use_image_pooled else None,
+                }
             velocity = transformer(
                 hidden_states=model_input,
                 timestep=t.expand(model_input.shape[0]).to(latents.dtype),  # (B',)
@@ -167,6 +183,7 @@ def guided_sample(
                 encoder_attention_mask=text.attention_mask,
                 pooled_projections=text.pooled if use_pooled else None,
                 return_dict=False,
+                **image,
             )[0]  # (B', N, C)
             if guide:
                 velocity_uncond, velocity_text = velocity.chunk(2)  # (B, N, C) each
@@ -181,7 +198,7 @@ def guided_sample(
     return state.latents
 
 
-def _merge_embeddings(first: TextEmbeddings, second: TextEmbeddings) -> TextEmbeddings:
+def merge_embeddings(first: TextEmbeddings, second: TextEmbeddings) -> TextEmbeddings:
     """Concatenate two batches along B, zero-padding the shorter token axis (padding is masked out)."""
     length = max(first.hidden_states.shape[1], second.hidden_states.shape[1])
 
@@ -226,7 +243,7 @@ def sample_latents(
         uncond = uncond_embeddings.to(device, dtype)
         if uncond.hidden_states.shape[0] == 1:
             uncond = TextEmbeddings(*(tensor.expand(batch_size, *tensor.shape[1:]) for tensor in uncond))
-        conditioning = _merge_embeddings(uncond, conditioning)  # (2B, ...): unconditional first
+        conditioning = merge_embeddings(uncond, conditioning)  # (2B, ...): unconditional first
     latents = initial_noise(
         batch_size, num_tokens, in_channels or model.config.in_channels, dtype, device, generator
     )  # (B, N, C)

@@ -85,6 +85,18 @@ def render_preview(
     latents = sample_preview_latents(
         model, text_encoder, prompts, num_tokens, num_inference_steps, guidance_scale, shift, seed
     )  # (P,N,C) normalised
+    return preview_grid(latents, prompts, stats, path, vae, mesh_resolution)
+
+
+def preview_grid(
+    latents: torch.Tensor,
+    labels: list[str],
+    stats: LatentStats,
+    path: Path,
+    vae: Any | None = None,
+    mesh_resolution: int = 64,
+) -> dict[str, float]:
+    """Statistics of sampled latents (P, N, C); with a VAE also their meshes as a PNG grid at ``path``."""
     metrics = {
         "sample/latent_std": float(latents.float().std()),
         "sample/latent_mean": float(latents.float().mean()),
@@ -96,7 +108,7 @@ def render_preview(
 
     vae_latents = stats.denormalize(latents.float()).to(vae.device, vae.dtype)  # (P,N,C) VAE space
     meshes, titles = [], []
-    for index, prompt in enumerate(prompts):
+    for index, prompt in enumerate(labels):
         try:
             # one shape per decode: a DecodedLatents field queries every shape of its batch at each call
             mesh = extract_mesh(
@@ -117,3 +129,47 @@ def render_preview(
     render_grid_png(meshes, path, titles=titles, columns=min(4, len(meshes)), size=192)
     metrics["sample/empty_meshes"] = float(sum(title.endswith("(empty)") for title in titles))
     return metrics
+
+
+@torch.no_grad()
+def render_image_preview(
+    model: torch.nn.Module,
+    image_encoder: Any,
+    text_encoder: TextEncoder | None,
+    condition: str,
+    images: torch.Tensor,
+    titles: list[str],
+    stats: LatentStats,
+    path: Path,
+    num_tokens: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    shift: float = 1.0,
+    seed: int = 0,
+    vae: Any | None = None,
+    mesh_resolution: int = 64,
+) -> dict[str, float]:
+    """One shape per training render (P, H, W, 3) uint8, conditioned as ``DoraImageTo3DPipeline(images)`` would
+    be (a ``both`` model gets the empty prompt; guidance contrasts with "no image"); the grid as ``render_preview``."""
+    from dora_shapegen.diffusion.sampling import merge_embeddings
+
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    guidance = uses_guidance(guidance_scale)
+    count = images.shape[0]
+    image = image_encoder(images.to(device))  # (P, L, D), (P, L), (P, D)
+    if guidance:
+        image = merge_embeddings(image_encoder.unconditional(count, device, image.hidden_states.dtype), image)
+    image = image.to(device, dtype)
+    text = None
+    if condition == "both":
+        text = encode_prompts(text_encoder, [""] * count, guidance=guidance, device=device).to(device, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    generator = torch.Generator(device).manual_seed(seed)
+    latents = initial_noise(count, num_tokens, model.config.in_channels, dtype, device, generator)  # (P,N,C)
+    timesteps = sampling_timesteps(scheduler, num_inference_steps, num_tokens, device)
+    state = SamplingState(latents, image) if text is None else SamplingState(latents, text, image=image)
+    latents = guided_sample(
+        model, scheduler, state, timesteps, guidance_scale, generator=generator
+    )  # (P,N,C)
+    return preview_grid(latents, titles, stats, path, vae, mesh_resolution)

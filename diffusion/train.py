@@ -45,6 +45,7 @@ import torch
 
 from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.diffusion.finetune import LoraConfig
+from dora_shapegen.diffusion.image_encoder import DEFAULT_IMAGE_ENCODER
 from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
 from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
@@ -64,6 +65,9 @@ class DataConfig:
     batch_size: int = 32  # per process and micro-step
     num_workers: int = 2  # streaming only: DataLoader workers
     shuffle_buffer: int = 1000  # streaming only: samples in webdataset's shuffle buffer
+    # > 0: never train on the shapes of the benchmark's held-out split (shape-id hash, `dora bench-generation`'s
+    # held_out_fraction), so image prompts rendered from them are unseen; 0 = every cached shape
+    held_out_fraction: float = 0.0
 
 
 @dataclass
@@ -75,6 +79,7 @@ class TrainingConfig(LoopConfig):
     use_ema: bool = True
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.1  # per-sample probability of training on "" (classifier-free guidance)
+    image_dropout: float = 0.1  # condition image | both: per-sample probability of "no image" (guidance)
     timestep_sampling: str = "logit_normal"  # logit_normal | mode | uniform (diffusers.training_utils)
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -99,7 +104,13 @@ class SamplingConfig:
 
 @dataclass
 class DiTTrainConfig:
+    condition: str = "text"  # text | image | both (diffusion/conditioning.py)
     text_encoder: str = DEFAULT_TEXT_ENCODER  # TextEncoder.from_name argument (frozen)
+    # condition image | both: render-cnn (trained with the DiT; offline CPU default) | dinov2:<folder or Hub id>
+    # (frozen) | tiny-random:dinov2 (tests); ImageEncoder.from_name in diffusion/image_encoder.py
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    image_encoder_model: dict[str, Any] = field(default_factory=dict)  # RenderEncoder(**...) for render-cnn
+    image_size: int | None = None  # DINOv2 input px (None: 518); the RenderEncoder's is in its model config
     model: dict[str, Any] = field(default_factory=dict)  # passed unchanged to ShapeDiT(**model)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -122,9 +133,15 @@ class TrainResult:
 
 
 def check_compatibility(
-    model_config: Any, manifest: dict[str, Any], encoder: Any, schedule: TokenSchedule, shards: str
+    model_config: Any,
+    manifest: dict[str, Any],
+    encoder: Any,
+    schedule: TokenSchedule,
+    shards: str,
+    condition: str = "text",
+    image_encoder: Any = None,
 ) -> None:
-    """Clear errors for a DiT config that cannot train on this cache / with this text encoder."""
+    """Clear errors for a DiT config that cannot train on this cache / with these conditioners."""
     channels = manifest.get("latent_channels") or len(manifest["stats"]["mean"])
     if model_config.in_channels != channels:
         raise ValueError(
@@ -137,6 +154,16 @@ def check_compatibility(
             f"{shards}: the token schedule asks for up to {schedule.max_tokens} tokens but only "
             f"{cached} are cached; lower schedule tokens or re-cache with --num-tokens"
         )
+    if condition != "text":
+        from dora_shapegen.diffusion.conditioning import check_dit_fits
+
+        if not manifest.get("renders"):
+            raise ValueError(
+                f"{shards}: condition {condition!r} trains on condition images, but this cache has none; run "
+                "`dora render-views PREPARED`, then `dora cache-latents` into a new folder"
+            )
+        check_dit_fits(model_config, condition, encoder, image_encoder)
+        return
     if encoder.hidden_size != model_config.cross_attention_dim:
         raise ValueError(
             f"text encoder gives {encoder.hidden_size}-d tokens but model.cross_attention_dim is "
@@ -157,26 +184,39 @@ def load_cache(config: DiTTrainConfig, vae_dir: str | None) -> tuple[DiTTrainCon
     """The latent cache's manifest, checked against the previews' VAE; a fine-tuning run's config and the base's
     latent statistics (``diffusion/finetune.py``)."""
     from dora_shapegen.data.latent_shards import load_manifest
+    from dora_shapegen.diffusion.conditioning import check_init_condition
     from dora_shapegen.diffusion.finetune import prepare_finetune
     from dora_shapegen.provenance import check_vae_identity
 
     manifest = load_manifest(config.data.shards)
     if vae_dir:  # previews decode these latents: only through the VAE that cached them
         check_vae_identity(manifest, vae_dir, f"{config.data.shards} with --vae")
+    check_init_condition(config)  # a fine-tuned DiT keeps its conditioning
     return prepare_finetune(config, manifest, config.data.shards)  # init_from / LoRA; base latent stats
 
 
 def build_model(
-    config: DiTTrainConfig, manifest: dict[str, Any], text_encoder: Any, schedule: TokenSchedule
+    config: DiTTrainConfig,
+    manifest: dict[str, Any],
+    text_encoder: Any,
+    schedule: TokenSchedule,
+    image_encoder: Any = None,
 ) -> Any:
     """The ShapeDiT (random, or init_from's weights, with LoRA adapters when asked), checked against the cache and
-    the text encoder. Seed torch first: every rank must build the same weights."""
+    the conditioners. Seed torch first: every rank must build the same weights. With an image encoder that trains
+    (the RenderEncoder outside a LoRA run) the two come back as one module, ``ImageConditionedDiT``, so the
+    optimizer, DDP, the EMA and checkpoints cover both."""
+    from dora_shapegen.diffusion.conditioning import ImageConditionedDiT, trains_image_encoder
     from dora_shapegen.diffusion.finetune import build_dit
 
     model = build_dit(config)
-    check_compatibility(model.config, manifest, text_encoder, schedule, config.data.shards)
+    check_compatibility(
+        model.config, manifest, text_encoder, schedule, config.data.shards, config.condition, image_encoder
+    )
     if config.training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if trains_image_encoder(image_encoder):
+        model = ImageConditionedDiT(model, image_encoder, config.condition)
     return model
 
 
@@ -186,35 +226,50 @@ class DiTData:
     """The latents and captions of a run: the table and its batches when the cache fits in memory."""
 
     stats: Any  # LatentStats: the normalisation of the latents (the manifest's, or init_from's)
-    captions: Any  # CaptionEmbeddingCache: every caption encoded once
+    captions: Any  # CaptionEmbeddingCache: every caption encoded once (None without text conditioning)
     num_shapes: int
     in_memory: Any | None  # InMemoryBatches, or None when streaming shards
+    preview_renders: Any | None = (
+        None  # image conditions in memory: (renders (P, H, W, 3), titles) for previews
+    )
 
 
 def build_data(
     config: DiTTrainConfig, manifest: dict[str, Any], schedule: TokenSchedule, text_encoder: Any, trainer: Any
 ) -> DiTData:
-    """Every unique caption is encoded once, up front (in memory) or on first sight (streaming)."""
+    """Every unique caption is encoded once, up front (in memory) or on first sight (streaming); image conditions
+    also read the condition images (``diffusion/train_utils.py``)."""
     from dora_shapegen.data.latent_shards import LatentStats
-    from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, InMemoryBatches, load_latent_table
+    from dora_shapegen.diffusion.conditioning import uses_images
+    from dora_shapegen.diffusion.train_utils import (
+        CaptionEmbeddingCache,
+        InMemoryBatches,
+        load_latent_table,
+        preview_renders,
+    )
 
     dcfg, accelerator = config.data, trainer.accelerator
     stats = LatentStats.from_manifest(manifest)
-    captions = CaptionEmbeddingCache(text_encoder, trainer.device)
+    captions = CaptionEmbeddingCache(text_encoder, trainer.device) if text_encoder is not None else None
     if not dcfg.in_memory:
-        captions.precompute([""])
+        if captions is not None:
+            captions.precompute([""])
         return DiTData(stats, captions, int(manifest.get("num_samples", 0)), None)
-    table = load_latent_table(dcfg.shards, schedule.max_tokens, stats)
+    with_images = uses_images(config.condition)
+    table = load_latent_table(dcfg.shards, schedule.max_tokens, stats, with_images, dcfg.held_out_fraction)
     batches = InMemoryBatches(
         table, dcfg.batch_size, config.training.seed, accelerator.process_index, accelerator.num_processes
     )
-    captions.precompute([c for shape in table.captions for c in shape] + [""])
-    return DiTData(stats, captions, len(table), batches)
+    if captions is not None:
+        captions.precompute([c for shape in table.captions for c in shape] + [""])
+    renders = preview_renders(table, config.sampling.num_prompts) if with_images else None
+    return DiTData(stats, captions, len(table), batches, renders)
 
 
 def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule, trainer: Any) -> BatchSource:
     """(epoch, batch) from a micro-step on: in memory a function of the micro-step (its own generator picks views and
     captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
+    from dora_shapegen.diffusion.conditioning import uses_images
     from dora_shapegen.diffusion.train_utils import streaming_batches
 
     def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -233,6 +288,8 @@ def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule,
                 seed,
                 dcfg.shuffle_buffer,
                 dcfg.num_workers,
+                uses_images(config.condition),
+                dcfg.held_out_fraction,
             ):
                 yield 0, batch
 
@@ -247,11 +304,13 @@ def compute_loss(
     captions: Any,
     training: TrainingConfig,
     use_pooled: bool,
+    images: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rectified flow on the FPS prefix of ``context.num_tokens`` tokens (a coarse cover of the shape); the noise,
     timesteps and caption dropout come from the micro-step's generator (on the training device). ``use_pooled``:
-    the model takes the pooled text vector. Returns the loss and the values to log as tensors (the core averages
-    them on the device, with no host sync per micro-step)."""
+    the model takes the pooled text vector. ``images``: the ``ImageConditioning`` of an image / both run (None
+    for text). Returns the loss and the values to log as tensors (the core averages them on the device, with no
+    host sync per micro-step)."""
     from dora_shapegen.diffusion.flow_matching import (
         add_noise,
         drop_captions,
@@ -273,15 +332,20 @@ def compute_loss(
         training.mode_scale,
         training.scheduler_shift,
     )  # (B,), (B,)
-    text = captions(drop_captions(batch["caption"], training.caption_dropout, generator))
-    prediction = model(
-        add_noise(latents, noise, sigmas),
-        timesteps,
-        text.hidden_states,
-        encoder_attention_mask=text.attention_mask,
-        pooled_projections=text.pooled if use_pooled else None,
-        return_dict=False,
-    )[0]
+    if images is not None:
+        prediction = images.predict(
+            model, batch, add_noise(latents, noise, sigmas), timesteps, generator, captions
+        )
+    else:
+        text = captions(drop_captions(batch["caption"], training.caption_dropout, generator))
+        prediction = model(
+            add_noise(latents, noise, sigmas),
+            timesteps,
+            text.hidden_states,
+            encoder_attention_mask=text.attention_mask,
+            pooled_projections=text.pooled if use_pooled else None,
+            return_dict=False,
+        )[0]
     loss = flow_matching_loss(prediction, velocity_target(latents, noise), training.loss_weighting, sigmas)
     return loss, {"loss": loss}
 
@@ -299,12 +363,17 @@ class Previews:
     folder: Path
     sampling: SamplingConfig
     scheduler_shift: float
+    condition: str = "text"
+    image_encoder: Any = None  # image conditions: the run's image encoder (the trained one inside the model)
+    renders: Any = None  # image conditions: (renders (P, H, W, 3), titles) of training shapes
 
     def render(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
-        """One grid with the EMA weights, ``folder/<tag>.png``; its metrics (None without prompts)."""
+        """One grid with the EMA weights, ``folder/<tag>.png``; its metrics (None without prompts / renders)."""
         from dora_shapegen.diffusion.sampling_preview import render_preview
         from dora_shapegen.training.ema import ema_weights
 
+        if self.condition != "text":
+            return self._render_images(model, ema, tag)
         if not self.prompts:
             return None
         s = self.sampling
@@ -324,6 +393,23 @@ class Previews:
                 s.mesh_resolution,
             )
 
+    def _render_images(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
+        """Image conditions: one shape per training render (``render_image_preview``); None when streaming."""
+        from dora_shapegen.diffusion.conditioning import ImageConditionedDiT
+        from dora_shapegen.diffusion.sampling_preview import render_image_preview
+        from dora_shapegen.training.ema import ema_weights
+
+        if self.renders is None:  # streamed shards: no table to take renders from
+            return None
+        s = self.sampling
+        with ema_weights(model, ema):  # the EMA of the DiT, and of the encoder when it trains
+            transformer = model.transformer if isinstance(model, ImageConditionedDiT) else model
+            return render_image_preview(
+                transformer, self.image_encoder, self.text_encoder, self.condition, *self.renders, self.stats,
+                self.folder / f"{tag}.png", self.num_tokens, s.num_inference_steps, s.guidance_scale,
+                self.scheduler_shift, s.seed, self.vae, s.mesh_resolution,
+            )  # fmt: skip
+
 
 def build_previews(
     config: DiTTrainConfig,
@@ -332,6 +418,8 @@ def build_previews(
     schedule: TokenSchedule,
     vae_dir: str | None,
     trainer: Any,
+    image_encoder: Any = None,
+    renders: Any = None,
 ) -> Previews:
     from dora_shapegen.diffusion.sampling_preview import default_prompts
 
@@ -349,6 +437,9 @@ def build_previews(
         trainer.output_dir / "samples",
         scfg,
         config.training.scheduler_shift,
+        config.condition,
+        image_encoder,
+        renders,
     )
 
 
@@ -365,11 +456,16 @@ def export_final(
     """EMA weights via ``save_pretrained`` + run config + latent statistics + the scheduler, in one folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from dora_shapegen.diffusion.conditioning import IMAGE_ENCODER_FOLDER, ImageConditionedDiT
     from dora_shapegen.diffusion.finetune import save_adapter
     from dora_shapegen.training.ema import ema_weights
 
     if config.lora.rank > 0:
         save_adapter(model, directory)  # the adapter only: the base stays in init_from
+    elif isinstance(model, ImageConditionedDiT):  # the DiT and the image encoder trained with it, both EMA
+        with ema_weights(model, ema):
+            model.transformer.save_pretrained(str(directory))
+            model.image_encoder.model.save_pretrained(str(directory / IMAGE_ENCODER_FOLDER))
     else:
         with ema_weights(model, ema):
             model.save_pretrained(str(directory))
@@ -397,6 +493,13 @@ def train(
     vae_dir: str | None = None,
 ) -> TrainResult:
     """Train, checkpoint, preview and export; returns the summary and this process's model."""
+    from dora_shapegen.diffusion.conditioning import (
+        ImageConditioning,
+        build_image_encoder,
+        check_condition,
+        uses_images,
+        uses_text,
+    )
     from dora_shapegen.diffusion.finetune import register_lora_checkpointing
     from dora_shapegen.diffusion.text_encoder import TextEncoder
     from dora_shapegen.provenance import check_resume_provenance
@@ -407,14 +510,21 @@ def train(
     trainer = Trainer(tcfg, output_dir, "dit", logger, max_minutes)
     config, manifest = load_cache(config, vae_dir)
     schedule = TokenSchedule(config.schedule, seed=tcfg.seed)
-    text_encoder = TextEncoder.from_name(config.text_encoder, max_length=tcfg.text_max_length)
-    text_encoder.model.to(trainer.device)
+    condition = check_condition(config.condition)
+    text_encoder = None
+    if uses_text(condition):
+        text_encoder = TextEncoder.from_name(config.text_encoder, max_length=tcfg.text_max_length)
+        text_encoder.model.to(trainer.device)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(config, manifest, text_encoder, schedule)
+    image_encoder = build_image_encoder(config).to(trainer.device) if uses_images(condition) else None
+    model = build_model(config, manifest, text_encoder, schedule, image_encoder)
     use_pooled = model.config.pooled_projection_dim is not None
     data = build_data(config, manifest, schedule, text_encoder, trainer)
 
     model, _ = trainer.prepare(model)
+    images = None
+    if image_encoder is not None:
+        images = ImageConditioning(condition, image_encoder, trainer.unwrapped, tcfg)
     if config.lora.rank > 0:  # checkpoints hold the adapter, not the frozen base
         register_lora_checkpointing(trainer.accelerator, trainer.unwrapped)
     resumed_from = trainer.resume(
@@ -424,11 +534,14 @@ def train(
     trainer.start(config)
     previews = None
     if trainer.is_main_process:
-        previews = build_previews(config, text_encoder, data.stats, schedule, vae_dir, trainer)
+        previews = build_previews(
+            config, text_encoder, data.stats, schedule, vae_dir, trainer, image_encoder, data.preview_renders
+        )
         logger.info(
-            "%d shapes, %d cached captions, %s on %s x%d, %d parameters",
+            "%d shapes, condition %s, %d cached captions, %s on %s x%d, %d parameters",
             data.num_shapes,
-            len(data.captions),
+            condition,
+            len(data.captions or {}),
             trainer.precision,
             trainer.device.type,
             trainer.accelerator.num_processes,
@@ -436,7 +549,7 @@ def train(
         )
 
     trainer.fit(
-        lambda batch, context: compute_loss(model, batch, context, data.captions, tcfg, use_pooled),
+        lambda batch, context: compute_loss(model, batch, context, data.captions, tcfg, use_pooled, images),
         batch_source(config, data, schedule, trainer),
         schedule,
         evaluate=lambda step: log_preview(previews, trainer, f"step{step:07d}"),
@@ -453,7 +566,8 @@ def train(
         "minutes": trainer.minutes(),
         "num_shapes": data.num_shapes,
         "num_processes": trainer.accelerator.num_processes,
-        "cached_captions": len(data.captions),
+        "condition": condition,
+        "cached_captions": len(data.captions or {}),
         "final_loss": history[-1][1] if history else None,
         "checkpoint": str(last_checkpoint),
         "export": str(output_dir / "final"),

@@ -11,6 +11,12 @@ Data comes from the latent cache (WebDataset shards + manifest.json written by `
   rank/worker draws shards with replacement (webdataset seeds the draw per rank and worker), read through a
   DataLoader with workers. Resumed runs re-seed the stream with the resume step instead of replaying it.
 
+Images (``condition: image | both``): the cache's condition images (``render_<v>.png`` members) are read too; in
+memory every shape's renders are kept as uint8 (S, R, H, W, 3) and each sample of a batch gets one, picked by the
+batch generator after the existing draws (so text-only batches are unchanged); streaming reads one random render
+per sample. ``held_out_fraction`` leaves out the shapes whose id hashes into the benchmark's held-out split
+(``dora_shapegen.seeding.is_held_out``, the split `dora bench-generation` judges on), so they stay unseen.
+
 Text: the text encoder is frozen and a dataset has few distinct captions, so each unique caption is encoded once
 and its token states + pooled vector are kept in memory (:class:`CaptionEmbeddingCache`); a step then costs no
 text-encoder forward. Caption dropout maps a caption to ``""``, whose embedding is cached the same way.
@@ -101,15 +107,28 @@ class LatentTable:
     captions: list[list[str]]
     shape_ids: list[str]
     categories: list[str | None]
+    images: torch.Tensor | None = None  # (S,R,H,W,3) uint8 condition images, when read
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
 
-def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -> LatentTable:
-    """Read every sample of a latent cache (all views) through the real shard reader, sorted by shape id."""
+def load_latent_table(
+    source: str | Path,
+    num_tokens: int,
+    stats: LatentStats,
+    with_images: bool = False,
+    held_out_fraction: float = 0.0,
+) -> LatentTable:
+    """Read every sample of a latent cache (all views) through the real shard reader, sorted by shape id.
+
+    ``with_images`` also reads every shape's condition images; ``held_out_fraction`` > 0 leaves out the shapes of
+    the benchmark's held-out split."""
+    from dora_shapegen.seeding import is_held_out
+
     views: dict[str, dict[int, torch.Tensor]] = {}
     metas: dict[str, dict[str, Any]] = {}
+    renders: dict[str, torch.Tensor] = {}
     dataset = LatentShardDataset(
         source,
         num_tokens=num_tokens,
@@ -118,13 +137,21 @@ def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -
         shardshuffle=False,
         split_by_node=False,
         view=0,
+        images="all" if with_images else "none",
     )
     num_views = int((dataset.manifest or {}).get("num_views", 1) or 1)
     for view in range(num_views):
         dataset.view = view
+        dataset.images = (
+            "all" if with_images and view == 0 else "none"
+        )  # renders belong to the shape, not a view
         for sample in dataset:
+            if held_out_fraction > 0 and is_held_out(sample["shape_id"], held_out_fraction):
+                continue
             views.setdefault(sample["shape_id"], {})[view] = sample["latents"]  # (N,C)
             metas[sample["shape_id"]] = sample["meta"]
+            if "images" in sample:
+                renders[sample["shape_id"]] = sample["images"]  # (R,H,W,3)
     if not views:
         raise ValueError(f"latent cache {source} holds no samples")
     shape_ids = sorted(views)
@@ -140,7 +167,15 @@ def load_latent_table(source: str | Path, num_tokens: int, stats: LatentStats) -
             )
         captions.append(found or [""])
     categories = [metas[shape_id].get("category") for shape_id in shape_ids]
-    return LatentTable(latents, captions, shape_ids, categories)
+    images = None
+    if with_images:
+        sizes = {tuple(renders[shape_id].shape) for shape_id in shape_ids}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"latent cache {source}: condition images of different counts/sizes {sorted(sizes)}"
+            )
+        images = torch.stack([renders[shape_id] for shape_id in shape_ids])  # (S,R,H,W,3)
+    return LatentTable(latents, captions, shape_ids, categories, images)
 
 
 class InMemoryBatches:
@@ -180,11 +215,17 @@ class InMemoryBatches:
         captions = [
             self.table.captions[i][int(p * len(self.table.captions[i]))] for i, p in zip(indices, picks)
         ]
-        return {
+        batch = {
             "latents": latents,
             "caption": captions,
             "shape_id": [self.table.shape_ids[i] for i in indices],
         }
+        if self.table.images is not None:  # drawn last: the draws above are those of a text-only table
+            render = torch.randint(self.table.images.shape[1], (len(indices),), generator=generator).tolist()
+            batch["image"] = torch.stack(
+                [self.table.images[i, r] for i, r in zip(indices, render)]
+            )  # (B,H,W,3)
+        return batch
 
 
 def streaming_batches(
@@ -195,14 +236,39 @@ def streaming_batches(
     seed: int,
     shuffle_buffer: int,
     num_workers: int,
+    with_images: bool = False,
+    held_out_fraction: float = 0.0,
 ) -> Iterator[dict[str, Any]]:
-    """Endless batches from resampled shards (each rank/worker draws its own shards with replacement)."""
+    """Endless batches from resampled shards (each rank/worker draws its own shards with replacement); with
+    ``with_images`` each sample carries one random condition image."""
     pipeline = latent_shard_pipeline(
-        source, num_tokens=num_tokens, stats=stats, shuffle_buffer=shuffle_buffer, resampled=True, seed=seed
+        source,
+        num_tokens=num_tokens,
+        stats=stats,
+        shuffle_buffer=shuffle_buffer,
+        resampled=True,
+        seed=seed,
+        images="one" if with_images else "none",
     )
+    if held_out_fraction > 0:
+        from dora_shapegen.seeding import is_held_out
+
+        pipeline = pipeline.select(lambda sample: not is_held_out(sample["shape_id"], held_out_fraction))
     pipeline = pipeline.batched(batch_size, collation_fn=collate_latents, partial=False)
     loader = torch.utils.data.DataLoader(
         pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
     )
     while True:
         yield from loader
+
+
+def preview_renders(table: LatentTable, count: int) -> tuple[torch.Tensor, list[str]]:
+    """The first render of the first shape of up to ``count`` categories (sorted), for image-conditioned
+    previews: ((P, H, W, 3) uint8, titles)."""
+    if table.images is None:
+        raise ValueError("preview_renders needs a table read with its condition images")
+    chosen: dict[str, int] = {}
+    for index, category in enumerate(table.categories):
+        chosen.setdefault(category or table.shape_ids[index], index)
+    picked = [chosen[key] for key in sorted(chosen)][:count]
+    return table.images[picked, 0], [table.shape_ids[index] for index in picked]  # (P,H,W,3)
