@@ -327,3 +327,38 @@ def render_grid_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+def render_pairs_png(
+    images: Sequence[np.ndarray],
+    meshes: Sequence[trimesh.Trimesh],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    columns: int = 4,
+    size: int = 192,
+    view: tuple[float, float] = (25, 40),
+) -> Path:
+    """A contact sheet of (input image | generated mesh) pairs, each pair's title wrapped under it.
+
+    ``images`` are (H, W, 3) uint8 condition images (shown resized to ``size``), one per mesh; returns the path."""
+    if len(images) == 0 or len(images) != len(meshes):
+        raise ValueError(f"render_pairs_png needs one image per mesh, got {len(images)} and {len(meshes)}")
+    if titles is not None and len(titles) != len(meshes):
+        raise ValueError(f"got {len(titles)} titles for {len(meshes)} pairs")
+    columns = max(1, min(columns, len(meshes)))
+    rows = math.ceil(len(meshes) / columns)
+    font_size = max(10, size // 18)
+    strip_height = _caption_strip("", 2 * size, font_size, 2).height if titles is not None else 0
+    cell_width, cell_height = 2 * size + 8, size + strip_height  # 8 px gap between neighbouring pairs
+    canvas = Image.new("RGB", (columns * cell_width, rows * cell_height), BACKGROUND)
+    for k, (image, mesh) in enumerate(zip(images, meshes)):
+        left, top = (k % columns) * cell_width, (k // columns) * cell_height
+        picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").resize((size, size))
+        canvas.paste(picture, (left, top))
+        canvas.paste(_tile(mesh, view[0], view[1], size), (left + size, top))
+        if titles is not None:
+            canvas.paste(_caption_strip(titles[k], 2 * size, font_size, 2), (left, top + size))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path

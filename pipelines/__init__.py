@@ -1,4 +1,5 @@
-"""pipelines: the diffusers text-to-3D pipeline (assemble, generate, mesh post-processing and previews).
+"""pipelines: the diffusers text-to-3D and image-to-3D pipelines (assemble, generate, mesh post-processing and
+previews; ``load_pipeline`` opens a saved folder with the class that wrote it).
 
 The generation benchmark is the subpackage ``bench``; the apps on top (the `dora` CLI, the quickstart, the demo)
 are ``apps``.
@@ -12,6 +13,8 @@ from typing import Any
 _EXPORTS = {
     "DoraTextTo3DPipeline": "dora_shapegen.pipelines.pipeline_text_to_3d",
     "DoraTextTo3DPipelineOutput": "dora_shapegen.pipelines.pipeline_text_to_3d",
+    "DoraImageTo3DPipeline": "dora_shapegen.pipelines.pipeline_image_to_3d",
+    "load_pipeline": "dora_shapegen.pipelines.loading",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,9 @@
-"""`dora assemble-pipeline`: a trained VAE + DiT + the text encoder + the cache statistics -> one pipeline folder.
+"""`dora assemble-pipeline`: a trained VAE + DiT + its conditioners + the cache statistics -> one pipeline folder.
 
 The folder is a standard diffusers pipeline (model_index.json + vae/ transformer/ scheduler/ text_encoder/
-tokenizer/), loadable offline with ``DoraTextTo3DPipeline.from_pretrained(DIR)``.
+tokenizer/), loadable offline with ``DoraTextTo3DPipeline.from_pretrained(DIR)``. A DiT trained with
+``condition: image | both`` gives a ``DoraImageTo3DPipeline`` with an ``image_encoder/`` component instead (and the
+text encoder only for ``both``); ``dora_shapegen.pipelines.load_pipeline(DIR)`` opens either.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a --vae whose weights differ from the VAE the manifest's latents came from",
     )
+    parser.add_argument(
+        "--image-encoder",
+        default=None,
+        help="image encoder of an image-conditioned DiT (default: final/image_encoder for a trained RenderEncoder, "
+        "else the DINOv2 in the run config); dinov2:<folder or Hub id> or render-cnn:<folder>",
+    )
     parser.add_argument("--out", required=True, help="output pipeline folder")
     return parser
 
@@ -112,8 +120,10 @@ def assemble(
     max_tokens: int | None = None,
     num_tokens: int | None = None,
     allow_vae_mismatch: bool = False,
+    image_encoder: str | None = None,
 ) -> Any:
-    """Build, check and save the pipeline; returns it."""
+    """Build, check and save the pipeline (a DoraImageTo3DPipeline when the DiT run's ``condition`` is ``image``
+    or ``both``); returns it."""
     from dora_shapegen.data.latent_shards import LatentStats, load_manifest
     from dora_shapegen.diffusion import ShapeDiT
     from dora_shapegen.diffusion.text_encoder import TextEncoder
@@ -137,6 +147,13 @@ def assemble(
             )
     transformer = ShapeDiT.from_pretrained(transformer_dir)
     record = _run_record(transformer_dir)
+    if record.get("condition", "text") != "text":
+        pipe = _image_pipeline(
+            vae, transformer, transformer_dir, record, stats, info, text_encoder, image_encoder, scheduler_shift,
+            max_tokens, num_tokens,
+        )  # fmt: skip
+        pipe.save_pretrained(out_dir)
+        return pipe
     name = text_encoder or record.get("text_encoder") or DEFAULT_TEXT_ENCODER
     max_length = int((record.get("training") or {}).get("text_max_length", 77))
     encoder = TextEncoder.from_name(name, max_length=max_length)
@@ -178,6 +195,68 @@ def assemble(
     return pipe
 
 
+def _image_pipeline(
+    vae: Any,
+    transformer: Any,
+    transformer_dir: Path,
+    record: dict[str, Any],
+    stats: Any,
+    info: dict[str, Any],
+    text_encoder: str | None,
+    image_encoder: str | None,
+    scheduler_shift: float | None,
+    max_tokens: int | None,
+    num_tokens: int | None,
+) -> Any:
+    """A DoraImageTo3DPipeline for an image (or image + text) DiT: its image encoder is the trained RenderEncoder
+    beside the weights (``final/image_encoder``) or the DINOv2 named in the run config (``--image-encoder`` to
+    point elsewhere)."""
+    from dora_shapegen.diffusion.conditioning import IMAGE_ENCODER_FOLDER, check_dit_fits
+    from dora_shapegen.diffusion.image_encoder import ImageEncoder
+    from dora_shapegen.diffusion.text_encoder import TextEncoder
+    from dora_shapegen.pipelines.pipeline_image_to_3d import DoraImageTo3DPipeline
+
+    condition = record["condition"]
+    name = image_encoder or record.get("image_encoder") or "render-cnn"
+    if name == "render-cnn":
+        trained = transformer_dir / IMAGE_ENCODER_FOLDER
+        if not (trained / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{transformer_dir}: the DiT was trained with a RenderEncoder but {trained} holds none; pass the "
+                "run's final/ folder (or --image-encoder render-cnn:<folder>)"
+            )
+        name = f"render-cnn:{trained}"
+    images = ImageEncoder.from_name(name, image_size=record.get("image_size"))
+    text = None
+    if condition == "both":
+        max_length = int((record.get("training") or {}).get("text_max_length", 77))
+        text = TextEncoder.from_name(text_encoder or record.get("text_encoder"), max_length=max_length)
+    check_dit_fits(transformer.config, condition, text, images)
+    if vae.config.latent_channels != transformer.config.in_channels:
+        raise ValueError(
+            f"the VAE has {vae.config.latent_channels} latent channels but the DiT expects "
+            f"{transformer.config.in_channels}"
+        )
+    return DoraImageTo3DPipeline(
+        vae=vae,
+        transformer=transformer,
+        scheduler=_scheduler(transformer_dir, scheduler_shift),
+        image_encoder=images.model,
+        text_encoder=text.model if text else None,
+        tokenizer=text.tokenizer if text else None,
+        latent_mean=[float(value) for value in stats.mean],
+        latent_std=[float(value) for value in stats.std],
+        max_tokens=max_tokens,
+        default_num_tokens=num_tokens or _trained_num_tokens(record) or info.get("num_tokens"),
+        text_max_length=text.max_length if text else 77,
+        text_encoder_kind=text.kind if text else None,
+        condition=condition,
+        image_size=images.image_size,
+        image_border_ratio=images.border_ratio,
+        image_encoder_kind=images.kind,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, path in (
@@ -199,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             num_tokens=args.num_tokens,
             allow_vae_mismatch=args.allow_vae_mismatch,
+            image_encoder=args.image_encoder,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"dora assemble-pipeline: {error}", file=sys.stderr)

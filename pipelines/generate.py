@@ -1,4 +1,9 @@
-"""`dora generate "prompt" --pipeline DIR -o out.glb`: text -> mesh file(s) + a preview PNG beside them."""
+"""`dora generate "prompt" --pipeline DIR -o out.glb`: text -> mesh file(s) + a preview PNG beside them.
+
+`dora generate --image photo.png --pipeline DIR -o out.glb` does the same from an image with an image-conditioned
+pipeline (``DoraImageTo3DPipeline``; with a ``both`` model a prompt may be given too); the preview then shows the
+input (as the model saw it: recentred on white) beside each mesh. A bad image is refused with its reason.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,17 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dora generate",
-        description="Generate mesh(es) from a text prompt with a saved DoraTextTo3DPipeline.",
+        description="Generate mesh(es) from a text prompt or an image with a saved pipeline.",
     )
-    parser.add_argument("prompt", help="what to generate, e.g. 'a round table with one central leg'")
+    parser.add_argument(
+        "prompt", nargs="?", default=None, help="what to generate, e.g. 'a round table with one central leg'"
+    )
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="an image to generate from (PNG/JPEG; an RGBA cut-out's alpha is the object mask), for an "
+        "image-conditioned pipeline",
+    )
     parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
     parser.add_argument(
         "-o",
@@ -103,6 +116,19 @@ def load_loras(pipe: Any, specs: list[str], transformer_dir: Path | None = None)
     return names
 
 
+def _check_conditions(args: argparse.Namespace, takes_images: bool, reads_prompts: bool) -> str | None:
+    """What is wrong with the prompt / --image given for this pipeline, or None."""
+    if args.image is None and args.prompt is None:
+        return "give a prompt" + (" or --image" if takes_images else "")
+    if args.image is not None and not takes_images:
+        return f"{args.pipeline} is a text-to-3D pipeline: it takes a prompt, not --image"
+    if args.prompt is not None and not reads_prompts:
+        return f"{args.pipeline} was trained on images only (condition image): give --image without a prompt"
+    if takes_images and args.image is None and not reads_prompts:
+        return "this pipeline needs --image"
+    return None
+
+
 def output_paths(output: Path, count: int) -> list[Path]:
     """One path per shape: ``output`` itself for one shape, ``stem_<i>.ext`` beside it for several."""
     if count == 1:
@@ -135,17 +161,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from dora_shapegen.pipelines.loading import is_image_pipeline, load_pipeline, takes_prompts
     from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png, simplify
-    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir).to(device)
+    try:
+        pipe = load_pipeline(pipeline_dir, args.device)
+    except ValueError as error:
+        print(f"dora generate: {error}", file=sys.stderr)
+        return 2
+    problem = _check_conditions(args, is_image_pipeline(pipe), takes_prompts(pipe))
+    if problem:
+        print(f"dora generate: {problem}", file=sys.stderr)
+        return 2
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    inputs = {"prompt": args.prompt} if args.image is None else {"image": args.image, "prompt": args.prompt}
     try:
         for name in load_loras(pipe, args.lora, pipeline_dir / "transformer"):
             print(f"LoRA adapter {name} loaded")
         result = pipe(
-            args.prompt,
+            **inputs,
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
@@ -182,10 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)")
 
     preview = output.with_suffix(".png")
-    if len(meshes) == 1:
-        render_mesh_png(meshes[0], preview, title=args.prompt)
+    label = args.prompt or Path(args.image).name
+    if args.image is not None:  # the input as the model saw it, beside each mesh
+        from dora_shapegen.data.render import render_pairs_png
+
+        seen = pipe.image_encoder_wrapper().load_images(args.image, [args.image])[0].numpy()  # (S, S, 3)
+        render_pairs_png(
+            [seen] * len(meshes), meshes, preview, [f"{label} #{index}" for index in range(len(meshes))]
+        )
+    elif len(meshes) == 1:
+        render_mesh_png(meshes[0], preview, title=label)
     else:
-        render_grid_png(meshes, preview, titles=[f"{args.prompt} #{index}" for index in range(len(meshes))])
+        render_grid_png(meshes, preview, titles=[f"{label} #{index}" for index in range(len(meshes))])
     print(f"wrote {preview}")
     if written == 0:
         print(

@@ -77,6 +77,25 @@ def _string_list(value: Any, name: str) -> list[str]:
     return list(value)
 
 
+def check_latent_stats(
+    latent_mean: list[float] | None, latent_std: list[float] | None, channels: int
+) -> tuple[list[float] | None, list[float] | None]:
+    """The cache statistics as float lists, or a ValueError when they do not fit each other or the models."""
+    if (latent_mean is None) != (latent_std is None):
+        raise ValueError("latent_mean and latent_std must be given together (both from the cache manifest)")
+    if latent_mean is None:
+        return None, None
+    latent_mean = [float(value) for value in latent_mean]
+    latent_std = [float(value) for value in latent_std]
+    if len(latent_mean) != len(latent_std):
+        raise ValueError(f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}")
+    if len(latent_mean) != channels:
+        raise ValueError(f"latent statistics have {len(latent_mean)} channels but the models use {channels}")
+    if min(latent_std) < 0:
+        raise ValueError("latent_std must be non-negative in every channel")
+    return latent_mean, latent_std
+
+
 class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     r"""Text-to-3D with a flow-matching ShapeDiT over Dora VAE vecset latents.
 
@@ -128,23 +147,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             raise ValueError(
                 f"text_encoder_kind must be one of {TEXT_ENCODER_KINDS}, got {text_encoder_kind!r}"
             )
-        if (latent_mean is None) != (latent_std is None):
-            raise ValueError(
-                "latent_mean and latent_std must be given together (both from the cache manifest)"
-            )
-        if latent_mean is not None:
-            latent_mean = [float(value) for value in latent_mean]
-            latent_std = [float(value) for value in latent_std]
-            if len(latent_mean) != len(latent_std):
-                raise ValueError(
-                    f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}"
-                )
-            if len(latent_mean) != self.latent_channels:
-                raise ValueError(
-                    f"latent statistics have {len(latent_mean)} channels but the models use {self.latent_channels}"
-                )
-            if min(latent_std) < 0:
-                raise ValueError("latent_std must be non-negative in every channel")
+        latent_mean, latent_std = check_latent_stats(latent_mean, latent_std, self.latent_channels)
         # Plain config values (not modules): stored in model_index.json, passed back by from_pretrained.
         self.register_to_config(
             latent_mean=latent_mean,
@@ -455,6 +458,20 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             )  # (B*S, N, C)
 
         # 5. Back to VAE space, then the field -> meshes.
+        return self._finish(
+            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict
+        )
+
+    def _finish(
+        self,
+        latents: torch.Tensor,
+        output_type: str,
+        mesh_resolution: int,
+        mesh_threshold: float,
+        remove_floaters: bool,
+        return_dict: bool,
+    ) -> DoraTextTo3DPipelineOutput | tuple:
+        """DiT-space latents (B, N, C) -> VAE space -> meshes in the requested output type (the last step of a call)."""
         vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)
         meshes = None
         if output_type != "latent":

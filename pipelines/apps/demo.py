@@ -1,4 +1,8 @@
-"""`dora demo --pipeline DIR`: a Gradio app around DoraTextTo3DPipeline (prompt -> 3D viewer + download).
+"""`dora demo --pipeline DIR`: a Gradio app around a saved pipeline (prompt or image -> 3D viewer + download).
+
+A text-to-3D pipeline gets a prompt box; an image-conditioned one (``DoraImageTo3DPipeline``) an image upload
+(RGBA cut-outs keep their alpha as the object mask), plus the prompt box when it was trained with ``both``. A bad
+image (unreadable, wrong mode, too small or large, fully transparent) is reported in the page, not a crash.
 
 ``build_demo(pipeline)`` returns the ``gr.Blocks`` without launching it, so tests and other apps can mount it.
 Analytics are switched off and nothing is shared unless asked, so the demo works on an offline machine.
@@ -41,7 +45,7 @@ def build_demo(
     max_steps: int = 100,
     max_tokens: int | None = None,
 ) -> Any:
-    """The Gradio UI for ``pipeline`` (a DoraTextTo3DPipeline), not launched.
+    """The Gradio UI for ``pipeline`` (a DoraTextTo3DPipeline or DoraImageTo3DPipeline), not launched.
 
     Generated .glb files go to ``output_dir`` (default: a fresh folder in the system temp dir, which Gradio may
     serve; pass ``allowed_paths=[output_dir]`` to ``launch`` for a folder elsewhere). ``mesh_resolution`` and
@@ -55,23 +59,25 @@ def build_demo(
 
     output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dora_demo_"))
     output_dir.mkdir(parents=True, exist_ok=True)
+    takes_text_only = "image_encoder" not in getattr(pipeline, "components", {})
     token_limit = max_tokens or pipeline.token_limit or 4 * pipeline.default_num_tokens
     default_tokens = min(pipeline.default_num_tokens, token_limit)
     lock = threading.Lock()  # one generation at a time: the pipeline's scheduler holds per-call state
     counter = itertools.count()
 
     def generate(
-        prompt: str, steps: float, guidance: float, tokens: float, seed: float | None
+        prompt: str, steps: float, guidance: float, tokens: float, seed: float | None, image: Any = None
     ) -> tuple[str, str]:
         prompt = (prompt or "").strip()
-        if not prompt:
-            raise gr.Error("Type a prompt first.")
+        if not prompt and image is None:
+            raise gr.Error("Type a prompt first." if takes_text_only else "Upload an image first.")
         seed = int(seed or 0)
+        inputs = {"prompt": prompt} if takes_text_only else {"image": image, "prompt": prompt or None}
         with lock:
             generator = torch.Generator(device="cpu").manual_seed(seed)
             try:
                 result = pipeline(
-                    prompt,
+                    **inputs,
                     num_inference_steps=int(steps),
                     guidance_scale=float(guidance),
                     num_tokens=int(tokens),
@@ -89,6 +95,13 @@ def build_demo(
             path = output_dir / f"shape_{next(counter):05d}_seed{seed}.glb"
             export_mesh(mesh, path)
         return str(path), str(path)
+
+    from dora_shapegen.pipelines.loading import is_image_pipeline, takes_prompts
+
+    if is_image_pipeline(pipeline):
+        return _image_demo(
+            pipeline, generate, output_dir, max_steps, token_limit, default_tokens, takes_prompts(pipeline)
+        )
 
     with gr.Blocks(title="Dora text-to-3D", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -120,9 +133,57 @@ def build_demo(
     return demo
 
 
+def _image_demo(
+    pipeline: Any,
+    generate: Any,
+    output_dir: Path,
+    max_steps: int,
+    token_limit: int,
+    default_tokens: int,
+    with_prompt: bool,
+) -> Any:
+    """The image-to-3D page: an image upload (and a prompt box for a ``both`` model) -> viewer + download."""
+    import gradio as gr
+
+    def generate_from_image(
+        image: Any, prompt: str, steps: float, guidance: float, tokens: float, seed: float | None
+    ) -> tuple[str, str]:
+        return generate(prompt, steps, guidance, tokens, seed, image=image)
+
+    title = "Dora image-to-3D" + (" (and text)" if with_prompt else "")
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {title}\nUpload a picture of one object (a cut-out with transparency works best), press "
+            "**Generate**, inspect and download the mesh."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(label="Image", type="numpy", image_mode="RGBA", elem_id="image")
+                prompt = gr.Textbox(label="Prompt (optional)", lines=2, elem_id="prompt", visible=with_prompt)
+                steps = gr.Slider(
+                    1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
+                )
+                guidance = gr.Slider(
+                    1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+                )
+                tokens = gr.Slider(
+                    1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
+                )
+                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                viewer = gr.Model3D(
+                    label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer"
+                )
+                download = gr.DownloadButton("Download .glb", elem_id="download")
+        inputs = [image, prompt, steps, guidance, tokens, seed]
+        button.click(generate_from_image, inputs=inputs, outputs=[viewer, download], api_name="generate")
+    return demo
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dora demo", description="Gradio web demo for a saved text-to-3D pipeline."
+        prog="dora demo", description="Gradio web demo for a saved text-to-3D or image-to-3D pipeline."
     )
     parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
@@ -141,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+    from dora_shapegen.pipelines.loading import load_pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DoraTextTo3DPipeline.from_pretrained(args.pipeline).to(device)
+    pipe = load_pipeline(args.pipeline, device)
     demo = build_demo(pipe, mesh_resolution=args.resolution)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

@@ -42,8 +42,10 @@ class ReferenceShape:
 
 @dataclass
 class PromptItem:
-    prompt: str
+    prompt: str  # the text; for an image prompt a label ("<shape id> view <v>")
     category: str | None  # None: no category known, so no text-following verdict
+    image: np.ndarray | None = None  # (S, S, 3) uint8: an image prompt (pipelines/bench/images.py)
+    source_index: int | None = None  # image prompts: the evaluated reference shape it was rendered from
 
 
 def _subsample(points: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:

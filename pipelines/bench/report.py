@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dora_shapegen.pipelines.bench.data import PromptItem, ReferenceShape
+from dora_shapegen.pipelines.bench.images import summarize_source
 from dora_shapegen.pipelines.bench.metrics import distribution_metrics, summarize_structure
 from dora_shapegen.report import format_figure, json_ready, markdown_table
 
@@ -30,6 +31,9 @@ SAMPLE_KEYS = (
     "watertight",
     "floater_share",
     "floater_measure",
+    "source",
+    "source_cd",
+    "source_cd_l1",
 )
 
 
@@ -68,6 +72,10 @@ def protocol(config: Any, judge: Any) -> dict[str, Any]:
             else "raw extraction (no floater removal)"
         ),
         "empty_samples": "excluded from the distribution metrics (num_generated says how many took part)",
+        "image_prompts": "renders of each evaluated reference shape (`dora render-views`); category accuracy "
+        "against the source shape's category; CD-L2 / CD-L1 and F-score at "
+        f"{', '.join(f'{tau:g}' for tau in config.fscore_thresholds)} to the source shape (normalised clouds, no "
+        "alignment search; an empty or failed sample counts F = 0 and no CD)",
     }
 
 
@@ -84,6 +92,7 @@ def _group_metrics(
     matrices: dict[str, tuple],
     reference_index: list[int],
     seed: int,
+    thresholds: list[float] = (),
 ) -> dict[str, Any]:
     g = [positions[id(row)] for row in rows if id(row) in positions]
     result: dict[str, Any] = {
@@ -103,6 +112,7 @@ def _group_metrics(
     if ratios:  # every prompt has the same number of samples, so a mean over samples is one over prompts
         result["diversity_ratio"] = float(np.mean(ratios))
     result |= {f"structure_{k}": v for k, v in summarize_structure(rows).items() if k != "num_samples"}
+    result |= summarize_source(rows, thresholds)
     return result
 
 
@@ -127,11 +137,18 @@ def evaluate_samples(
         for category in sorted({row["category"] for row in rows if row["category"]}):
             members = [row for row in rows if row["category"] == category]
             per_category[category] = _group_metrics(
-                members, positions, matrices, by_category.get(category, []), config.seed
+                members,
+                positions,
+                matrices,
+                by_category.get(category, []),
+                config.seed,
+                config.fscore_thresholds,
             )
         sets[name] = {
             "num_prompts": len(items),
-            "overall": _group_metrics(rows, positions, matrices, list(range(len(evaluated))), config.seed),
+            "overall": _group_metrics(
+                rows, positions, matrices, list(range(len(evaluated))), config.seed, config.fscore_thresholds
+            ),
             "per_category": per_category,
         }
     judge_facts = (
@@ -156,7 +173,11 @@ def evaluate_samples(
         },
         "judge": judge_facts,
         "sets": sets,
-        "samples": [{key: row.get(key) for key in SAMPLE_KEYS} for row in samples],
+        "samples": [
+            {key: row.get(key) for key in SAMPLE_KEYS}
+            | {k: v for k, v in row.items() if k.startswith("source_f@")}
+            for row in samples
+        ],
     }
     results["summary_text"] = summary_text(results)
     return json_ready(results)
@@ -209,7 +230,45 @@ def summary_text(results: dict[str, Any]) -> str:
             f"{format_figure(overall.get('structure_single_component_pct'))}%, floaters "
             f"{format_figure(overall.get('structure_mean_floater_share_pct'))}%"
         )
+        if "source_num_samples" in overall:
+            scores = ", ".join(
+                f"F@{key.split('@')[1]} {format_figure(value)}"
+                for key, value in overall.items()
+                if key.startswith("source_f@")
+            )
+            lines.append(
+                f"{name} (to the source shape): CD-L2 {format_figure(overall.get('source_cd'), 1e3)}e-3, CD-L1 "
+                f"{format_figure(overall.get('source_cd_l1'), 1e2)}e-2, {scores}"
+            )
     return "\n".join(lines)
+
+
+def _source_rows(figures_by_name: dict[str, dict[str, Any]], thresholds: list[float]) -> list[list[str]]:
+    rows = []
+    for name, figures in figures_by_name.items():
+        if "source_num_samples" not in figures:
+            continue
+        rows.append(
+            [
+                name,
+                str(figures["source_num_samples"]),
+                format_figure(figures.get("text_accuracy_pct")),
+                format_figure(figures.get("source_cd"), 1e3),
+                format_figure(figures.get("source_cd_l1"), 1e2),
+                *[format_figure(figures.get(f"source_f@{tau:g}")) for tau in thresholds],
+                format_figure(figures.get("structure_single_component_pct")),
+                format_figure(figures.get("structure_mean_floater_share_pct")),
+            ]
+        )
+    return rows
+
+
+def _source_header(first: str, thresholds: list[float]) -> list[str]:
+    return (
+        [first, "samples", "category acc. %", "CD-L2 ×1e3", "CD-L1 ×1e2"]
+        + [f"F@{tau:g}" for tau in thresholds]
+        + ["one component %", "floater share %"]
+    )
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -235,10 +294,23 @@ def render_markdown(results: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        "Text accuracy: share of samples the judge puts in the prompt's category. "
-        "Distribution metrics use the non-empty samples against the whole reference split.",
+        "Text accuracy: share of samples the judge puts in the prompt's category (for image prompts: the category "
+        "of the shape the image shows). Distribution metrics use the non-empty samples against the whole "
+        "reference split.",
         "",
     ]
+    thresholds = settings.get("fscore_thresholds") or []
+    overall_rows = _source_rows({name: f["overall"] for name, f in results["sets"].items()}, thresholds)
+    if overall_rows:
+        lines += ["## Image prompts: fidelity to the source shape", ""]
+        lines += markdown_table(_source_header("prompt set", thresholds), overall_rows)
+        lines += [""]
+        for name, figures in results["sets"].items():
+            rows = _source_rows(figures["per_category"], thresholds)
+            if rows:
+                lines += [f"Per category ({name}):", ""]
+                lines += markdown_table(_source_header("category", thresholds), rows)
+                lines += [""]
     for name, figures in results["sets"].items():
         lines += [f"## Per category: {name}", ""]
         rows = [
@@ -264,6 +336,9 @@ def _title(row: dict[str, Any]) -> str:
         verdict = "empty"
     else:
         verdict = f"judge: {row['judged']}" if row.get("judged") else f"{row['components']} part(s)"
+    fidelity = sorted(key for key in row if key.startswith("source_f@"))
+    if fidelity and row.get(fidelity[-1]) is not None:  # image prompts: how close to the shape shown
+        verdict += f", F@{fidelity[-1].split('@')[1]} {row[fidelity[-1]]:.2f}"
     return f"{row['prompt']} [{verdict}]"
 
 
@@ -275,21 +350,32 @@ def write_outputs(
     config: Any,
 ) -> None:
     """results.json, results.md, contact_sheet_<set>.png (and meshes/ with ``save_meshes``) under ``out``."""
-    from dora_shapegen.data.render import render_grid_png
-    from dora_shapegen.pipelines.mesh_post import export_mesh
+    from dora_shapegen.data.render import render_grid_png, render_pairs_png
 
     out.mkdir(parents=True, exist_ok=True)
     for name, _ in prompt_sets:
         rows = [row for row in samples if row["set"] == name]
         meshes = [row["mesh"] if row["mesh"] is not None else _empty_mesh() for row in rows]
-        render_grid_png(
-            meshes,
-            out / f"contact_sheet_{name}.png",
-            titles=[_title(row) for row in rows],
-            columns=config.contact_sheet_columns,
-            size=config.contact_sheet_size,
-        )
+        if rows and rows[0].get("image") is not None:  # image prompts: input image | generated mesh
+            render_pairs_png(
+                [row["image"] for row in rows],
+                meshes,
+                out / f"contact_sheet_{name}.png",
+                titles=[_title(row) for row in rows],
+                columns=max(1, config.contact_sheet_columns // 2),
+                size=config.contact_sheet_size,
+            )
+        else:
+            render_grid_png(
+                meshes,
+                out / f"contact_sheet_{name}.png",
+                titles=[_title(row) for row in rows],
+                columns=config.contact_sheet_columns,
+                size=config.contact_sheet_size,
+            )
         if config.save_meshes:
+            from dora_shapegen.pipelines.mesh_post import export_mesh
+
             for index, row in enumerate(rows):
                 if row["mesh"] is not None and len(row["mesh"].faces):
                     export_mesh(row["mesh"], out / "meshes" / name / f"{index:03d}.glb")

@@ -1,12 +1,14 @@
-r"""`dora bench-generation`: judge a text-to-3D pipeline's shapes the way the field does.
+r"""`dora bench-generation`: judge a text- or image-to-3D pipeline's shapes the way the field does.
 
     dora bench-generation --pipeline outputs/quickstart/pipeline --out outputs/quickstart/bench_generation \
         [--reference PREPARED | MESH_FOLDER | INDEX | builtin:N] [--split held-out|train|all] \
-        [--prompts captions configs/bench_generation/paraphrases.jsonl] [--samples-per-prompt 4] \
-        [--steps 25 --guidance 4 --tokens N --seed 0 --resolution 96 --device cpu|cuda] [--config YAML]
+        [--prompts captions configs/bench_generation/paraphrases.jsonl renders] [--views-per-shape 1] \
+        [--samples-per-prompt 4] [--steps 25 --guidance 4 --tokens N --seed 0 --resolution 96 --device cpu|cuda] \
+        [--config YAML]
 
-For every prompt set (``captions``: training-style captions of the reference shapes, one or more per category; or
-a .txt / .jsonl prompt file, JSONL rows ``{"prompt", "category"}``) it samples ``samples_per_prompt`` shapes per
+For every prompt set (``captions``: training-style captions of the reference shapes, one or more per category; a
+.txt / .jsonl prompt file, JSONL rows ``{"prompt", "category"}``; or ``renders``: image prompts, renders of each
+evaluated reference shape, ``pipelines/bench/images.py``) it samples ``samples_per_prompt`` shapes per
 prompt in batches, extracts each mesh, and measures (``pipelines/bench/metrics.py`` has the protocol):
 
 - distribution: 1-NNA, COV, MMD with Chamfer (and exact EMD on a small point count) against the reference split,
@@ -14,7 +16,9 @@ prompt in batches, extracts each mesh, and measures (``pipelines/bench/metrics.p
 - text following: the category a k-NN judge on Chamfer distance (fitted on the reference set's training part, its
   own held-out accuracy reported beside) gives each sample, against the prompt's category;
 - structure: one connected component or not, share of volume (or area) in floaters, empty or failed, watertight,
-  face count.
+  face count;
+- image prompts also: Chamfer distance and F-score to the shape each image was rendered from, and category
+  accuracy against that shape's category.
 
 Outputs in OUT: ``results.json``, ``results.md`` (with the per-category table), ``contact_sheet_<set>.png``. From
 Python, :func:`run_generation_bench` returns the results dict.
@@ -36,10 +40,17 @@ from dora_shapegen.diffusion.sampling import check_guidance_interval
 from dora_shapegen.pipelines.bench.data import (
     CAPTIONS,
     SPLITS,
+    PromptItem,
     ReferenceShape,
     load_prompt_set,
     load_reference,
     select_split,
+)
+from dora_shapegen.pipelines.bench.images import (
+    DEFAULT_FSCORE_THRESHOLDS,
+    RENDERS,
+    load_render_prompts,
+    source_metrics,
 )
 from dora_shapegen.pipelines.bench.metrics import (
     CloudSet,
@@ -86,6 +97,9 @@ class GenerationBenchConfig:
     save_meshes: bool = False  # also write OUT/meshes/<set>/<index>.glb
     contact_sheet_columns: int = 8
     contact_sheet_size: int = 160
+    # Image prompts (prompt set "renders", pipelines/bench/images.py): renders per evaluated shape, F-score taus.
+    views_per_shape: int = 1
+    fscore_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_FSCORE_THRESHOLDS))
 
 
 def check_config(config: GenerationBenchConfig) -> None:
@@ -100,6 +114,7 @@ def check_config(config: GenerationBenchConfig) -> None:
         "judge_k",
         "contact_sheet_columns",
         "contact_sheet_size",
+        "views_per_shape",
     )
     for name in positive:
         value = getattr(config, name)
@@ -112,10 +127,14 @@ def check_config(config: GenerationBenchConfig) -> None:
     if config.split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {config.split!r}")
     if not config.prompts:
-        raise ValueError("prompts: give at least one prompt set ('captions' or a .txt / .jsonl file)")
+        raise ValueError(
+            "prompts: give at least one prompt set ('captions', 'renders' or a .txt / .jsonl file)"
+        )
     check_guidance_interval(config.guidance_interval)
     if not 0.0 < config.threshold < 1.0:
         raise ValueError(f"threshold must lie in (0, 1), the occupancy field's range, got {config.threshold}")
+    if not config.fscore_thresholds or min(config.fscore_thresholds) <= 0:
+        raise ValueError(f"fscore_thresholds must be positive, got {config.fscore_thresholds}")
 
 
 def _resolve_reference(pipeline_dir: Path | None, reference: str | None) -> str:
@@ -135,21 +154,52 @@ def _resolve_reference(pipeline_dir: Path | None, reference: str | None) -> str:
 
 
 def load_pipeline(pipeline_dir: str | Path, device: str | None = None) -> Any:
-    """The saved DoraTextTo3DPipeline on ``device``; a ValueError naming the folder when it is not one."""
+    """The saved pipeline (text- or image-to-3D) on ``device``; a ValueError naming the folder when it is not one."""
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise ValueError(
             f"pipeline {pipeline_dir}: not a saved pipeline (no model_index.json); "
             "make one with `dora assemble-pipeline`"
         )
-    import torch
+    from dora_shapegen.pipelines.loading import load_pipeline as load_saved
 
-    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DoraTextTo3DPipeline.from_pretrained(str(pipeline_dir)).to(device)
+    pipe = load_saved(pipeline_dir, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _pipeline_kind(pipeline: Any) -> tuple[bool, bool]:
+    """(takes images, reads prompts) of a pipeline folder or a loaded pipeline, without loading a folder's models."""
+    from dora_shapegen.pipelines.loading import is_image_pipeline, pipeline_class, takes_prompts
+
+    if not isinstance(pipeline, (str, Path)):
+        return is_image_pipeline(pipeline), takes_prompts(pipeline)
+    if pipeline_class(pipeline).__name__ == "DoraTextTo3DPipeline":
+        return False, True
+    import json
+
+    condition = json.loads((Path(pipeline) / "model_index.json").read_text()).get("condition")
+    return True, condition == "both"
+
+
+def _prompt_specs(config: GenerationBenchConfig, takes_images: bool, reads_prompts: bool) -> list[str]:
+    """The prompt sets to run: an image-only pipeline given the default (text) sets runs the renders instead;
+    sets the pipeline cannot read are a ValueError."""
+    default = GenerationBenchConfig().prompts
+    if takes_images and not reads_prompts and list(config.prompts) == default:
+        logger.info("an image-only pipeline: judging it on the '%s' prompt set", RENDERS)
+        return [RENDERS]
+    for spec in config.prompts:
+        if spec == RENDERS and not takes_images:
+            raise ValueError(
+                f"prompt set '{RENDERS}' needs an image-conditioned pipeline; this one reads text"
+            )
+        if spec != RENDERS and not reads_prompts:
+            raise ValueError(
+                f"prompt set {spec!r} is text, but the pipeline was trained on images only (condition image); "
+                f"use --prompts {RENDERS}"
+            )
+    return list(config.prompts)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -171,12 +221,15 @@ def generate_meshes(
 
     results = []
     with tqdm(total=len(requests), desc="bench-generation", unit="shape") as progress:
-        for start in range(0, len(requests), config.batch_size):
-            batch = requests[start : start + config.batch_size]
+        for batch in _batches(requests, config.batch_size):
             generators = [torch.Generator().manual_seed(r["seed"]) for r in batch]
+            if batch[0].get("image") is not None:
+                inputs = {"image": [r["image"] for r in batch], "image_names": [r["prompt"] for r in batch]}
+            else:  # a text pipeline, or text prompts for a "both" model
+                inputs = {"prompt": [r["prompt"] for r in batch]}
             try:
                 latents = pipe(
-                    [r["prompt"] for r in batch],
+                    **inputs,
                     num_inference_steps=config.steps,
                     guidance_scale=config.guidance,
                     guidance_interval=config.guidance_interval,
@@ -207,6 +260,18 @@ def generate_meshes(
                     )
                 progress.update(1)
     return results
+
+
+def _batches(requests: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Consecutive batches of at most ``size`` requests, never mixing image and text prompts."""
+    batches: list[list[dict[str, Any]]] = []
+    for request in requests:
+        is_image = request.get("image") is not None
+        last = batches[-1] if batches else None
+        if last is None or len(last) == size or (last[0].get("image") is not None) != is_image:
+            batches.append([])
+        batches[-1].append(request)
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -248,7 +313,8 @@ def run_generation_bench(
 ) -> dict[str, Any]:
     """Sample, measure and (with ``out``) write results.json / results.md / contact sheets; returns the results.
 
-    ``pipeline``: a saved pipeline folder or a loaded ``DoraTextTo3DPipeline``. ``overrides``: any
+    ``pipeline``: a saved pipeline folder or a loaded ``DoraTextTo3DPipeline`` / ``DoraImageTo3DPipeline`` (an
+    image-only pipeline runs the ``renders`` prompt set unless told otherwise). ``overrides``: any
     :class:`GenerationBenchConfig` field, e.g. ``run_generation_bench("PIPE", "OUT", samples_per_prompt=2)``.
     Bad input raises a ValueError naming the item.
     """
@@ -264,13 +330,16 @@ def run_generation_bench(
             f"pipeline {pipeline_dir}: not a saved pipeline (no model_index.json); "
             "make one with `dora assemble-pipeline`"
         )
+    config = dataclasses.replace(config, prompts=_prompt_specs(config, *_pipeline_kind(pipeline)))
     reference_source = _resolve_reference(pipeline_dir, config.reference)
     shapes = load_reference(reference_source, config.points, config.held_out_fraction, config.seed)
     evaluated = select_split(shapes, config.split)
     if not evaluated:
         raise ValueError(f"reference set {reference_source}: its {config.split} split is empty")
-    prompt_sets = [
-        load_prompt_set(spec, shapes, evaluated, config.prompts_per_category, reference_source)
+    prompt_sets: list[tuple[str, list[PromptItem]]] = [
+        (RENDERS, load_render_prompts(reference_source, evaluated, config.views_per_shape))
+        if spec == RENDERS
+        else load_prompt_set(spec, shapes, evaluated, config.prompts_per_category, reference_source)
         for spec in config.prompts
     ]
     names = [name for name, _ in prompt_sets]
@@ -290,6 +359,8 @@ def run_generation_bench(
             "prompt_index": p,
             "sample": s,
             "seed": _sample_seed(config.seed, item.prompt, s),
+            "image": item.image,
+            "source_index": item.source_index,
         }
         for name, items in prompt_sets
         for p, item in enumerate(items)
@@ -319,6 +390,11 @@ def run_generation_bench(
         )
         for sample, ratio in zip(made, ratios):
             sample["diversity"] = ratio
+    for sample in samples:  # image prompts: fidelity to the shape the image was rendered from
+        if sample["source_index"] is not None:
+            source = evaluated[sample["source_index"]]
+            sample["source"] = source.shape_id
+            sample.update(source_metrics(sample["cloud"], source.cloud, config.fscore_thresholds))
     results = evaluate_samples(samples, made, evaluated, matrices, prompt_sets, judge, config)
     timings["metrics"] = time.perf_counter() - clock
     results.update(
@@ -361,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         nargs="+",
         default=None,
-        help="prompt sets: 'captions' and/or .txt/.jsonl files (default: captions + the paraphrases)",
+        help="prompt sets: 'captions', 'renders' (image prompts) and/or .txt/.jsonl files (default: captions + the "
+        "paraphrases; 'renders' for an image-only pipeline)",
     )
     parser.add_argument(
         "--prompts-per-category", type=int, default=None, help="prompts kept per category (1)"
@@ -397,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the pipeline's post-processed meshes instead of the raw extraction",
     )
     parser.add_argument("--save-meshes", action="store_true", default=None, help="write every mesh as .glb")
+    parser.add_argument(
+        "--views-per-shape",
+        type=int,
+        default=None,
+        help=f"prompt set '{RENDERS}': image prompts (renders) per evaluated shape (1)",
+    )
     return parser
 
 

@@ -144,3 +144,18 @@ def test_normal_map_frame_is_fixed_not_fitted():
     moved = render_normal_map(small.copy().apply_translation([0.2, 0.0, 0.0]), 0.0, 0.0, 100, half_width=1.0)
     columns = np.nonzero(moved.covered.any(axis=0))[0]
     assert columns.min() == 38 + 10  # the left border at 50 - 12.25 -> first centre 38.5; 0.2 units = 10 px
+
+
+def test_pairs_sheet_puts_each_input_beside_its_mesh(tmp_path):
+    from dora_shapegen.data.render import render_pairs_png
+
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 220
+    box = trimesh.creation.box(extents=(1.0, 0.5, 0.5))
+    path = render_pairs_png([red, red], [box, trimesh.Trimesh()], tmp_path / "pairs.png", ["a", "b"], 2, 64)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    assert sheet.shape[1] == 2 * (2 * 64 + 8)
+    assert (sheet[10, 10] == (220, 0, 0)).all()  # input image, top left
+    assert (sheet[:64, 64:128] != WHITE).any(axis=-1).any()  # the box beside it
+    with pytest.raises(ValueError, match="one image per mesh"):
+        render_pairs_png([red], [box, box], tmp_path / "bad.png")

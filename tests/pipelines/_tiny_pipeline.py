@@ -6,11 +6,14 @@ tokenizer) and diffusers' FlowMatchEulerDiscreteScheduler.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from dora_shapegen.diffusion import ShapeDiT
 from dora_shapegen.diffusion.text_encoder import TextEncoder
+from dora_shapegen.pipelines.pipeline_image_to_3d import DoraImageTo3DPipeline
 from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 from dora_shapegen.vae import DoraVAE
 
@@ -58,8 +61,57 @@ def make_tiny_pipeline(seed: int = 0) -> DoraTextTo3DPipeline:
     return pipe
 
 
+def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraImageTo3DPipeline:
+    """A DoraImageTo3DPipeline of tiny random models: ``"image"`` with a RenderEncoder (32 px renders), ``"both"``
+    with the tiny random DINOv2 (56 px) beside the tiny random BERT text encoder; zero-initialised DiT tensors get
+    small random values, as in :func:`make_tiny_pipeline`."""
+    from dora_shapegen.diffusion.image_encoder import ImageEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = DoraVAE(
+            width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=LATENT_CHANNELS,
+            num_freqs=4, output_type="tsdf", default_num_tokens=NUM_TOKENS, max_train_tokens=MAX_TRAIN_TOKENS,
+            n_uniform=256, n_salient=64,
+        )  # fmt: skip
+        if condition == "image":
+            image = ImageEncoder.from_name(
+                "render-cnn", {"image_size": 32, "channels": [16, 32], "stem_channels": 8, "hidden_size": 32}
+            )
+            text, extra = None, {}
+        else:
+            image = ImageEncoder.from_name("tiny-random:dinov2")
+            text = TextEncoder.from_name("tiny-random:bert")
+            extra = {"image_embed_dim": image.hidden_size, "image_pooled_projection_dim": image.pooled_size}
+        primary = text or image
+        transformer = ShapeDiT(
+            in_channels=LATENT_CHANNELS, width=32, num_layers=2, num_heads=2, mlp_ratio=2.0,
+            cross_attention_dim=primary.hidden_size, pooled_projection_dim=primary.pooled_size, **extra,
+        )  # fmt: skip
+        with torch.no_grad():
+            for parameter in transformer.parameters():
+                if not parameter.any():
+                    parameter.normal_(0.0, 0.2)
+    pipe = DoraImageTo3DPipeline(
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_encoder=image.model.eval(),
+        text_encoder=text.model if text else None,
+        tokenizer=text.tokenizer if text else None,
+        latent_mean=torch.linspace(-0.5, 0.5, LATENT_CHANNELS).tolist(),
+        latent_std=torch.linspace(0.5, 1.5, LATENT_CHANNELS).tolist(),
+        text_encoder_kind=text.kind if text else None,
+        condition=condition,
+        image_size=image.image_size,
+        image_encoder_kind=image.kind,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
-def center_surface_on(pipe: DoraTextTo3DPipeline, prompt: str, **call_kwargs) -> torch.Tensor:
+def center_surface_on(pipe: DoraTextTo3DPipeline, prompt: Any, **call_kwargs) -> torch.Tensor:
     """Shift the VAE's output bias so that the field of the shape ``pipe(prompt, **call_kwargs)`` generates is
     at the surface level (0.5) at its median over the extraction volume: a random decoder's field otherwise may
     not cross 0.5 anywhere and give an empty mesh. The denoiser does not use the VAE, so the latents (returned)

@@ -124,3 +124,29 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
     assert download_name.endswith(".glb") and download_bytes == model_bytes
     assert list((tmp_path / "generated").glob("*.glb"))
     assert not external_requests, f"the demo page tried to reach the internet: {external_requests}"
+
+
+def test_image_demo_uploads_an_image_and_reports_bad_ones(tmp_path):
+    import gradio as gr
+    import numpy as np
+
+    from tests.pipelines._tiny_pipeline import make_tiny_image_pipeline
+
+    pipe = make_tiny_image_pipeline("image")
+    picture = np.full((64, 64, 4), 255, np.uint8)  # an RGBA upload, as gr.Image(image_mode="RGBA") gives
+    picture[16:48, 24:40, :3] = (180, 40, 40)
+    center_surface_on(
+        pipe, picture, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5)
+    )
+    demo = build_demo(pipe, output_dir=tmp_path, mesh_resolution=32)
+    labels = {getattr(block, "label", None) for block in demo.blocks.values()}
+    assert {"Image", "Steps", "Guidance scale", "Latent tokens", "Seed"} <= labels
+    handler = next(function.fn for function in demo.fns.values() if function.api_name == "generate")
+    viewer_path, download_path = handler(picture, "", 2, 3.0, pipe.default_num_tokens, 5)
+    assert viewer_path == download_path and len(trimesh.load(viewer_path, force="mesh").faces) > 0
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        handler(None, "", 2, 3.0, pipe.default_num_tokens, 5)
+    with pytest.raises(gr.Error, match="too small"):
+        handler(picture[:10, :10], "", 2, 3.0, pipe.default_num_tokens, 5)
+    with pytest.raises(gr.Error, match="alpha channel hides the whole image"):
+        handler(np.zeros((64, 64, 4), np.uint8), "", 2, 3.0, pipe.default_num_tokens, 5)
