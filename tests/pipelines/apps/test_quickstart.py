@@ -83,7 +83,10 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "## Stages" in report and "## Samples" in report and "## Generation" in report
     generation = json.loads((out / "bench_generation" / "results.json").read_text())
     assert set(generation["sets"]) == {"captions", "paraphrases"}
-    assert generation["sets"]["captions"]["overall"]["num_samples"] == 14
+    per_prompt = yaml.safe_load((configs / "bench_generation.yaml").read_text())["samples_per_prompt"]
+    assert (
+        generation["sets"]["captions"]["overall"]["num_samples"] == 14 * per_prompt
+    )  # one caption per category
     stages = sorted(p.stem for p in (out / ".stages").glob("*.json"))
     assert stages == sorted(
         [
