@@ -1,8 +1,8 @@
 """YAML run configs loaded into dataclasses.
 
-Every stage keeps its run options in a dataclass; the YAML file is the single source of truth for a run and is
-stored next to every checkpoint. A ``model:`` section is passed unchanged to the model's constructor, so it stays a
-plain dict here.
+Every stage keeps its run options in a dataclass; the YAML file (with its ``base:`` chain, see :func:`load_yaml`)
+is the single source of truth for a run, and the complete, resolved config is stored next to every checkpoint. A
+``model:`` section is passed unchanged to the model's constructor, so it stays a plain dict here.
 """
 
 from __future__ import annotations
@@ -42,14 +42,69 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+# A config may start from another: ``base: ../vae/small.yaml`` plus the keys that differ.
+BASE_KEY = "base"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(resolve_config_path(path)) as handle:
+    """A config file's mapping, with its ``base:`` chain resolved (what a run actually uses).
+
+    ``base: OTHER.yaml`` (a top-level key) loads OTHER first, then this file's keys override it: mappings merge key
+    by key at every depth (``training: {max_steps: 560}`` changes that one key), anything else (numbers, strings,
+    lists such as ``schedule.phases``) is replaced whole. OTHER is found relative to this file's folder, else among
+    the shipped configs (leading ``../`` dropped), so a copied config folder still finds its bases. Bases may have
+    bases; a loop is an error. The result holds no ``base`` key: stored run configs are complete.
+    """
+    return _load_chain(resolve_config_path(path), ())
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    with open(path) as handle:
         content = yaml.safe_load(handle) or {}
     if not isinstance(content, dict):
         raise ValueError(
             f"{path}: a config file must hold a mapping at the top level, got {type(content).__name__}"
         )
     return content
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ValueError(f"config bases form a loop: {chain}")
+    content = _read_mapping(path)
+    base = content.pop(BASE_KEY, None)
+    if base is None:
+        return content
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: '{BASE_KEY}' must name a config file, got {base!r}")
+    return merge_configs(_load_chain(_base_path(path, base), (*seen, path.resolve())), content)
+
+
+def _base_path(path: Path, base: str) -> Path:
+    beside = path.parent / base
+    if beside.exists():
+        return beside
+    parts = Path(base).parts
+    while parts and parts[0] in ("..", "."):
+        parts = parts[1:]
+    try:
+        return resolve_config_path(Path(*parts)) if parts else resolve_config_path(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: base config {base} not found beside it ({beside}) nor among the shipped configs"
+        ) from None
+
+
+def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: nested mappings merged key by key, other values replaced (new dicts)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _build(cls: Any, value: Any, where: str) -> Any:

@@ -51,7 +51,9 @@ VAE_FREE_KEYS = frozenset(
 @dataclass
 class DataConfig:
     root: str = "runs/prepared"  # a `dora prepare` output folder (holds samples/*.npz)
-    n_uniform: int | None = None  # per-item subsampling of the stored point clouds (None = all)
+    # Per-item subsampling of the stored point clouds; None = the model's n_uniform / n_salient (what the exported
+    # config records as the point counts it was trained with).
+    n_uniform: int | None = None
     n_salient: int | None = None
     n_supervision: int | None = None  # supervision points per item and step (None = all)
     val_fraction: float = 0.1  # held-out split by shape-id hash (fixed across runs)

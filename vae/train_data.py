@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,15 @@ def shape_ids_of(dataset: Any) -> list[str]:
     return [str(dataset[i]["meta"].get("shape_id", i)) for i in range(len(dataset))]
 
 
+def model_point_counts(model: dict[str, Any]) -> tuple[int, int]:
+    """The encoder's input point counts (n_uniform, n_salient) of a ``model:`` section, DoraVAE's defaults for keys
+    it leaves out."""
+    from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+
+    defaults = inspect.signature(DoraVAE.__init__).parameters
+    return tuple(int(model.get(key, defaults[key].default)) for key in ("n_uniform", "n_salient"))
+
+
 def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[int]]:
     """(training dataset, validation dataset, train indices, held-out indices) from a prepared folder."""
     from dora_shapegen.data.prepare import PreparedDataset
@@ -81,10 +91,13 @@ def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[in
             f"prepared data not found: {root}/samples (run `dora prepare --builtin 240 --out {root}`)"
         )
     data = config.data
+    model_uniform, model_salient = model_point_counts(config.model)
+    n_uniform = data.n_uniform if data.n_uniform is not None else model_uniform
+    n_salient = data.n_salient if data.n_salient is not None else model_salient
     train_set = PreparedDataset(
         root,
-        n_uniform=data.n_uniform,
-        n_salient=data.n_salient,
+        n_uniform=n_uniform,
+        n_salient=n_salient,
         n_supervision=data.n_supervision,
         seed=config.training.seed,
         cache_in_memory=data.cache_in_memory,
@@ -92,8 +105,8 @@ def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[in
     # Validation uses all supervision points: a stable IoU estimate.
     val_set = PreparedDataset(
         root,
-        n_uniform=data.n_uniform,
-        n_salient=data.n_salient,
+        n_uniform=n_uniform,
+        n_salient=n_salient,
         seed=config.training.seed,
         cache_in_memory=data.cache_in_memory,
     )

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from throughput import count_flops  # noqa: E402
 
-from dora_shapegen.config import CONFIG_DIR, from_dict  # noqa: E402
+from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml  # noqa: E402
 from dora_shapegen.training.schedules import TokenSchedule  # noqa: E402
 
 
@@ -82,7 +81,7 @@ def describe(model: torch.nn.Module, batch_size: int, tokens: int) -> dict[str, 
 def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, dict[str, Any]]:
     from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss
 
-    config = from_dict(VAETrainConfig, yaml.safe_load(config_path.read_text()), str(config_path))
+    config = from_dict(VAETrainConfig, load_yaml(config_path), str(config_path))
     torch.manual_seed(0)
     model = build_model(config).train()
     optimizer = adamw(model, config.training)
@@ -101,8 +100,8 @@ def vae_step_factory(config_path: Path, num_tokens: int | None) -> tuple[Any, di
 
     queries = data.n_supervision or 1024
     batch = {
-        "uniform": cloud(data.n_uniform or 2048),
-        "salient": cloud(data.n_salient or 1024),
+        "uniform": cloud(data.n_uniform or model.config.n_uniform),
+        "salient": cloud(data.n_salient or model.config.n_salient),
         "sup_points": torch.rand(batch_size, queries, 3, generator=generator) * 2 - 1,  # (B, M, 3)
         "sup_occupancy": (torch.rand(batch_size, queries, generator=generator) > 0.5).float(),  # (B, M)
         "sup_tsdf": torch.rand(batch_size, queries, generator=generator) * 2 - 1,  # (B, M)
@@ -128,7 +127,7 @@ def dit_step_factory(
     from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
     from dora_shapegen.diffusion.train import DiTTrainConfig
 
-    config = from_dict(DiTTrainConfig, yaml.safe_load(config_path.read_text()), str(config_path))
+    config = from_dict(DiTTrainConfig, load_yaml(config_path), str(config_path))
     torch.manual_seed(0)
     model = ShapeDiT(**config.model).train()
     optimizer = adamw(model, config.training)

@@ -44,6 +44,7 @@ from throughput import (  # noqa: E402
 )
 
 from dora_shapegen.config import load_yaml  # noqa: E402
+from dora_shapegen.vae.train_data import model_point_counts  # noqa: E402
 
 # What each model is measured at: config, tokens, and the batch (GPU: the config's per-GPU batch).
 GPU_SETUP = {
@@ -75,10 +76,11 @@ class Workload:
         self.tokens = int(setup["tokens"])
         if kind == "vae":
             data = config["data"]
+            uniform, salient = model_point_counts(config["model"])  # what data: leaves to the model
             self.batch = int(setup.get("batch", data["batch_size"]))
             self.points = (
-                int(setup.get("n_uniform", data["n_uniform"])),
-                int(setup.get("n_salient", data["n_salient"])),
+                int(setup.get("n_uniform", data.get("n_uniform") or uniform)),
+                int(setup.get("n_salient", data.get("n_salient") or salient)),
                 int(setup.get("n_query", data["n_supervision"])),
             )
         else:

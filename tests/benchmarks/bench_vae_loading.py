@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import H100_BF16_DENSE_TFLOPS, vae_step_flops  # noqa: E402
 
 from dora_shapegen.config import load_yaml  # noqa: E402
+from dora_shapegen.vae.train_data import model_point_counts  # noqa: E402
 
 FORMATS = ("npz_compressed", "npz")
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_yaml(args.config)
     data = config["data"]
+    uniform, salient = model_point_counts(config["model"])  # what data: leaves to the model
+    data["n_uniform"], data["n_salient"] = data.get("n_uniform") or uniform, data.get("n_salient") or salient
     folders = prepare_formats(args)
     gpu = gpu_consumption(config, args.mfu, args.peak_tflops)
     fastest = max(row["samples_per_s"] for row in gpu.values())
