@@ -52,9 +52,6 @@ class TrainStage:
     # The budget is the stage YAML's training.max_steps, so a busy machine gives the same run, only later. This is
     # a safety cap on wall-clock time (None = none): the training warns loudly when it cuts a run.
     max_minutes: float | None = None
-    calibrated_seconds: float = (
-        0.0  # the stage's time on a free 2-core machine (for the ETA printed up front)
-    )
 
 
 @dataclass
@@ -73,17 +70,30 @@ class GenerateStage:
     seed: int = 0
 
 
-@dataclass
-class CalibrationConfig:
-    # Measured on a free 2-core machine with the stage budgets of configs/quickstart: its fp32 matmul rate and the
-    # seconds of the stages other than the two trainings. The ETA scales them by this machine's rate, measured now.
-    matmul_gflops: float = 0.0
-    other_stages_seconds: float = 0.0
+@dataclass(frozen=True)
+class Calibration:
+    """What the ETA printed up front scales: a fresh clone's run of the shipped quickstart on a free 2-core machine
+    (2026-11-30: VAE 560 steps + validation 507 s, DiT 675 steps 481 s, every other stage 203 s), whose best fp32
+    matmul on 2 threads did 203 GFLOP/s (tests/benchmarks/bench_mfu.py measured 190-216). The ETA multiplies each
+    training's seconds by its configured steps over the calibrated ones, and everything by the calibrated matmul
+    rate over this machine's rate now. An ETA, not a promise: each training's progress bar has the real one."""
+
+    matmul_gflops: float = 203.0  # 0 = no calibration: print the step budgets only
+    other_stages_seconds: float = 203.0  # every stage but the two trainings
+    vae_seconds: float = 507.0
+    vae_steps: int = 560
+    dit_seconds: float = 481.0
+    dit_steps: int = 675
+
+
+CALIBRATION = Calibration()
+# Keys of quickstart.yaml that held the calibration before it moved here: still accepted (and ignored) so that a
+# copied config folder keeps working.
+_FORMER_CALIBRATION_KEYS = ("calibration", "vae.calibrated_seconds", "dit.calibrated_seconds")
 
 
 @dataclass
 class QuickstartConfig:
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     dataset: DatasetStage = field(default_factory=DatasetStage)
     prepare: PrepareStage = field(default_factory=PrepareStage)
     vae: TrainStage = field(default_factory=TrainStage)
@@ -101,7 +111,18 @@ def _stage_yaml(config_dir: Path, name: str) -> Path:
 
 def load_quickstart_config(config_dir: Path) -> QuickstartConfig:
     """The orchestration knobs live in quickstart.yaml; each stage's own settings in its stage YAML."""
-    return from_dict(QuickstartConfig, load_yaml(_stage_yaml(config_dir, "quickstart")), "quickstart.yaml")
+    values = load_yaml(_stage_yaml(config_dir, "quickstart"))
+    for dotted in _FORMER_CALIBRATION_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = values
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.pop(leaf, None) is not None:
+            print(
+                f"quickstart.yaml: '{dotted}' is ignored (the ETA's calibration is in {__name__})",
+                file=sys.stderr,
+            )
+    return from_dict(QuickstartConfig, values, "quickstart.yaml")
 
 
 # Keys of the training stages' YAMLs that count optimizer steps: a budget multiplier scales all of them, so a longer
@@ -371,10 +392,12 @@ class Quickstart:
         budget = f"budgets: VAE {steps['vae']} steps, DiT {steps['dit']} steps"
         if self.budget != 1.0:
             budget += f" (--budget {self.budget:g}: every training step count x{self.budget:g})"
-        calibration = self.config.calibration
-        # The trainings scale with their steps; the other stages do not depend on the budget.
-        seconds = calibration.other_stages_seconds + self.budget * (
-            self.config.vae.calibrated_seconds + self.config.dit.calibrated_seconds
+        calibration = CALIBRATION
+        # Each training's seconds scale with its steps (the budget's included); the other stages do not.
+        seconds = (
+            calibration.other_stages_seconds
+            + calibration.vae_seconds * steps["vae"] / calibration.vae_steps
+            + calibration.dit_seconds * steps["dit"] / calibration.dit_steps
         )
         if calibration.matmul_gflops <= 0 or seconds <= 0:
             return budget

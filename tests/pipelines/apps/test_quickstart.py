@@ -10,7 +10,7 @@ import pytest
 import trimesh
 import yaml
 
-from dora_shapegen.config import CONFIG_DIR
+from dora_shapegen.config import CONFIG_DIR, load_yaml
 from dora_shapegen.pipelines.apps.quickstart import main
 
 
@@ -121,18 +121,11 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
 def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_path, monkeypatch):
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
-    configs = tmp_path / "configs"
-    shutil.copytree(CONFIG_DIR / "quickstart", configs)
-    orchestration = yaml.safe_load((configs / "quickstart.yaml").read_text())
-    orchestration["calibration"] = {"matmul_gflops": 200.0, "other_stages_seconds": 300.0}
-    orchestration["vae"]["calibrated_seconds"] = 420.0
-    orchestration["dit"]["calibrated_seconds"] = 480.0
-    _write(configs / "quickstart.yaml", orchestration)
-    steps = {
-        name: yaml.safe_load((configs / f"{name}.yaml").read_text())["training"]["max_steps"]
-        for name in ("vae", "dit")
-    }
-
+    configs = CONFIG_DIR / "quickstart"
+    steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
+    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240).
+    calibration = quickstart.Calibration(200.0, 300.0, 210.0, steps["vae"] // 2, 240.0, steps["dit"] // 2)
+    monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
     monkeypatch.setattr(
         quickstart, "measure_matmul_gflops", lambda: 100.0
     )  # a machine half as fast right now
@@ -141,10 +134,22 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
 
     # Without a calibration only the budgets are printed (no guessed time).
-    orchestration["calibration"]["matmul_gflops"] = 0.0
-    _write(configs / "quickstart.yaml", orchestration)
+    monkeypatch.setattr(quickstart, "CALIBRATION", quickstart.Calibration(matmul_gflops=0.0))
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert "ETA" not in message and f"VAE {steps['vae']} steps" in message
+
+
+def test_a_config_folder_with_the_former_calibration_keys_still_loads(tmp_path, capsys):
+    from dora_shapegen.pipelines.apps.quickstart import load_quickstart_config
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR / "quickstart", configs)
+    orchestration = yaml.safe_load((configs / "quickstart.yaml").read_text())
+    orchestration["calibration"] = {"matmul_gflops": 203.0, "other_stages_seconds": 203.0}
+    orchestration["vae"]["calibrated_seconds"] = 507.0
+    _write(configs / "quickstart.yaml", orchestration)
+    assert load_quickstart_config(configs) == load_quickstart_config(CONFIG_DIR / "quickstart")
+    assert "'calibration' is ignored" in capsys.readouterr().err
 
 
 def test_report_flags_a_training_cut_by_the_wall_clock_cap(tmp_path):
@@ -167,17 +172,15 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
-    orchestration = yaml.safe_load((configs / "quickstart.yaml").read_text())
-    orchestration["calibration"] = {"matmul_gflops": 200.0, "other_stages_seconds": 300.0}
-    orchestration["vae"]["calibrated_seconds"] = 420.0
-    orchestration["dit"]["calibrated_seconds"] = 480.0
-    _write(configs / "quickstart.yaml", orchestration)
+    steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
+    calibration = quickstart.Calibration(200.0, 300.0, 420.0, steps["vae"], 480.0, steps["dit"])
+    monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
     monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: 200.0)
     run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
     # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
     assert "~35 min on a free 2-core machine" in run.eta_message()
 
-    original = yaml.safe_load((configs / "dit.yaml").read_text())
+    original = load_yaml(configs / "dit.yaml")  # dit.yaml lists what differs from its base
     scaled = yaml.safe_load(run.training_config("dit").read_text())
     assert scaled["training"]["max_steps"] == 2 * original["training"]["max_steps"]
     assert scaled["training"]["warmup_steps"] == 2 * original["training"]["warmup_steps"]
