@@ -1,7 +1,8 @@
 """Markdown and JSON helpers of every results file (Dora-bench, the generation benchmark, the quickstart report).
 
-Convention: a figure is printed with 4 significant digits (``format_figure``), after an optional scale factor (the
-tables print Chamfer x1e3, say so in their headers); a missing or non-finite value prints as "-". JSON results
+Convention: a figure is printed with 4 significant digits (``format_figure``; a report may ask for another format
+spec, such as the quickstart report's one decimal), after an optional scale factor (the tables print Chamfer x1e3
+and say so in their headers); a missing or non-finite value prints as "-". JSON results
 hold NaN/inf as null (strict JSON), numpy scalars as Python numbers.
 """
 
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 
 
-def format_figure(value: Any, factor: float = 1.0) -> str:
-    """``value * factor`` with 4 significant digits; "-" for a missing (non-numeric) or non-finite value."""
+def format_figure(value: Any, factor: float = 1.0, spec: str = ".4g") -> str:
+    """``value * factor`` formatted with ``spec`` (4 significant digits by default); "-" for a missing
+    (non-numeric) or non-finite value."""
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "-"
-    return f"{value * factor:.4g}"
+    return format(value * factor, spec)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from dora_shapegen.report import format_figure, markdown_table
+
 
 def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "shape"
@@ -64,17 +66,17 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
     if not keys:
         return "_not available_\n"
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {metrics[k]:.4g} |" for k in keys]
-    return "\n".join(lines) + "\n"
+    return (
+        "\n".join(markdown_table(["metric", "value"], [[k, format_figure(metrics[k])] for k in keys])) + "\n"
+    )
 
 
 def write_report(out: Path, stage_times: dict[str, float]) -> Path:
     """``OUT/report.md``: timings per stage and the figures each stage measured, with links to its pictures."""
     lines = ["# Quickstart report", ""]
-    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in stage_times.items()]
-    lines += [f"| **total** | **{sum(stage_times.values()):.0f}** |", ""]
+    rows = [[name, format_figure(seconds, spec=".0f")] for name, seconds in stage_times.items()]
+    rows.append(["**total**", f"**{format_figure(sum(stage_times.values()), spec='.0f')}**"])
+    lines += ["## Stages", "", *markdown_table(["stage", "seconds"], rows), ""]
 
     prepared = read_json(out / "prepared" / "summary.json")
     if prepared:
@@ -96,20 +98,17 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
 
     bench = read_json(out / "bench" / "results.json")
     if bench.get("aggregates"):
-        lines += [
-            "## Dora-bench (brief, overall)",
-            "",
-            "| model | tokens | shapes | CD-L1 | F@0.01 | volume IoU (field) |",
-            "|---|---|---|---|---|---|",
-        ]
+        rows = []
         for model, per_tokens in bench["aggregates"].items():
             for tokens, groups in per_tokens.items():
                 row = groups.get("overall", {})
-                cells = [row.get(key) for key in ("chamfer_l1", "f_score@0.01", "volume_iou")]
-                text = ["-" if value is None else f"{value:.4f}" for value in cells]
-                lines.append(
-                    f"| {model} | {tokens} | {row.get('num_shapes', 0)} | " + " | ".join(text) + " |"
+                figures = [row.get(key) for key in ("chamfer_l1", "f_score@0.01", "volume_iou")]
+                rows.append(
+                    [model, str(tokens), str(row.get("num_shapes", 0))]
+                    + [format_figure(v, spec=".4f") for v in figures]
                 )
+        header = ["model", "tokens", "shapes", "CD-L1", "F@0.01", "volume IoU (field)"]
+        lines += ["## Dora-bench (brief, overall)", "", *markdown_table(header, rows)]
         lines += ["", "Per level, latent quality and plots: [bench/results.md](bench/results.md)", ""]
 
     manifest = read_json(out / "latents" / "manifest.json")
@@ -130,18 +129,9 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
     samples = out / "samples" / "samples.json"
     if samples.exists():
         rows = json.loads(samples.read_text())
-        lines += [
-            "## Samples",
-            "",
-            "![samples](samples/grid.png)",
-            "",
-            "| prompt | mesh | faces | watertight |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['prompt']} | {r['path'] or '(empty)'} | {r['faces']} | {r['watertight']} |" for r in rows
-        ]
-        lines.append("")
+        table = [[r["prompt"], r["path"] or "(empty)", str(r["faces"]), str(r["watertight"])] for r in rows]
+        lines += ["## Samples", "", "![samples](samples/grid.png)", ""]
+        lines += [*markdown_table(["prompt", "mesh", "faces", "watertight"], table), ""]
     lines += _generation_section(out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -178,27 +168,16 @@ def _generation_section(out: Path) -> list[str]:
             f" Judge: {judge['method']}, {judge['accuracy_pct']:.0f}% on its {judge['num_held_out']} "
             f"held-out reference shapes (chance {judge['chance_pct']:.0f}%)."
         )
-    lines += [
-        "",
-        "| prompts | samples | text accuracy % | 1-NNA-CD % | COV-CD % | MMD-CD ×1e3 | one component % | "
-        "floater share % | empty/failed |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["prompts", "samples", "text accuracy %", "1-NNA-CD %", "COV-CD %", "MMD-CD ×1e3"]
+    header += ["one component %", "floater share %", "empty/failed"]
+    keys = ("text_accuracy_pct", "1-NNA-CD", "COV-CD", "MMD-CD")
+    keys += ("structure_single_component_pct", "structure_mean_floater_share_pct")
+    rows = []
     for name, figures in results["sets"].items():
         row = figures["overall"]
-        cells = [
-            _number(row.get("text_accuracy_pct")),
-            _number(row.get("1-NNA-CD")),
-            _number(row.get("COV-CD")),
-            _number(row.get("MMD-CD"), 1e3),
-            _number(row.get("structure_single_component_pct")),
-            _number(row.get("structure_mean_floater_share_pct")),
-        ]
-        lines.append(
-            f"| {name} | {row.get('num_samples')} | "
-            + " | ".join(cells)
-            + f" | {row.get('structure_empty_or_failed')} |"
-        )
+        cells = [format_figure(row.get(k), 1e3 if k == "MMD-CD" else 1.0, ".1f") for k in keys]
+        rows.append([name, str(row.get("num_samples")), *cells, str(row.get("structure_empty_or_failed"))])
+    lines += ["", *markdown_table(header, rows)]
     first = next(iter(results["sets"]))
     lines += [
         "",
@@ -208,7 +187,3 @@ def _generation_section(out: Path) -> list[str]:
         "",
     ]
     return lines
-
-
-def _number(value: Any, factor: float = 1.0) -> str:
-    return "-" if not isinstance(value, (int, float)) else f"{value * factor:.1f}"
