@@ -8,6 +8,7 @@ is the single source of truth for a run, and the complete, resolved config is st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from dora_shapegen.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -46,6 +49,14 @@ def resolve_config_path(path: str | Path) -> Path:
 BASE_KEY = "base"
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """yaml's multi-line report as one phrase: what is wrong and where (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A config file's mapping, with its ``base:`` chain resolved (what a run actually uses).
 
@@ -53,16 +64,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     by key at every depth (``training: {max_steps: 560}`` changes that one key), anything else (numbers, strings,
     lists such as ``schedule.phases``) is replaced whole. OTHER is found relative to this file's folder, else among
     the shipped configs (leading ``../`` dropped), so a copied config folder still finds its bases. Bases may have
-    bases; a loop is an error. The result holds no ``base`` key: stored run configs are complete.
+    bases; a loop is an error. The result holds no ``base`` key: stored run configs are complete. A broken file is
+    a ConfigError naming the file, line and column.
     """
     return _load_chain(resolve_config_path(path), ())
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     with open(path) as handle:
-        content = yaml.safe_load(handle) or {}
+        try:
+            content = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(content, dict):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: a config file must hold a mapping at the top level, got {type(content).__name__}"
         )
     return content
@@ -71,13 +86,13 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
-        raise ValueError(f"config bases form a loop: {chain}")
+        raise ConfigError(f"config bases form a loop: {chain}")
     content = _read_mapping(path)
     base = content.pop(BASE_KEY, None)
     if base is None:
         return content
     if not isinstance(base, str) or not base:
-        raise ValueError(f"{path}: '{BASE_KEY}' must name a config file, got {base!r}")
+        raise ConfigError(f"{path}: '{BASE_KEY}' must name a config file, got {base!r}")
     return merge_configs(_load_chain(_base_path(path, base), (*seen, path.resolve())), content)
 
 
@@ -121,12 +136,22 @@ def _build(cls: Any, value: Any, where: str) -> Any:
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are an error."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+        guesses = {key: difflib.get_close_matches(str(key), names, n=1) for key in unknown}
+        guesses = {key: guess[0] for key, guess in guesses.items() if guess}
+        if len(unknown) == 1 and guesses:
+            hint = f" (did you mean {next(iter(guesses.values()))!r}?)"
+        elif guesses:
+            hint = " (did you mean " + ", ".join(f"{v!r} for {k!r}" for k, v in guesses.items()) + "?)"
+        else:
+            hint = ""
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}{hint}; allowed: {sorted(names)}"
+        )
     kwargs = {key: _build(hints[key], value, f"{where}.{key}") for key, value in values.items()}
     return cls(**kwargs)
 

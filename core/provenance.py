@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from dora_shapegen.errors import ConfigError
+
 T = TypeVar("T")
 
 # Keys of a model config that describe its files or diffusers' bookkeeping, not the architecture.
@@ -77,7 +79,7 @@ def pretrained_model_config(folder: str | Path, model_cls: type) -> dict[str, An
     stored = json.loads(path.read_text())
     class_name = stored.get("_class_name")
     if class_name is not None and class_name != model_cls.__name__:
-        raise ValueError(f"init_from {folder}: holds a {class_name}, not a {model_cls.__name__}")
+        raise ConfigError(f"init_from {folder}: holds a {class_name}, not a {model_cls.__name__}")
     if not weight_hashes(folder):
         raise FileNotFoundError(f"init_from {folder}: no weight file (*.safetensors) beside config.json")
     parameters = inspect.signature(model_cls.__init__).parameters
@@ -101,7 +103,7 @@ def resolve_init_from(
     folder = init_from or getattr(config, "init_from", None)
     if not folder:
         if getattr(config, "init_from_sha256", None):
-            raise ValueError(
+            raise ConfigError(
                 "init_from_sha256 is set but init_from is not: give the folder the weights came from"
             )
         return config
@@ -110,11 +112,11 @@ def resolve_init_from(
     merged = dict(pretrained)
     for key, value in requested.items():
         if key not in pretrained:
-            raise ValueError(f"model.{key}: not a {model_cls.__name__} config key (init_from {folder})")
+            raise ConfigError(f"model.{key}: not a {model_cls.__name__} config key (init_from {folder})")
         if key in free_keys:
             merged[key] = value  # allowed to change when fine-tuning
         elif not _same(value, pretrained[key]):
-            raise ValueError(
+            raise ConfigError(
                 f"model.{key}={value!r} contradicts init_from {folder} ({key}={pretrained[key]!r}); the model "
                 f"config comes from that folder: remove model.{key} from the run config or set it to "
                 f"{pretrained[key]!r} (only {sorted(free_keys)} may change when fine-tuning)"
@@ -122,7 +124,7 @@ def resolve_init_from(
     hashes = weight_hashes(folder)
     recorded = getattr(config, "init_from_sha256", None)
     if recorded and recorded != hashes:
-        raise ValueError(
+        raise ConfigError(
             f"init_from_sha256 in the run config is {recorded} but the weights in {folder} hash to "
             f"{hashes}: the folder changed since this run started (or clear init_from_sha256)"
         )
@@ -151,7 +153,7 @@ def load_init_weights(model: torch.nn.Module, folder: str | Path) -> None:
         if k in state and state[k].shape != v.shape
     ]
     if missing or extra or reshaped:
-        raise ValueError(
+        raise ConfigError(
             f"init_from {folder}: weights do not fit the model: missing {missing[:5]}, unexpected "
             f"{extra[:5]}, shape {reshaped[:5]}"
         )
@@ -169,7 +171,7 @@ def check_resume_provenance(checkpoint: Path, config: Any) -> None:
     stored = yaml.safe_load(path.read_text()) or {}
     before, now = stored.get("init_from_sha256"), getattr(config, "init_from_sha256", None)
     if before != now:
-        raise ValueError(
+        raise ConfigError(
             f"--resume {checkpoint}: that run started from weights {before} "
             f"(init_from {stored.get('init_from')}), this one from {now}; resume with the same init_from"
         )
@@ -183,7 +185,7 @@ def check_vae_identity(manifest: dict[str, Any], vae_dir: str | Path, where: str
         return
     actual = weight_hashes(vae_dir)
     if actual != recorded:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: the cached latents come from a VAE with weights {recorded}, but {vae_dir} has "
             f"{actual}; use the VAE the cache was made with (or re-cache with this one)"
         )

@@ -47,11 +47,12 @@ from dora_shapegen.data.latent_format import (  # noqa: F401  (re-exported: the 
     tar_members,
     to_storage,
 )
+from dora_shapegen.errors import DoraError, disk_full_names
 
 SHARD_NAME = re.compile(r"\d{5}-\d{6}\.tar")
 
 
-class CorruptShardError(RuntimeError):
+class CorruptShardError(DoraError, RuntimeError):
     """A shard that cannot be read, is truncated or does not match the manifest's checksum / sample count."""
 
 
@@ -145,7 +146,8 @@ class LatentShardWriter:
 
     def _open(self) -> None:
         self._name = shard_name(self.rank, self.index)
-        self._handle = open(self.out_dir / (self._name + ".tmp"), "wb")
+        with disk_full_names(self.out_dir / self._name):
+            self._handle = open(self.out_dir / (self._name + ".tmp"), "wb")
         self._hashing = _HashingFile(self._handle)
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0)  # fixed mtime: reproducible bytes
         self._size, self._shape_ids, self._sums = 0, [], LatentSums()
@@ -172,7 +174,8 @@ class LatentShardWriter:
             self.close_shard()
         if self._tar is None:
             self._open()
-        self._tar.write(sample)
+        with disk_full_names(self.out_dir / self._name):  # the context manager's exit then drops the shard
+            self._tar.write(sample)
         self._size += size
         self._shape_ids.append(shape_id)
         self._sums.update(from_storage(stored_latents, metadata.get("dtype")))
@@ -181,12 +184,13 @@ class LatentShardWriter:
         """Finish the open shard: close, fsync, rename into place, then report it."""
         if self._tar is None:
             return None
-        self._tar.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
-        fsync_dir(self.out_dir)
+        with disk_full_names(self.out_dir / self._name):
+            self._tar.close()
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
+            fsync_dir(self.out_dir)
         record = ShardRecord(
             self._name,
             len(self._shape_ids),
@@ -205,6 +209,11 @@ class LatentShardWriter:
     def abort(self) -> None:
         """Drop the open shard (used on errors): it was never reported, so a rerun redoes its shapes."""
         if self._tar is not None:
+            # The tar stream keeps a buffer it would flush into the dropped file when collected (and fail again
+            # on a full disk): mark it closed so that nothing more is written.
+            stream = getattr(getattr(self._tar, "tarstream", None), "fileobj", None)
+            if stream is not None and hasattr(stream, "closed"):
+                stream.closed = True
             self._handle.close()
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
             self._tar = None
@@ -243,8 +252,13 @@ def build_manifest(records: Iterable[ShardRecord], sums: LatentSums, **fields: A
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(out_dir) / MANIFEST_NAME
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(temporary, path)
+    try:
+        with disk_full_names(path):
+            temporary.write_text(json.dumps(manifest, indent=2, default=str))
+            os.replace(temporary, path)
+    except Exception:
+        temporary.unlink(missing_ok=True)  # the previous manifest, if any, stays in place
+        raise
     return path
 
 

@@ -34,17 +34,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dora_shapegen import seeding
+from dora_shapegen import cli_types, seeding
 from dora_shapegen.config import load_config, save_yaml, to_dict
 from dora_shapegen.data.mesh_io import MESH_INPUT_SUFFIXES
 from dora_shapegen.data.prepare_worker import PrepareConfig, check_storage, init_worker, process_item
+from dora_shapegen.errors import DiskFullError, DoraError, disk_full_names
 
 ARRAY_KEYS = ("uniform_points", "uniform_normals", "salient_points", "salient_normals")
 SUPERVISION_KEYS = ("sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
 DEFAULT_CONFIG = "prepare/default.yaml"
 
 
-class PreparedSampleError(ValueError):
+class PreparedSampleError(DoraError, ValueError):
     """A prepared npz that cannot be read (truncated, corrupt, missing keys); the message names the file."""
 
 
@@ -226,25 +227,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="folder of meshes, or an index file (.jsonl / .csv)")
     parser.add_argument(
-        "--builtin", type=int, metavar="N", help="prepare N shapes of the built-in procedural dataset"
+        "--builtin",
+        type=cli_types.positive_int,
+        metavar="N",
+        help="prepare N shapes of the built-in procedural dataset",
     )
     parser.add_argument("--out", required=True, help="output folder PREPARED/")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--workers", type=int, help="worker processes")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--epsilon", type=float)
-    parser.add_argument("--n-uniform", type=int)
-    parser.add_argument("--n-salient", type=int)
-    parser.add_argument("--n-volume", type=int)
-    parser.add_argument("--n-near", type=int)
-    parser.add_argument("--n-sharp", type=int)
-    parser.add_argument("--sharp-angle-deg", type=float)
+    parser.add_argument("--workers", type=cli_types.positive_int, help="worker processes (>= 1)")
+    parser.add_argument("--seed", type=cli_types.seed)
+    parser.add_argument(
+        "--epsilon",
+        type=cli_types.EPSILON,
+        help="voxel size of the watertight remesh, in (0, 0.25] (units of [-1, 1])",
+    )
+    parser.add_argument("--n-uniform", type=cli_types.positive_int)
+    parser.add_argument("--n-salient", type=cli_types.positive_int)
+    parser.add_argument("--n-volume", type=cli_types.positive_int)
+    parser.add_argument("--n-near", type=cli_types.positive_int)
+    parser.add_argument("--n-sharp", type=cli_types.positive_int)
+    parser.add_argument(
+        "--sharp-angle-deg",
+        type=cli_types.float_in(0.0, 180.0, low_open=True, high_open=True),
+        help="dihedral angle above which an edge is sharp, in (0, 180) degrees",
+    )
     parser.add_argument(
         "--storage", choices=("npz", "npz_compressed"), help="sample file format (config: storage)"
     )
-    parser.add_argument("--num-shards", type=int, default=1, help="split the input into this many shards")
-    parser.add_argument("--shard-index", type=int, default=0, help="the shard this job runs (0-based)")
-    parser.add_argument("--limit", type=int, help="only the first N shapes (after sharding)")
+    parser.add_argument(
+        "--num-shards", type=cli_types.positive_int, default=1, help="split the input into this many shards"
+    )
+    parser.add_argument(
+        "--shard-index", type=cli_types.non_negative_int, default=0, help="the shard this job runs (0-based)"
+    )
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, help="only the first N shapes (after sharding)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo shapes whose npz exists")
     parser.add_argument(
         "--ray",
@@ -256,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ray-max-retries",
-        type=int,
+        type=cli_types.non_negative_int,
         default=3,
         help="reruns of a task whose worker died, before the shape is recorded as failed",
     )
@@ -326,23 +344,36 @@ def main(argv: list[str] | None = None) -> int:
             todo.append((item, str(target)))
 
     start = time.perf_counter()
-    done, failed = 0, 0
+    done, failed, disk_full = 0, 0, None
     failures_path = out / f"failures{suffix}.jsonl"
+    with disk_full_names(failures_path):
+        _forget_retried_failures(failures_path, {item["shape_id"] for item, _ in todo})
     if args.ray is not None:
         from dora_shapegen.data.prepare_ray import run_ray
 
         results = run_ray(todo, config, args.ray, overwrite=args.overwrite, max_retries=args.ray_max_retries)
     else:
         results = _run(todo, config)
-    with open(failures_path, "a") as failures:
-        for result in _progress(results, len(todo)):
-            if result["status"] == "done":
-                done += 1
-            else:
-                failed += 1
-                failures.write(json.dumps({k: result[k] for k in ("shape_id", "path", "reason")}) + "\n")
-                failures.flush()
-    _remove_stale_temporaries(todo)
+    stream = _progress(results, len(todo))
+    try:
+        with disk_full_names(failures_path), open(failures_path, "a") as failures:
+            for result in stream:
+                if result["status"] == "done":
+                    done += 1
+                elif result["status"] == "disk_full":
+                    disk_full = result  # stop: every next shape would fail alike; nothing is recorded for it
+                    break
+                else:
+                    failed += 1
+                    failures.write(json.dumps({k: result[k] for k in ("shape_id", "path", "reason")}) + "\n")
+                    failures.flush()
+    finally:
+        stream.close()
+        if hasattr(results, "close"):
+            results.close()  # a process pool is terminated here, its shapes in flight dropped
+        _remove_stale_temporaries(todo)
+    if disk_full is not None:  # the samples written so far stay; a rerun skips them
+        raise DiskFullError(disk_full["path"])
     elapsed = time.perf_counter() - start
     summary = {
         "total": len(items),
@@ -357,13 +388,34 @@ def main(argv: list[str] | None = None) -> int:
         "num_shards": args.num_shards,
         "failures": str(failures_path),
     }
-    with open(out / f"summary{suffix}.json", "w") as handle:
-        json.dump(summary, handle, indent=2)
+    summary_path = out / f"summary{suffix}.json"
+    with disk_full_names(summary_path):
+        temporary = summary_path.with_name(f".{summary_path.name}.tmp")
+        temporary.write_text(json.dumps(summary, indent=2))
+        os.replace(temporary, summary_path)
     print(
         f"dora prepare: {done} done, {skipped} skipped, {failed} failed in {elapsed:.1f}s "
         f"({summary['shapes_per_second']} shapes/s); failures in {failures_path}"
     )
     return 0
+
+
+def _forget_retried_failures(path: Path, retried: set[str]) -> None:
+    """Drop the failures of shapes this run tries again (they are recorded anew if they fail again), so a rerun
+    never lists a shape twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("shape_id") in retried:
+                continue
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        kept.append(line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def _progress(results: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from dora_shapegen.config import from_dict
 from dora_shapegen.data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
+from dora_shapegen.errors import DiskFullError, is_disk_full
 
 
 @dataclass
@@ -62,12 +63,20 @@ def shape_seed(seed: int, shape_id: str) -> int:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], storage: str = "npz") -> None:
-    """Write to a temporary name then ``os.replace``: a killed run never leaves a half-written sample."""
+    """Write to a temporary name then ``os.replace``: a killed run never leaves a half-written sample. A failed
+    write removes its temporary file; a full disk raises :class:`DiskFullError` naming ``path``."""
     save = np.savez_compressed if check_storage(storage) == "npz_compressed" else np.savez
     # Host and pid in the name: a Ray retry on another node never shares a temporary file with the first try.
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        save(handle, **arrays)
+    try:
+        with open(tmp, "wb") as handle:
+            save(handle, **arrays)
+    except Exception as error:
+        full = is_disk_full(error, path)  # judged before the partial file is removed and frees its space
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(path, f"{type(error).__name__}: {error}") from error
+        raise
     os.replace(tmp, path)
 
 
@@ -118,6 +127,8 @@ def process_item(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
             },
         )
         write_npz_atomic(Path(out_path), prepared, config.storage)
+    except DiskFullError as error:  # not the shape's fault: the run stops (every next shape would fail alike)
+        return {"status": "disk_full", "shape_id": item["shape_id"], "path": out_path, "reason": str(error)}
     except Exception as error:  # one bad shape must never stop the batch
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         return {"status": "failed", "shape_id": item["shape_id"], "path": item["path"], "reason": reason}

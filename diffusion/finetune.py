@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from dora_shapegen.errors import ConfigError
+
 logger = logging.getLogger("dora.train_dit")
 
 ADAPTER_NAME = "default"
@@ -49,7 +51,7 @@ class LoraConfig:
 def target_module_names(targets: list[str]) -> list[str]:
     """``lora.target_modules`` with the presets expanded (peft matches each name as a module-name suffix)."""
     if not targets:
-        raise ValueError("lora.target_modules is empty: name at least one module (presets: attention, mlp)")
+        raise ConfigError("lora.target_modules is empty: name at least one module (presets: attention, mlp)")
     names: list[str] = []
     for target in targets:
         names += TARGET_PRESETS.get(target, [target])
@@ -69,16 +71,16 @@ def check_lora_config(config: Any) -> None:
     """Clear errors for a LoRA run that cannot work: no base weights, EMA on, bad rank."""
     lora: LoraConfig = config.lora
     if lora.rank < 0:
-        raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {lora.rank}")
+        raise ConfigError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {lora.rank}")
     if lora.rank == 0:
         return
     if not config.init_from:
-        raise ValueError(
+        raise ConfigError(
             "lora.rank > 0 needs init_from (a trained DiT folder): adapters on a random DiT learn "
             "nothing a full run would not"
         )
     if config.training.use_ema:
-        raise ValueError(
+        raise ConfigError(
             "training.use_ema must be false with lora.rank > 0 (the adapter itself is exported; "
             "an EMA of a few hundred adapter steps would lag behind it)"
         )
@@ -105,7 +107,7 @@ def add_lora(model: Any, lora: LoraConfig, seed: int) -> int:
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
-        raise ValueError(f"lora.target_modules {lora.target_modules} matched no module of the DiT")
+        raise ConfigError(f"lora.target_modules {lora.target_modules} matched no module of the DiT")
     return trainable
 
 
@@ -146,7 +148,7 @@ def load_adapter_state(model: Any, directory: str | Path) -> None:
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
     if unexpected or missing:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: adapter does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}"
         )
 
@@ -183,13 +185,13 @@ def init_latent_stats(init_from: str | None, manifest: dict[str, Any], shards: s
     base = json.loads(path.read_text())
     base_vae, cache_vae = base.get("vae_sha256"), (manifest.get("vae") or {}).get("weights_sha256")
     if base_vae and cache_vae and base_vae != cache_vae:
-        raise ValueError(
+        raise ConfigError(
             f"{shards}: latents cached from VAE weights {cache_vae}, but the DiT in {init_from} was "
             f"trained on latents of VAE {base_vae}; cache with that VAE"
         )
     channels = len(base["stats"]["mean"])
     if channels != len(manifest["stats"]["mean"]):
-        raise ValueError(
+        raise ConfigError(
             f"{shards}: {len(manifest['stats']['mean'])}-channel latents, but the DiT in {init_from} "
             f"was trained on {channels} channels"
         )
@@ -207,7 +209,7 @@ def check_text_encoder(config: Any) -> None:
 
     recorded = (yaml.safe_load(path.read_text()) or {}).get("text_encoder")
     if recorded and recorded != config.text_encoder:
-        raise ValueError(
+        raise ConfigError(
             f"text_encoder={config.text_encoder!r} contradicts init_from {config.init_from} (trained "
             f"with text_encoder={recorded!r}); set text_encoder: {recorded}"
         )

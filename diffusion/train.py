@@ -47,6 +47,7 @@ from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.diffusion.finetune import LoraConfig
 from dora_shapegen.diffusion.image_encoder import DEFAULT_IMAGE_ENCODER
 from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
+from dora_shapegen.errors import ConfigError
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
 from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
@@ -144,13 +145,13 @@ def check_compatibility(
     """Clear errors for a DiT config that cannot train on this cache / with these conditioners."""
     channels = manifest.get("latent_channels") or len(manifest["stats"]["mean"])
     if model_config.in_channels != channels:
-        raise ValueError(
+        raise ConfigError(
             f"{shards}: cached latents have {channels} channels but model.in_channels is "
             f"{model_config.in_channels}; set model.in_channels: {channels} in the DiT config"
         )
     cached = manifest.get("num_tokens")
     if cached is not None and schedule.max_tokens > int(cached):
-        raise ValueError(
+        raise ConfigError(
             f"{shards}: the token schedule asks for up to {schedule.max_tokens} tokens but only "
             f"{cached} are cached; lower schedule tokens or re-cache with --num-tokens"
         )
@@ -165,7 +166,7 @@ def check_compatibility(
         check_dit_fits(model_config, condition, encoder, image_encoder)
         return
     if encoder.hidden_size != model_config.cross_attention_dim:
-        raise ValueError(
+        raise ConfigError(
             f"text encoder gives {encoder.hidden_size}-d tokens but model.cross_attention_dim is "
             f"{model_config.cross_attention_dim}"
         )
@@ -173,7 +174,7 @@ def check_compatibility(
         model_config.pooled_projection_dim is not None
         and encoder.pooled_size != model_config.pooled_projection_dim
     ):
-        raise ValueError(
+        raise ConfigError(
             f"text encoder gives a {encoder.pooled_size}-d pooled vector but "
             f"model.pooled_projection_dim is {model_config.pooled_projection_dim}"
         )
@@ -611,4 +612,6 @@ if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.diff
     from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
-    raise SystemExit(main())
+    from dora_shapegen.errors import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors(main))  # one-line errors, as `dora` prints them

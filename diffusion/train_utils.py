@@ -39,6 +39,7 @@ from dora_shapegen.data.latent_shards import (
     latent_shard_pipeline,
 )
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
+from dora_shapegen.errors import ConfigError
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -153,7 +154,7 @@ def load_latent_table(
             if "images" in sample:
                 renders[sample["shape_id"]] = sample["images"]  # (R,H,W,3)
     if not views:
-        raise ValueError(f"latent cache {source} holds no samples")
+        raise ConfigError(f"latent cache {source} holds no samples")
     shape_ids = sorted(views)
     latents = torch.stack(
         [torch.stack([views[i][v] for v in range(num_views)]) for i in shape_ids]
@@ -183,7 +184,7 @@ class InMemoryBatches:
 
     def __init__(self, table: LatentTable, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         self.table, self.batch_size, self.seed = table, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._orders: dict[int, torch.Tensor] = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import load_config
 
 T = TypeVar("T")
@@ -58,10 +59,12 @@ def add_run_arguments(
     """The flags both training commands take; ``stage`` names the default output folder (runs/<stage>_<config>)."""
     parser.add_argument("--config", required=True, help=f"YAML run config (e.g. {config_example})")
     parser.add_argument("--output-dir", default=None, help=f"run folder (default runs/{stage}_<config name>)")
-    parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    parser.add_argument(
+        "--max-steps", type=cli_types.positive_int, default=None, help="override training.max_steps (>= 1)"
+    )
     parser.add_argument(
         "--max-minutes",
-        type=float,
+        type=cli_types.positive_float,
         default=None,
         help=f"wall-clock budget of this invocation: then {budget_end}",
     )
@@ -72,7 +75,7 @@ def add_run_arguments(
         default=None,
         help="'latest' (newest checkpoint in the output dir) or a checkpoint folder",
     )
-    parser.add_argument("--seed", type=int, default=None, help="override training.seed")
+    parser.add_argument("--seed", type=cli_types.seed, default=None, help="override training.seed")
     parser.add_argument("--init-from", default=None, help=init_from_help)
     parser.set_defaults(run_stage=stage)
 

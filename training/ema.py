@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from dora_shapegen.errors import ConfigError
+
 EMA_WEIGHTS = "ema.safetensors"
 EMA_COUNTERS = "ema.json"
 OLD_EMA_FOLDER = "ema"  # the DiT's earlier layout: config.json (counters + model config) + model safetensors
@@ -70,7 +72,7 @@ def load_ema(ema: Any, model: torch.nn.Module, directory: str | Path, device: to
         raise FileNotFoundError(f"checkpoint {directory} has no EMA weights ({EMA_WEIGHTS}); was EMA off?")
     missing = [name for name in names if name not in tensors]
     if missing:
-        raise ValueError(f"{directory}: the EMA weights do not fit the model (missing {missing[:5]})")
+        raise ConfigError(f"{directory}: the EMA weights do not fit the model (missing {missing[:5]})")
     ema.load_state_dict(counters | {"shadow_params": [tensors[name] for name in names]})
     ema.to(device)  # safetensors load onto the CPU
 

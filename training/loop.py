@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from dora_shapegen.config import save_yaml, to_dict
+from dora_shapegen.errors import ConfigError, DiskFullError, is_disk_full
 from dora_shapegen.training.checkpoints import (
     CHECKPOINTS,
     find_checkpoint,
@@ -70,6 +72,33 @@ def is_multi_cpu_run() -> bool:
     """True under torchrun (WORLD_SIZE > 1) on a machine without GPUs. accelerate sets up gloo multi-CPU training
     only when told ``cpu=True`` (ACCELERATE_USE_CPU=1 does the same); without it every process would train alone."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+# Process counts set by MPI launchers (the only way accelerate's `--cpu` launcher starts several processes).
+_MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+CPU_LAUNCH_RECIPE = (
+    "for N processes on CPUs use `torchrun --standalone --nproc_per_node N -m MODULE ...` or "
+    "`accelerate launch --multi_gpu --num_processes N -m MODULE ...` (gloo on CPUs)"
+)
+
+
+def check_cpu_launch(environ: dict[str, str] | None = None) -> None:
+    """Refuse a run that asked accelerate for several CPU processes and got one.
+
+    ``accelerate launch --cpu --num_processes N`` (accelerate 1.x) starts N processes only through MPI
+    (``--mpirun_hostfile``); without it, it runs the script once, with MASTER_ADDR set for the group it never
+    forms, and that process trains alone. That launch is recognisable here: accelerate's CPU flag plus a
+    rendezvous address, and no world size from torchrun or MPI.
+    """
+    environ = os.environ if environ is None else environ
+    on_cpu = environ.get("ACCELERATE_USE_CPU", "").strip().lower() in {"1", "true", "yes"}
+    world = max((int(environ.get(name, "1") or 1) for name in _MPI_WORLD_SIZES), default=1)
+    if on_cpu and "MASTER_ADDR" in environ and world <= 1:
+        raise ConfigError(
+            "`accelerate launch --cpu --num_processes N` started a single process (accelerate's --cpu launcher "
+            f"needs MPI for more): {CPU_LAUNCH_RECIPE}; for one process, leave out --num_processes (or unset "
+            "MASTER_ADDR)"
+        )
 
 
 def choose_precision(mixed_precision: str) -> str:
@@ -150,6 +179,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        check_cpu_launch()
         self.loop, self.output_dir, self.stage, self.log = loop, Path(output_dir), stage, log
         self.max_minutes = max_minutes
         self.started = time.monotonic() if started is None else started
@@ -319,14 +349,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- checkpoints, end
     def save_checkpoint(self) -> Path:
-        """OUT/checkpoints/checkpoint-<step> (every rank takes part), then rotation to the newest few."""
+        """OUT/checkpoints/checkpoint-<step> (every rank takes part), then rotation to the newest few.
+
+        A full disk stops the run with a :class:`DiskFullError` naming the folder; the partial folder is removed
+        (it frees the space it took and could never be resumed from: ``train_state.json`` comes last), the older
+        checkpoints are untouched, so ``--resume latest`` after freeing space continues from the newest of them."""
         directory = self.output_dir / CHECKPOINTS / f"checkpoint-{self.state['global_step']}"
-        self.accelerator.save_state(str(directory))
+        try:
+            self.accelerator.save_state(str(directory))
+            if self.is_main_process:
+                if self.ema is not None:
+                    save_ema(self.ema, self.unwrapped, directory)
+                save_yaml(to_dict(self.run_config), directory / "config.yaml")
+                write_train_state(directory, self.state)  # last: marks the checkpoint complete
+        except Exception as error:
+            if not is_disk_full(error, directory):
+                raise
+            if self.is_main_process:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise DiskFullError(directory, f"{type(error).__name__}: {error}") from error
         if self.is_main_process:
-            if self.ema is not None:
-                save_ema(self.ema, self.unwrapped, directory)
-            save_yaml(to_dict(self.run_config), directory / "config.yaml")
-            write_train_state(directory, self.state)  # last: marks the checkpoint complete
             rotate_checkpoints(self.output_dir, self.loop.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return directory

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dora_shapegen import seeding
+from dora_shapegen.errors import ConfigError
 
 
 @dataclass
@@ -36,7 +37,7 @@ def _normalised(probs: list[float] | None, count: int, where: str) -> np.ndarray
         return np.full(count, 1.0 / count)
     values = np.asarray(probs, dtype=np.float64)
     if values.shape != (count,) or (values < 0).any() or values.sum() <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: probs must be {count} non-negative numbers with a positive sum, got {probs}"
         )
     return values / values.sum()
@@ -52,7 +53,7 @@ class TokenSchedule:
             mix = dict(config.mixture)
             unknown = sorted(set(mix) - {"tokens", "start_probs", "end_probs", "ramp_steps"})
             if unknown:
-                raise ValueError(f"schedule.mixture: unknown key(s) {unknown}")
+                raise ConfigError(f"schedule.mixture: unknown key(s) {unknown}")
             tokens = [int(t) for t in mix["tokens"]]
             self.mixture = (
                 tokens,
@@ -65,9 +66,9 @@ class TokenSchedule:
             where = f"schedule.phases[{index}]"
             unknown = sorted(set(phase) - {"until_step", "tokens", "probs"})
             if unknown:
-                raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: until_step, tokens, probs")
+                raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: until_step, tokens, probs")
             if not phase.get("tokens"):
-                raise ValueError(f"{where}: 'tokens' must be a non-empty list of token counts")
+                raise ConfigError(f"{where}: 'tokens' must be a non-empty list of token counts")
             tokens = [int(t) for t in phase["tokens"]]
             until = phase.get("until_step")
             self.phases.append(
@@ -78,10 +79,10 @@ class TokenSchedule:
                 )
             )
         if self.mixture is None and not self.phases:
-            raise ValueError("schedule: give either 'phases' or 'mixture'")
+            raise ConfigError("schedule: give either 'phases' or 'mixture'")
         bounds = [until for until, _, _ in self.phases if until is not None]
         if bounds != sorted(bounds):
-            raise ValueError(f"schedule.phases: until_step values must increase, got {bounds}")
+            raise ConfigError(f"schedule.phases: until_step values must increase, got {bounds}")
 
     def distribution(self, step: int) -> tuple[list[int], np.ndarray]:
         """The token counts allowed at ``step`` and their probabilities."""

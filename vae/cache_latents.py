@@ -39,6 +39,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import load_config, to_dict
 from dora_shapegen.data.latent_shards import (
     LatentShardWriter,
@@ -49,6 +50,7 @@ from dora_shapegen.data.latent_shards import (
     write_manifest,
 )
 from dora_shapegen.data.prepare import load_prepared
+from dora_shapegen.errors import disk_full_names
 
 PROGRESS_DIR = "progress"
 CONTENT_KEYS = ("num_tokens", "num_views", "dtype", "sample_posterior", "seed")
@@ -212,7 +214,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
+    """Append one record durably. A full disk raises DiskFullError naming the log; a line torn by it is dropped
+    on the next start (``read_jsonl``), so the shard it would have committed is redone, never duplicated."""
+    with disk_full_names(path), open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -226,8 +230,9 @@ def recover(out_dir: Path) -> None:
         records = read_jsonl(log)
         recorded |= {record["name"] for record in records if "name" in record}
         temporary = log.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-        os.replace(temporary, log)
+        with disk_full_names(log):
+            temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+            os.replace(temporary, log)
     for path in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tar.tmp")):
         if path.name not in recorded:
             path.unlink()
@@ -293,8 +298,10 @@ def cache_latents(
     limit: int | None = None,
 ) -> dict[str, Any] | None:
     """Encode every prepared shape not yet cached into ``out_dir``; returns the manifest on rank 0."""
+    from dora_shapegen.training.loop import check_cpu_launch
     from dora_shapegen.vae import DoraVAE
 
+    check_cpu_launch()
     # cpu=True lets accelerate set up gloo for a CPU-only torchrun / `accelerate launch --multi_gpu` run
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world_size = state.process_index, state.num_processes
@@ -512,17 +519,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default="cache/default.yaml", help="YAML (CacheConfig); flags override it"
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (sorted by id)")
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, default=None, help="only the first N shapes (sorted by id)"
+    )
+    positive = cli_types.positive_int
     for name, kind in [
-        ("num-tokens", int),
-        ("num-views", int),
-        ("batch-size", int),
-        ("max-samples", int),
-        ("max-bytes", int),
-        ("seed", int),
-        ("num-workers", int),
-        ("n-uniform", int),
-        ("n-salient", int),
+        ("num-tokens", positive),
+        ("num-views", positive),
+        ("batch-size", positive),
+        ("max-samples", positive),
+        ("max-bytes", positive),
+        ("seed", cli_types.seed),
+        ("num-workers", cli_types.non_negative_int),  # 0: read in the main process
+        ("n-uniform", positive),
+        ("n-salient", positive),
     ]:
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
@@ -566,4 +576,6 @@ if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.
     from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
-    raise SystemExit(main())
+    from dora_shapegen.errors import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors(main))  # one-line errors, as `dora` prints them

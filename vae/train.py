@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dora_shapegen.config import save_yaml, to_dict
+from dora_shapegen.errors import ConfigError
 from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
 from dora_shapegen.training.schedules import ScheduleConfig
 
@@ -158,7 +159,7 @@ def compute_loss(
     elif output_type == "tsdf":
         per_point = F.mse_loss(raw, batch["sup_tsdf"].float(), reduction="none")
     else:
-        raise ValueError(f"model.output_type must be 'occupancy' or 'tsdf', got {output_type!r}")
+        raise ConfigError(f"model.output_type must be 'occupancy' or 'tsdf', got {output_type!r}")
     group = batch["sup_group"]  # (B, M): 0 volume, 1 near-surface, 2 sharp-near
     parts = {
         "volume": masked_mean(per_point, group == 0),
@@ -366,4 +367,6 @@ if __name__ == "__main__":  # torchrun / accelerate launch -m dora_shapegen.vae.
     from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()  # denormals slow the CPU several-fold (see core/runtime.py)
-    raise SystemExit(main())
+    from dora_shapegen.errors import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors(main))  # one-line errors, as `dora` prints them

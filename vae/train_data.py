@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dora_shapegen.errors import ConfigError
 from dora_shapegen.seeding import split_indices
 
 # What data.prepare.PreparedDataset items hold: uniform/salient (N, 6) xyz+normal, supervision (M, ...).
@@ -112,5 +113,5 @@ def build_datasets(config: Any, root: str) -> tuple[Any, Any, list[int], list[in
     )
     train_idx, val_idx = split_indices(shape_ids_of(train_set), data.val_fraction)
     if not train_idx:
-        raise ValueError(f"{root}: no training shapes (found {len(train_set)} samples)")
+        raise ConfigError(f"{root}: no training shapes (found {len(train_set)} samples)")
     return train_set, val_set, train_idx, val_idx

@@ -3,6 +3,11 @@
 Each subcommand lives with its stage and exposes ``main(argv: list[str] | None) -> int`` with its own argparse
 parser; this file only dispatches, importing the stage lazily so `dora --help` stays fast and a stage's heavy
 imports are paid only when it runs.
+
+Errors the user can fix from the message alone (``dora_shapegen.errors.DoraError``: a config key typo, a broken
+YAML file, a corrupt shard or sample, a damaged checkpoint, a full disk; and missing files) print as one line,
+``error: <message>``, with exit code 1. ``dora --debug <command>`` or ``DORA_DEBUG=1`` shows their traceback;
+any other exception is a bug and always keeps it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+from dora_shapegen.errors import debug_from_environment, run_reporting_errors  # light: no torch
 
 # Before any stage loads torch (and with it OpenMP): idle OpenMP workers sleep instead of spinning. On a CPU shared
 # with other processes spinning workers stall each other at every op: the quickstart's VAE step (batch 16) took
@@ -77,11 +84,20 @@ def _usage() -> str:
     lines = ["usage: dora <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
     lines += ["", "Run `dora <command> --help` for the options of one command."]
+    lines += ["--debug (anywhere, or DORA_DEBUG=1): full tracebacks instead of one-line errors."]
     return "\n".join(lines)
 
 
+def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere before a ``--`` separator (removed from the arguments), or ``DORA_DEBUG=1``."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flag = "--debug" in argv[:end]
+    rest = [arg for index, arg in enumerate(argv) if not (index < end and arg == "--debug")]
+    return flag or debug_from_environment(), rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0
@@ -95,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from dora_shapegen.runtime import flush_denormals
 
     flush_denormals()
-    result = module.main(rest)
-    return int(result or 0)
+    return run_reporting_errors(lambda: module.main(rest), debug)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +177,48 @@ def test_index_captions_reach_the_prepared_meta(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "a.stl", "captions": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match=r"row 1: 'captions' must be a list of strings"):
         read_index(tmp_path / "bad.jsonl")
+
+
+def test_rerun_lists_each_failure_once(index_file, tmp_path):
+    out = tmp_path / "prepared"
+    assert main([str(index_file), "--out", str(out), *SMALL]) == 0
+    assert main([str(index_file), "--out", str(out), *SMALL]) == 0  # retries the broken file, fails again
+    failures = [json.loads(line)["shape_id"] for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == ["broken"]
+
+
+def test_full_disk_stops_keeps_what_was_written_and_a_rerun_finishes(
+    index_file, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC while the second sample is written (part of it already on disk): the run stops with an error naming
+    that sample's path and saying the disk is full; the first sample stays readable, no partial file is left and
+    nothing is recorded as a failure; after space is freed the same command finishes the rest, each shape once."""
+    from dora_shapegen.pipelines.apps.cli import main as dora
+
+    savez, calls = np.savez, []
+
+    def fill_the_disk(handle, **arrays):
+        calls.append(handle.name)
+        if len(calls) == 2:
+            handle.write(b"PK\x03\x04" + b"\0" * 512)  # what fit before the disk was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return savez(handle, **arrays)
+
+    monkeypatch.setattr(np, "savez", fill_the_disk)
+    out = tmp_path / "prepared"
+    assert dora(["prepare", str(index_file), "--out", str(out), *SMALL]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    second = out / "samples" / Path(calls[1]).name.split(".npz")[0].lstrip(".")
+    assert error.startswith(f"error: disk full: no space left to write {second}.npz")
+    written = sorted(out.glob("samples/*"))
+    assert len(written) == 1 and written[0].suffix == ".npz"  # the first sample, and no temporary file
+    load_prepared(written[0])
+    assert not (out / "failures.jsonl").exists() or not (out / "failures.jsonl").read_text()
+
+    monkeypatch.setattr(np, "savez", savez)  # space freed
+    assert dora(["prepare", str(index_file), "--out", str(out), *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 1, 1)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["ball.npz", "box.npz", "can.npz"]
+    failures = [json.loads(line)["shape_id"] for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == ["broken"]

@@ -3,9 +3,12 @@ resume, the hyper-parameter flattener — on a toy regression model, so each tes
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dora_shapegen.errors import CheckpointError, ConfigError, DiskFullError
 from dora_shapegen.training.checkpoints import (
+    checkpoint_folders,
     find_checkpoint,
     read_train_state,
     rotate_checkpoints,
+    verify_checkpoint,
     write_train_state,
 )
 from dora_shapegen.training.config import LoopConfig, flat_hparams
 from dora_shapegen.training.ema import create_ema, ema_weights, load_ema, save_ema
-from dora_shapegen.training.loop import StepContext, Trainer
+from dora_shapegen.training.loop import StepContext, Trainer, check_cpu_launch
 from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
 
 
@@ -260,3 +266,150 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dora.test_core"):
         trainer = run_toy(tmp_path / "run", toy_config(max_steps=2), resume="latest")
     assert trainer.state["global_step"] == 2 and "starting from scratch" in caplog.text
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints, a full disk
+def _cut(path: Path, fraction: float = 0.5) -> None:
+    """Truncate a file as a partial copy or a full disk would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def test_verify_checkpoint_names_each_damaged_file(tmp_path):
+    run_toy(tmp_path / "run", toy_config(max_steps=2, checkpoint_every=0))
+    intact = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert verify_checkpoint(intact) == []
+    cases = {
+        "model.safetensors": lambda path: _cut(path),
+        "ema.safetensors": lambda path: path.write_bytes(path.read_bytes() + b"\0" * 8),
+        "optimizer.bin": lambda path: _cut(path, 0.9),
+        "train_state.json": lambda path: path.write_text('{"global_step": 2, "mic'),
+    }
+    for name, damage in cases.items():
+        copy = tmp_path / name / "checkpoint-2"
+        shutil.copytree(intact, copy)
+        damage(copy / name)
+        problems = verify_checkpoint(copy)
+        assert len(problems) == 1 and problems[0].startswith(f"{name}: "), (name, problems)
+    assert "truncated" in verify_checkpoint(tmp_path / "model.safetensors" / "checkpoint-2")[0]
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_matches_the_uninterrupted_run(tmp_path, caplog):
+    """The issue's case: the newest checkpoint's model.safetensors is cut; --resume latest takes the one before,
+    says which it skipped and why, and ends with the weights of a run never interrupted."""
+    config = toy_config()
+    straight = run_toy(tmp_path / "straight", config)
+    for step in (2, 4):
+        shutil.copytree(
+            tmp_path / "straight" / "checkpoints" / f"checkpoint-{step}",
+            tmp_path / "resumed" / "checkpoints" / f"checkpoint-{step}",
+        )
+    _cut(tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    with caplog.at_level("WARNING", logger="dora_shapegen.training.checkpoints"):
+        resumed = run_toy(tmp_path / "resumed", config, resume="latest")
+    assert "resuming from checkpoint-2: skipped the damaged checkpoint-4 (model.safetensors:" in caplog.text
+    assert resumed.state["history"] == straight.state["history"]
+    for expected, actual in zip(straight.unwrapped.parameters(), resumed.unwrapped.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert verify_checkpoint(tmp_path / "resumed" / "checkpoints" / "checkpoint-4") == []  # written anew
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    run_toy(tmp_path / "run", toy_config(max_steps=2, checkpoint_every=0))
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    _cut(checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match="every completed checkpoint .* is damaged .*model.safetensors"):
+        find_checkpoint(tmp_path / "run", "latest")
+    with pytest.raises(CheckpointError, match="damaged checkpoint .*model.safetensors"):
+        find_checkpoint(tmp_path / "run", str(checkpoint))
+
+
+def test_rotation_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    for step in (1, 2, 3):
+        save_file({"w": torch.ones(4)}, str(_checkpoint(tmp_path, step) / "model.safetensors"))
+    _cut(tmp_path / "checkpoints" / "checkpoint-3" / "model.safetensors")  # the newest is damaged
+    removed = rotate_checkpoints(tmp_path, 1)
+    assert [p.name for p in removed] == ["checkpoint-1"]
+    assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / "checkpoint-2"
+
+
+def test_disk_full_while_checkpointing_keeps_the_older_ones_and_a_rerun_finishes(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the step-4 checkpoint: the run stops with an error naming the folder and saying
+    the disk is full; checkpoint-2 stays intact; after "freeing space" the rerun resumes and ends exactly where
+    an uninterrupted run does, with each checkpoint once."""
+    from accelerate import Accelerator
+
+    config = toy_config()
+    straight = run_toy(tmp_path / "straight", config)
+    original, calls = Accelerator.save_state, []
+
+    def fill_the_disk(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-4 checkpoint: part of the model file, then no space
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 64)
+            raise OSError(
+                errno.ENOSPC, "No space left on device", str(Path(output_dir) / "model.safetensors")
+            )
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_the_disk)
+    run = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"disk full: no space left to write .*checkpoint-4"):
+        run_toy(run, config, resume="latest")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-2"
+    ]  # the partial one removed
+    assert verify_checkpoint(run / "checkpoints" / "checkpoint-2") == []
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    resumed = run_toy(run, config, resume="latest")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"checkpoint-{s}" for s in (2, 4, 6)]
+    assert resumed.state["history"] == straight.state["history"]  # each step logged once
+    for expected, actual in zip(straight.unwrapped.parameters(), resumed.unwrapped.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_a_real_full_filesystem_while_checkpointing(tmp_path):
+    """The same on a real tiny filesystem (a tmpfs; needs root and mount, else skipped): whatever library hits
+    the full disk (torch.save reports it as "unexpected pos ..."), the error is a DiskFullError naming the
+    checkpoint, what was written before stays intact, and after the filesystem grows the rerun finishes."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "64k"):
+        pytest.skip("mounting a tmpfs needs root and the mount command")
+    try:
+        config = toy_config(max_steps=12, checkpoint_every=1, checkpoints_total_limit=0)
+        with pytest.raises(DiskFullError, match=r"disk full: no space left to write .*checkpoint-\d+"):
+            run_toy(disk / "run", config)
+        kept = [path for path in checkpoint_folders(disk / "run")]
+        assert kept and all(verify_checkpoint(path) == [] for path in kept)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        trainer = run_toy(disk / "run", config, resume="latest")
+        assert trainer.state["global_step"] == 12
+        steps = [step for step, _ in trainer.state["history"]["loss"]]
+        assert steps == list(range(1, 13))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_accelerate_cpu_launch_of_several_processes_is_refused():
+    """`accelerate launch --cpu --num_processes 2` runs the script once (no MPI) with MASTER_ADDR set: refused with
+    the recipe that works. Single processes, torchrun and MPI worlds pass."""
+    cpu_launch = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(
+        ConfigError, match="started a single process.*torchrun --standalone --nproc_per_node N"
+    ):
+        check_cpu_launch(cpu_launch)
+    check_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --cpu, one process
+    check_cpu_launch({**cpu_launch, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun / --multi_gpu
+    check_cpu_launch({**cpu_launch, "OMPI_COMM_WORLD_SIZE": "2"})  # --cpu under mpirun
+    check_cpu_launch({})

@@ -3,6 +3,7 @@ views/bf16, failures, 2 processes (torchrun, gloo), SIGKILL + resume, partitioni
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -383,3 +384,41 @@ def test_renders_are_cached_beside_the_latents_and_a_shape_without_them_fails(wo
     # A text-only cache is not silently extended with images (or the other way round).
     with pytest.raises(ValueError, match=r"other settings \(\['renders'\]\)"):
         main([*args, "--out", str(tmp_path / "without"), "--num-workers", "0"])
+
+
+def test_full_disk_keeps_committed_shards_and_a_rerun_caches_every_shape_once(
+    workspace, tmp_path, monkeypatch
+):
+    """ENOSPC while the third shard is written: the error names that shard and says the disk is full; the two
+    shards already committed stay readable and match their records, no partial file is left; after space is
+    freed the rerun caches the rest, each shape exactly once."""
+    from dora_shapegen.data import latent_shards
+    from dora_shapegen.data.latent_shards import read_shard
+    from dora_shapegen.errors import DiskFullError
+
+    write, shards_opened = latent_shards._HashingFile.write, []
+
+    def fill_the_disk(self, data):
+        if self.handle.name not in shards_opened:
+            shards_opened.append(self.handle.name)
+        if len(shards_opened) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(latent_shards._HashingFile, "write", fill_the_disk)
+    out = tmp_path / "latents"
+    args = run_args(workspace, out, "--max-samples", "4", "--batch-size", "2", "--dtype", "fp32")
+    with pytest.raises(DiskFullError, match=r"disk full: no space left to write .*00000-000002\.tar"):
+        main(args)
+    records = [json.loads(line) for line in (out / "progress" / "rank-00000.jsonl").read_text().splitlines()]
+    assert [record["name"] for record in records] == ["00000-000000.tar", "00000-000001.tar"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["00000-000000.tar", "00000-000001.tar"]
+    for record in records:
+        samples = list(read_shard(str(out / record["name"]), record, verify=True))
+        assert [s["__key__"] for s in samples] == record["shape_ids"]
+
+    monkeypatch.setattr(latent_shards._HashingFile, "write", write)  # space freed
+    assert main(args) == 0
+    ids = [sample["shape_id"] for sample in read_raw(out)]
+    assert len(ids) == len(set(ids)) and sorted(ids) == shape_ids(workspace)
+    assert load_manifest(out)["num_samples"] == 30 and not list(out.glob("*.tmp"))
