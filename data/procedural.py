@@ -29,7 +29,7 @@ import numpy as np
 import trimesh
 from tqdm.auto import tqdm
 
-from dora_shapegen import seeding
+from dora_shapegen import cli_types, seeding
 from dora_shapegen.data.procedural_machines import MACHINES_AND_BUILDINGS
 from dora_shapegen.data.procedural_shapes import FURNITURE_AND_VESSELS
 
@@ -417,15 +417,20 @@ def write_dataset(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dora build-dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder (meshes/ and index.jsonl)")
-    parser.add_argument("--num-shapes", type=int, default=20 * len(CATEGORIES), help="total number of shapes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-shapes",
+        type=cli_types.positive_int,
+        default=20 * len(CATEGORIES),
+        help="total number of shapes",
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
     parser.add_argument(
         "--categories", default=None, help=f"comma-separated subset of: {','.join(CATEGORIES)} (default: all)"
     )
     parser.add_argument("--format", dest="file_format", default="ply", choices=MESH_FORMATS)
     parser.add_argument(
         "--captions-per-shape",
-        type=int,
+        type=cli_types.int_in(1, 4),
         default=1,
         help="1 = the template caption only; up to 4 adds another noun, the plain name and what "
         "the object is for (default: %(default)s)",

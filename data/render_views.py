@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import load_config, save_yaml, to_dict
 from dora_shapegen.data.prepare_worker import write_npz_atomic
 from dora_shapegen.seeding import rng
@@ -237,11 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora render-views", description=__doc__.split("\n\n")[0])
     parser.add_argument("prepared", help="a `dora prepare` output folder (PREPARED)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML (RenderConfig); flags override it")
-    parser.add_argument("--views", type=int, dest="num_views", help="random views per shape (4)")
-    parser.add_argument("--size", type=int, help="render size in px (128)")
-    parser.add_argument("--seed", type=int, help="view seed (0)")
-    parser.add_argument("--workers", type=int, help="worker processes (1)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (sorted by id)")
+    parser.add_argument(
+        "--views", type=cli_types.positive_int, dest="num_views", help="random views per shape (4)"
+    )
+    # Condition images under 32 px are refused by data/condition_image.py; beyond 2048 px a render is all cost.
+    parser.add_argument(
+        "--size", type=cli_types.int_in(32, 2048), help="render size in px, in [32, 2048] (128)"
+    )
+    parser.add_argument("--seed", type=cli_types.seed, help="view seed (0)")
+    parser.add_argument("--workers", type=cli_types.positive_int, help="worker processes (1)")
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, default=None, help="only the first N shapes (sorted by id)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo shapes already rendered")
     return parser
 

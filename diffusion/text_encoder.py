@@ -42,6 +42,7 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+from transformers.models.bert.modeling_bert import BertPooler
 
 from dora_shapegen.diffusion import DEFAULT_TEXT_ENCODER
 
@@ -129,7 +130,13 @@ def _tiny_random_model(kind: str, tokenizer) -> PreTrainedModel:
                 vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=128, pad_token_id=pad,
             )  # fmt: skip
-            return BertModel(config, add_pooling_layer=False)
+            model = BertModel(config, add_pooling_layer=False)
+            # BERT's pooler is unused ("bert" pools by the mean), but a saved pipeline reloads its encoder as
+            # BertModel, which builds one and reports its weights missing from the folder: so it gets one, drawn
+            # from its own generator so that every other weight stays what it was.
+            with torch.random.fork_rng(devices=[]):
+                model.pooler = BertPooler(config)
+            return model
     raise ValueError(f"unknown tiny-random text encoder kind {kind!r}; choose from {KINDS}")
 
 

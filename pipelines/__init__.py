@@ -10,6 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dora_shapegen.diffusion.foreign_warnings import quiet_foreign_warnings
+
+# Before any module of this package imports diffusers (see diffusion/foreign_warnings.py).
+quiet_foreign_warnings()
+
 _EXPORTS = {
     "DoraTextTo3DPipeline": "dora_shapegen.pipelines.pipeline_text_to_3d",
     "DoraTextTo3DPipelineOutput": "dora_shapegen.pipelines.pipeline_text_to_3d",

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dora_shapegen import cli_types
 from dora_shapegen.diffusion import DEFAULT_TEXT_ENCODER
 
 
@@ -38,19 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scheduler-shift",
-        type=float,
+        type=cli_types.positive_float,
         default=None,
         help="FlowMatchEulerDiscreteScheduler shift (default: the DiT's recorded scheduler, else 1.0)",
     )
     parser.add_argument(
         "--max-tokens",
-        type=int,
+        type=cli_types.positive_int,
         default=None,
         help="largest num_tokens the pipeline accepts (default: the VAE's recorded maximum)",
     )
     parser.add_argument(
         "--num-tokens",
-        type=int,
+        type=cli_types.positive_int,
         default=None,
         help="default num_tokens at generation (default: the DiT run's sampling/schedule token "
         "count, else the token count of the cached latents)",

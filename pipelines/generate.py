@@ -13,6 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dora_shapegen import cli_types
+from dora_shapegen.pipelines.limits import (
+    DEFAULT_MAX_FACES,
+    GUIDANCE_RANGE,
+    MAX_INFERENCE_STEPS,
+    MAX_SHAPES,
+    MESH_RESOLUTION_RANGE,
+    not_text_problem,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,22 +50,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)"
     )
-    parser.add_argument("--steps", type=int, default=30, help="Euler steps of the flow ODE (default 30)")
     parser.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (<=1 disables)"
+        "--steps",
+        type=cli_types.int_in(1, MAX_INFERENCE_STEPS),
+        default=30,
+        help="Euler steps of the flow ODE (default 30)",
     )
     parser.add_argument(
-        "--tokens", type=int, default=None, help="latent tokens per shape (default: the pipeline's)"
+        "--guidance",
+        type=cli_types.float_in(*GUIDANCE_RANGE),
+        default=5.0,
+        help="classifier-free guidance scale in [0, 100] (<=1 disables; default 5)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same shapes)")
     parser.add_argument(
-        "--num", type=int, default=1, help="number of shapes; several are written as NAME_<i>.EXT"
+        "--tokens",
+        type=cli_types.positive_int,
+        default=None,
+        help="latent tokens per shape, up to the pipeline's limit (default: the pipeline's)",
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=0, help="random seed (same seed, same shapes)")
+    parser.add_argument(
+        "--num",
+        type=cli_types.int_in(1, MAX_SHAPES),
+        default=1,
+        help=f"number of shapes, up to {MAX_SHAPES}; several are written as NAME_<i>.EXT",
     )
     parser.add_argument(
-        "--resolution", type=int, default=256, help="finest grid resolution of mesh extraction"
+        "--resolution",
+        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        default=256,
+        help="finest grid resolution of mesh extraction, in [16, 1024] (default 256)",
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="iso-level of the occupancy field")
-    parser.add_argument("--faces", type=int, default=None, help="reduce each mesh to about this many faces")
+    parser.add_argument(
+        "--threshold",
+        type=cli_types.float_in(0.0, 1.0, low_open=True, high_open=True),
+        default=0.5,
+        help="iso-level of the occupancy field, in (0, 1) (default 0.5)",
+    )
+    parser.add_argument(
+        "--faces",
+        type=cli_types.int_in(4, also=(0,)),
+        default=DEFAULT_MAX_FACES,
+        help=f"reduce each mesh to at most this many faces (default {DEFAULT_MAX_FACES:,}); 0 keeps the full "
+        "resolution of the extraction",
+    )
     parser.add_argument("--keep-floaters", action="store_true", help="keep small disconnected components")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -137,7 +175,10 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage and what is wrong; a code, not an exit
+        return int(exit_.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dora_shapegen.pipelines.mesh_post import EXPORT_FORMATS
 
@@ -148,12 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.num <= 0:
-        print(f"dora generate: --num must be positive, got {args.num}", file=sys.stderr)
-        return 2
-    if args.faces is not None and args.faces < 4:
-        print(f"dora generate: --faces must be at least 4, got {args.faces}", file=sys.stderr)
-        return 2
+    for name, text in (("the prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        problem = not_text_problem(text) if text is not None else None
+        if problem:
+            print(f"dora generate: {name}: {problem}", file=sys.stderr)
+            return 2
     pipeline_dir = Path(args.pipeline)
     if not (pipeline_dir / "model_index.json").is_file():
         print(f"dora generate: {pipeline_dir} is not a saved pipeline (no model_index.json)", file=sys.stderr)
@@ -162,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dora_shapegen.pipelines.loading import is_image_pipeline, load_pipeline, takes_prompts
-    from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png, simplify
+    from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png, render_mesh_png
 
     try:
         pipe = load_pipeline(pipeline_dir, args.device)
@@ -189,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             mesh_resolution=args.resolution,
             mesh_threshold=args.threshold,
             remove_floaters=not args.keep_floaters,
+            max_faces=args.faces or None,
         )
     except ValueError as error:
         print(f"dora generate: {error}", file=sys.stderr)
@@ -208,15 +249,20 @@ def main(argv: list[str] | None = None) -> int:
             )
             meshes.append(mesh)
             continue
-        if args.faces is not None and len(mesh.faces) > args.faces:
-            mesh = simplify(mesh, args.faces)
         export_mesh(mesh, path)
         meshes.append(mesh)
         written += 1
-        print(f"wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)")
+        extracted = mesh.metadata.get("extracted_faces", len(mesh.faces))
+        reduced = (
+            f", reduced from {extracted} (--faces 0 keeps them all)" if extracted > len(mesh.faces) else ""
+        )
+        print(f"wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces{reduced})")
 
     preview = output.with_suffix(".png")
-    label = args.prompt or Path(args.image).name
+    # The image's name for an image, else the prompt; an empty prompt (an unconditional shape) says so.
+    label = (
+        Path(args.image).name if args.image is not None else (args.prompt or "(empty prompt: unconditional)")
+    )
     if args.image is not None:  # the input as the model saw it, beside each mesh
         from dora_shapegen.data.render import render_pairs_png
 

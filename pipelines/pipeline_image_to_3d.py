@@ -39,6 +39,7 @@ from dora_shapegen.diffusion.sampling import (
 )
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
+from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
 from dora_shapegen.pipelines.pipeline_text_to_3d import (
     DoraTextTo3DPipeline,
     DoraTextTo3DPipelineOutput,
@@ -215,6 +216,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         mesh_resolution: int = 256,
         mesh_threshold: float = 0.5,
         remove_floaters: bool = True,
+        max_faces: int | None = DEFAULT_MAX_FACES,
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]]
         | PipelineCallback
@@ -244,6 +246,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
             prompts if prompts is not None else [""] * batch_size, negative_prompt, num_inference_steps,
             num_tokens, num_shapes_per_prompt, mesh_resolution, output_type, latents=latents,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance_scale=guidance_scale, mesh_threshold=mesh_threshold, max_faces=max_faces,
         )  # fmt: skip
         self._guidance_scale = float(guidance_scale)
         guidance_interval = check_guidance_interval(guidance_interval)
@@ -330,5 +333,5 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
 
         # 5. Back to VAE space, then the field -> meshes (the text pipeline's post-processing).
         return self._finish(
-            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict
+            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
         )

@@ -14,6 +14,8 @@ named by a model_index.json), so ``DoraTextTo3DPipeline.from_pretrained`` works 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,13 @@ from dora_shapegen.diffusion.sampling import (
 )
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, detect_kind
+from dora_shapegen.pipelines.limits import (
+    DEFAULT_MAX_FACES,
+    GUIDANCE_RANGE,
+    MAX_INFERENCE_STEPS,
+    MESH_RESOLUTION_RANGE,
+    not_text_problem,
+)
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OUTPUT_TYPES = ("trimesh", "latent", "np")
@@ -46,6 +55,7 @@ LEGACY_MODULES = {
     "vae.modeling_dora_vae": "dora_shapegen.vae.modeling_dora_vae",
     "diffusion.modeling_shape_dit": "dora_shapegen.diffusion.modeling_shape_dit",
 }
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,16 +75,43 @@ class DoraTextTo3DPipelineOutput(BaseOutput):
 
 def _string_list(value: Any, name: str) -> list[str]:
     """A prompt argument as a non-empty list of strings, or a ValueError naming the argument and the bad item."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
         raise ValueError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}")
-    if len(value) == 0:
+    if len(items) == 0:
         raise ValueError(f"`{name}` is an empty list: give at least one prompt")
-    for index, item in enumerate(value):
+    for index, item in enumerate(items):
         if not isinstance(item, str):
             raise ValueError(f"`{name}` items must be strings; item {index} is a {type(item).__name__}")
-    return list(value)
+        problem = not_text_problem(item)
+        if problem:
+            raise ValueError(f"`{name}` item {index}: {problem}")
+    return list(items)
+
+
+def _check_range(name: str, value: Any, low: float, high: float, integer: bool) -> None:
+    """``value`` is a (finite) number in [low, high], an integer when ``integer``; else a ValueError with the range."""
+    kind = "an integer" if integer else "a number"
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if integer:
+        is_number = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(float(value)) or not low <= value <= high:
+        low_text, high_text = (int(low), int(high)) if integer else (f"{low:g}", f"{high:g}")
+        raise ValueError(f"`{name}` must be {kind} in [{low_text}, {high_text}], got {value!r}")
+
+
+def reduce_faces(mesh: Any, max_faces: int) -> Any:
+    """``mesh`` with at most ``max_faces`` faces (quadric decimation); ``metadata["extracted_faces"]`` keeps the
+    count before reduction."""
+    from dora_shapegen.pipelines.mesh_post import simplify
+
+    extracted = len(mesh.faces)
+    if extracted > max_faces:
+        metadata = dict(mesh.metadata)
+        mesh = simplify(mesh, max_faces)
+        mesh.metadata.update(metadata)
+    mesh.metadata["extracted_faces"] = extracted
+    return mesh
 
 
 def check_latent_stats(
@@ -213,6 +250,35 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
     # ------------------------------------------------------------------ steps
 
+    def report_prompt_handling(self, prompts: list[str]) -> None:
+        """Say what happens to prompts that are not read as written: an empty one gives an unconditional shape
+        (the embedding the DiT saw on caption dropout), a long one is cut at the text encoder's token limit."""
+        encoder = self.text_encoder_wrapper()
+        limit = encoder.max_length
+        for index, prompt in enumerate(prompts):
+            label = "the prompt" if len(prompts) == 1 else f"prompt {index}"
+            if not prompt.strip():
+                logger.warning(
+                    "%s is empty: generating an unconditional shape (what the model makes without text)",
+                    label,
+                )
+                continue
+            # One token more than the limit tells whether anything is cut, without tokenizing a huge prompt whole.
+            ids = self.tokenizer(prompt, truncation=True, max_length=limit + 1)["input_ids"]
+            if len(ids) > limit:
+                kept = self.tokenizer.decode(
+                    self.tokenizer(prompt, truncation=True, max_length=limit)["input_ids"],
+                    skip_special_tokens=True,
+                )
+                logger.warning(
+                    "%s (%d characters) is longer than the text encoder's %d tokens: only its beginning is read "
+                    '(up to "...%s")',
+                    label,
+                    len(prompt),
+                    limit,
+                    kept[-40:],
+                )
+
     def check_inputs(
         self,
         prompt: str | list[str],
@@ -224,6 +290,9 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         output_type: str,
         latents: torch.Tensor | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        guidance_scale: float = 5.0,
+        mesh_threshold: float = 0.5,
+        max_faces: int | None = None,
     ) -> None:
         prompts = _string_list(prompt, "prompt")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -233,14 +302,20 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
                     f"`negative_prompt` has {len(negatives)} items but `prompt` has {len(prompts)}; "
                     "give one negative prompt per prompt or a single string"
                 )
-        for name, value in (
-            ("num_inference_steps", num_inference_steps),
-            ("num_tokens", num_tokens),
-            ("num_shapes_per_prompt", num_shapes_per_prompt),
-            ("mesh_resolution", mesh_resolution),
-        ):
+        _check_range("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS, integer=True)
+        _check_range("mesh_resolution", mesh_resolution, *MESH_RESOLUTION_RANGE, integer=True)
+        for name, value in (("num_tokens", num_tokens), ("num_shapes_per_prompt", num_shapes_per_prompt)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        _check_range("guidance_scale", guidance_scale, *GUIDANCE_RANGE, integer=False)
+        # The decoded field lies in [0, 1] (0.5 at the surface): a level at 0 or 1 or beyond never meets it.
+        is_level = isinstance(mesh_threshold, (int, float, np.floating)) and not isinstance(
+            mesh_threshold, bool
+        )
+        if not is_level or not 0.0 < mesh_threshold < 1.0:
+            raise ValueError(f"`mesh_threshold` must be a number in (0, 1), got {mesh_threshold!r}")
+        if max_faces is not None:
+            _check_range("max_faces", max_faces, 4, 2**31 - 1, integer=True)
         limit = self.token_limit
         if limit is not None and num_tokens > limit:
             raise ValueError(f"`num_tokens`={num_tokens} is beyond what the models support (at most {limit})")
@@ -357,6 +432,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         mesh_resolution: int = 256,
         mesh_threshold: float = 0.5,
         remove_floaters: bool = True,
+        max_faces: int | None = DEFAULT_MAX_FACES,
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]]
         | PipelineCallback
@@ -381,6 +457,8 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             mesh_resolution: finest grid resolution of the mesh extraction.
             mesh_threshold: iso-level of the VAE's occupancy-like field (0.5 = surface).
             remove_floaters: drop small disconnected components after extraction.
+            max_faces: reduce each mesh to at most this many faces (quadric decimation); None keeps the full
+                resolution of the extraction (250k-1M faces at 256^3).
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called after each step;
                 returned "latents" / "prompt_embeds" / ... replace the pipeline's.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (default ["latents"]).
@@ -393,7 +471,9 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         self.check_inputs(
             prompt, negative_prompt, num_inference_steps, num_tokens, num_shapes_per_prompt, mesh_resolution,
             output_type, latents=latents, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance_scale=guidance_scale, mesh_threshold=mesh_threshold, max_faces=max_faces,
         )  # fmt: skip
+        self.report_prompt_handling(_string_list(prompt, "prompt"))
         self._guidance_scale = float(guidance_scale)
         guidance_interval = check_guidance_interval(guidance_interval)
         self._interrupt = False
@@ -459,7 +539,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
         # 5. Back to VAE space, then the field -> meshes.
         return self._finish(
-            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict
+            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
         )
 
     def _finish(
@@ -470,8 +550,10 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         mesh_threshold: float,
         remove_floaters: bool,
         return_dict: bool,
+        max_faces: int | None = None,
     ) -> DoraTextTo3DPipelineOutput | tuple:
-        """DiT-space latents (B, N, C) -> VAE space -> meshes in the requested output type (the last step of a call)."""
+        """DiT-space latents (B, N, C) -> VAE space -> meshes in the requested output type (the last step of a call),
+        each reduced to at most ``max_faces`` faces (None: as extracted)."""
         vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)
         meshes = None
         if output_type != "latent":
@@ -481,6 +563,8 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
                 mesh_threshold=mesh_threshold,
                 remove_floaters=remove_floaters,
             )
+            if max_faces is not None:
+                meshes = [reduce_faces(mesh, max_faces) for mesh in meshes]
         if output_type == "np":
             meshes = [
                 (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64))

@@ -24,6 +24,7 @@ import torch
 from accelerate import init_empty_weights
 from einops import rearrange
 
+from dora_shapegen import cli_types
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 OFFICIAL_PREFIX = "shape_model."
@@ -237,10 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", help="output folder for DoraVAE.from_pretrained")
     parser.add_argument(
-        "--heads", type=int, default=12, help="attention heads (not stored in the weights; 12 for v1.1)"
+        "--heads",
+        type=cli_types.positive_int,
+        default=12,
+        help="attention heads (not stored in the weights; 12 for v1.1)",
     )
     parser.add_argument(
-        "--epsilon", type=float, default=2 / 256, help="watertight/sampling epsilon to record"
+        "--epsilon", type=cli_types.EPSILON, default=2 / 256, help="watertight/sampling epsilon to record"
     )
     args = parser.parse_args(argv)
     try:

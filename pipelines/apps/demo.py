@@ -6,12 +6,19 @@ image (unreadable, wrong mode, too small or large, fully transparent) is reporte
 
 ``build_demo(pipeline)`` returns the ``gr.Blocks`` without launching it, so tests and other apps can mount it.
 Analytics are switched off and nothing is shared unless asked, so the demo works on an offline machine.
+
+Misuse gets a message and never takes the server down: one generation runs at a time (the event's concurrency
+limit, shared by the button and the prompt's Enter) and at most ``max_queue`` requests wait (Gradio answers
+"Queue is full" beyond); the handler checks every input itself, so a request made without the page (the HTTP
+API, a script) with a 100k-character prompt, NaN guidance or a slider value out of range is told which control is
+wrong and what its range is.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import tempfile
@@ -19,12 +26,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dora_shapegen import cli_types
+from dora_shapegen.pipelines.limits import MAX_PROMPT_CHARS, MESH_RESOLUTION_RANGE, not_text_problem
+
 # Before gradio is imported (lazily, in build_demo): no telemetry and no version check from the server.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 0
+GUIDANCE_SLIDER = (1.0, 15.0)
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes as a signed value, and JSON carries exactly
+DEFAULT_MAX_QUEUE = 16
 EXAMPLE_PROMPTS = ["a round table with one central leg", "a chair with four legs", "a tall cylindrical vase"]
 
 
@@ -44,13 +57,15 @@ def build_demo(
     mesh_threshold: float = 0.5,
     max_steps: int = 100,
     max_tokens: int | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> Any:
     """The Gradio UI for ``pipeline`` (a DoraTextTo3DPipeline or DoraImageTo3DPipeline), not launched.
 
     Generated .glb files go to ``output_dir`` (default: a fresh folder in the system temp dir, which Gradio may
     serve; pass ``allowed_paths=[output_dir]`` to ``launch`` for a folder elsewhere). ``mesh_resolution`` and
     ``mesh_threshold`` are server-side extraction settings; the token slider goes up to ``max_tokens`` (default:
-    the pipeline's ``token_limit``, else 4x its default token count).
+    the pipeline's ``token_limit``, else 4x its default token count). At most ``max_queue`` requests wait while
+    one generates.
     """
     import gradio as gr
     import torch
@@ -65,22 +80,47 @@ def build_demo(
     lock = threading.Lock()  # one generation at a time: the pipeline's scheduler holds per-call state
     counter = itertools.count()
 
+    def number(value: Any, label: str, low: float, high: float, integer: bool) -> float:
+        """A control's value, or a gr.Error naming the control and its range (requests need not come from the
+        page, whose sliders cannot leave their range)."""
+        kind = "a whole number" if integer else "a number"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or not low <= number <= high or (integer and number != int(number)):
+            raise gr.Error(f"{label} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+        return int(number) if integer else number
+
     def generate(
-        prompt: str, steps: float, guidance: float, tokens: float, seed: float | None, image: Any = None
+        prompt: Any, steps: Any, guidance: Any, tokens: Any, seed: Any, image: Any = None
     ) -> tuple[str, str]:
+        if prompt is not None and not isinstance(prompt, str):
+            raise gr.Error(f"The prompt must be text, got {type(prompt).__name__}.")
         prompt = (prompt or "").strip()
         if not prompt and image is None:
             raise gr.Error("Type a prompt first." if takes_text_only else "Upload an image first.")
-        seed = int(seed or 0)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise gr.Error(
+                f"The prompt has {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted (the text "
+                "encoder reads only its first few dozen words)."
+            )
+        problem = not_text_problem(prompt)
+        if problem:
+            raise gr.Error(f"The prompt: {problem}.")
+        steps = number(steps, "Steps", 1, max_steps, integer=True)
+        guidance = number(guidance, "Guidance scale", *GUIDANCE_SLIDER, integer=False)
+        tokens = number(tokens, "Latent tokens", 1, token_limit, integer=True)
+        seed = number(DEFAULT_SEED if seed is None else seed, "Seed", 0, SEED_MAX, integer=True)
         inputs = {"prompt": prompt} if takes_text_only else {"image": image, "prompt": prompt or None}
         with lock:
             generator = torch.Generator(device="cpu").manual_seed(seed)
             try:
                 result = pipeline(
                     **inputs,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(guidance),
-                    num_tokens=int(tokens),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    num_tokens=tokens,
                     generator=generator,
                     mesh_resolution=mesh_resolution,
                     mesh_threshold=mesh_threshold,
@@ -99,9 +139,11 @@ def build_demo(
     from dora_shapegen.pipelines.loading import is_image_pipeline, takes_prompts
 
     if is_image_pipeline(pipeline):
-        return _image_demo(
+        demo = _image_demo(
             pipeline, generate, output_dir, max_steps, token_limit, default_tokens, takes_prompts(pipeline)
         )
+        demo.queue(max_size=max_queue, default_concurrency_limit=1)
+        return demo
 
     with gr.Blocks(title="Dora text-to-3D", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -114,12 +156,18 @@ def build_demo(
                     1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
                 )
                 guidance = gr.Slider(
-                    1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+                    *GUIDANCE_SLIDER,
+                    value=DEFAULT_GUIDANCE,
+                    step=0.5,
+                    label="Guidance scale",
+                    elem_id="guidance",
                 )
                 tokens = gr.Slider(
                     1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
                 )
-                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(
+                    value=DEFAULT_SEED, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
             with gr.Column(scale=2):
@@ -128,8 +176,18 @@ def build_demo(
                 )
                 download = gr.DownloadButton("Download .glb", elem_id="download")
         inputs = [prompt, steps, guidance, tokens, seed]
-        button.click(generate, inputs=inputs, outputs=[viewer, download], api_name="generate")
-        prompt.submit(generate, inputs=inputs, outputs=[viewer, download])
+        # One generation at a time for both triggers (one concurrency id); the handler checks the raw values
+        # itself (preprocess=False) so that an out-of-range value is named with its control and range.
+        events = dict(
+            inputs=inputs,
+            outputs=[viewer, download],
+            concurrency_limit=1,
+            concurrency_id="generate",
+            preprocess=False,
+        )
+        button.click(generate, api_name="generate", **events)
+        prompt.submit(generate, **events)
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 
 
@@ -164,12 +222,18 @@ def _image_demo(
                     1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
                 )
                 guidance = gr.Slider(
-                    1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+                    *GUIDANCE_SLIDER,
+                    value=DEFAULT_GUIDANCE,
+                    step=0.5,
+                    label="Guidance scale",
+                    elem_id="guidance",
                 )
                 tokens = gr.Slider(
                     1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
                 )
-                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(
+                    value=DEFAULT_SEED, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 viewer = gr.Model3D(
@@ -177,7 +241,15 @@ def _image_demo(
                 )
                 download = gr.DownloadButton("Download .glb", elem_id="download")
         inputs = [image, prompt, steps, guidance, tokens, seed]
-        button.click(generate_from_image, inputs=inputs, outputs=[viewer, download], api_name="generate")
+        # The image needs Gradio's preprocessing (upload -> array); the handler still checks every value.
+        button.click(
+            generate_from_image,
+            inputs=inputs,
+            outputs=[viewer, download],
+            api_name="generate",
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
     return demo
 
 
@@ -187,9 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipeline", required=True, help="folder written by `dora assemble-pipeline`")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=cli_types.int_in(1, 65535), default=7860)
     parser.add_argument("--share", type=_str_to_bool, default=False, help="create a public gradio.live link")
-    parser.add_argument("--resolution", type=int, default=128, help="mesh extraction resolution")
+    parser.add_argument(
+        "--resolution",
+        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        default=128,
+        help="mesh extraction resolution, in [16, 1024] (default 128)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=cli_types.int_in(1, 1000),
+        default=DEFAULT_MAX_QUEUE,
+        help="requests that may wait while one generates; more are told the queue is full (default %(default)s)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -206,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pipeline, device)
-    demo = build_demo(pipe, mesh_resolution=args.resolution)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo = build_demo(pipe, mesh_resolution=args.resolution, max_queue=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)  # build_demo set up the queue
     return 0
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml, resolve_config_path, save_yaml
 from dora_shapegen.pipelines.apps.quickstart_report import read_json
 
@@ -461,24 +462,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vae-minutes",
-        type=float,
+        type=cli_types.positive_float,
         default=None,
         help="wall-clock safety cap of the VAE training (its budget is steps, in vae.yaml)",
     )
     parser.add_argument(
         "--dit-minutes",
-        type=float,
+        type=cli_types.positive_float,
         default=None,
         help="wall-clock safety cap of the DiT training (its budget is steps, in dit.yaml)",
     )
     parser.add_argument(
         "--budget",
-        type=float,
+        type=cli_types.positive_float,
         default=1.0,
         help="multiply every training step count (steps, warmup, decay, ramps) by this: 2 = twice the steps, "
         "the same recipe; the ETA says what it costs (default: %(default)s)",
     )
-    parser.add_argument("--num-shapes", type=int, default=None, help="override the dataset size")
+    parser.add_argument(
+        "--num-shapes", type=cli_types.positive_int, default=None, help="override the dataset size"
+    )
     parser.add_argument("--stop-after", default=None, help="stop after this stage (e.g. train-vae)")
     args = parser.parse_args(argv)
     if not (args.budget > 0 and args.budget < float("inf")):

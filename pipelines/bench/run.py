@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import CONFIG_DIR, from_dict, load_yaml
 from dora_shapegen.diffusion.sampling import check_guidance_interval
 from dora_shapegen.pipelines.bench.data import (
@@ -62,6 +63,7 @@ from dora_shapegen.pipelines.bench.metrics import (
     mesh_structure,
     prompt_diversity,
 )
+from dora_shapegen.pipelines.limits import GUIDANCE_RANGE, MAX_INFERENCE_STEPS, MESH_RESOLUTION_RANGE
 from dora_shapegen.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -432,7 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split", choices=SPLITS, default=None, help="reference shapes compared with (held-out)"
     )
-    parser.add_argument("--held-out-fraction", type=float, default=None, help="shape-id hash split (0.1)")
+    parser.add_argument(
+        "--held-out-fraction",
+        type=cli_types.float_in(0.0, 1.0, low_open=True, high_open=True),
+        default=None,
+        help="shape-id hash split (0.1)",
+    )
     parser.add_argument(
         "--prompts",
         nargs="+",
@@ -441,31 +448,65 @@ def build_parser() -> argparse.ArgumentParser:
         "paraphrases; 'renders' for an image-only pipeline)",
     )
     parser.add_argument(
-        "--prompts-per-category", type=int, default=None, help="prompts kept per category (1)"
+        "--prompts-per-category",
+        type=cli_types.positive_int,
+        default=None,
+        help="prompts kept per category (1)",
     )
-    parser.add_argument("--samples-per-prompt", type=int, default=None, help="shapes per prompt (4)")
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (25)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (4.0)")
+    parser.add_argument(
+        "--samples-per-prompt", type=cli_types.positive_int, default=None, help="shapes per prompt (4)"
+    )
+    parser.add_argument(
+        "--steps", type=cli_types.int_in(1, MAX_INFERENCE_STEPS), default=None, help="Euler steps (25)"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=cli_types.float_in(*GUIDANCE_RANGE),
+        default=None,
+        help="classifier-free guidance scale (4.0)",
+    )
+    parser.add_argument(
+        "--tokens", type=cli_types.positive_int, default=None, help="latent tokens (default: the pipeline's)"
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=None, help="random seed (0)")
+    parser.add_argument(
+        "--resolution",
+        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        default=None,
+        help="mesh extraction grid (96)",
+    )
+    parser.add_argument(
+        "--batch-size", type=cli_types.positive_int, default=None, help="prompts denoised together (8)"
+    )
     parser.add_argument(
         "--guidance-interval",
-        type=float,
+        type=cli_types.fraction,
         nargs=2,
         default=None,
         metavar=("LOW", "HIGH"),
         help="guide only at noise levels in [LOW, HIGH] (0 <= LOW < HIGH <= 1; default: every step)",
     )
-    parser.add_argument("--threshold", type=float, default=None, help="iso-level of the extraction (0.5)")
-    parser.add_argument("--tokens", type=int, default=None, help="latent tokens (default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (0)")
-    parser.add_argument("--resolution", type=int, default=None, help="mesh extraction grid (96)")
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts denoised together (8)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--points", type=int, default=None, help="surface points per shape (2048)")
     parser.add_argument(
-        "--emd-points", type=int, default=None, help="points for the exact EMD, 0 = none (256)"
+        "--threshold",
+        type=cli_types.float_in(0.0, 1.0, low_open=True, high_open=True),
+        default=None,
+        help="iso-level of the extraction, in (0, 1) (0.5)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--points", type=cli_types.positive_int, default=None, help="surface points per shape (2048)"
     )
     parser.add_argument(
-        "--judge-k", type=int, default=None, help="neighbours voting in the category judge (3)"
+        "--emd-points",
+        type=cli_types.non_negative_int,
+        default=None,
+        help="points for the exact EMD, 0 = none (256)",
+    )
+    parser.add_argument(
+        "--judge-k",
+        type=cli_types.positive_int,
+        default=None,
+        help="neighbours voting in the category judge (3)",
     )
     parser.add_argument(
         "--remove-floaters",

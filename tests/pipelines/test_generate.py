@@ -14,6 +14,7 @@ import trimesh
 from PIL import Image
 
 from dora_shapegen.pipelines.generate import main as generate
+from tests.pipelines._logs import foreign_warnings
 from tests.pipelines._tiny_pipeline import MAX_TRAIN_TOKENS, center_surface_on, make_tiny_pipeline
 
 PROMPT = "a round table with one central leg"
@@ -52,6 +53,7 @@ def test_generate_writes_glb_and_preview(pipeline_dir, tmp_path):
         command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not foreign_warnings(done.stderr), done.stderr[-2000:]
     mesh = trimesh.load(output, force="mesh")
     assert isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0
     assert np.abs(mesh.vertices).max() <= 1.05 + 1e-5
@@ -80,10 +82,32 @@ def test_generate_several_shapes_with_face_budget(pipeline_dir, tmp_path, capsys
     ("extra", "message"),
     [
         (["-o", "shape.fbx"], "must end with one of"),
-        (["-o", "shape.glb", "--tokens", "0"], "`num_tokens` must be a positive integer"),
+        (["-o", "shape.glb", "--tokens", "0"], "argument --tokens: must be an integer >= 1, got 0"),
         (["-o", "shape.glb", "--tokens", str(MAX_TRAIN_TOKENS + 8)], "beyond what the models support"),
-        (["-o", "shape.glb", "--num", "0"], "--num must be positive"),
-        (["-o", "shape.glb", "--steps", "0"], "`num_inference_steps` must be a positive integer"),
+        (["-o", "shape.glb", "--num", "0"], "argument --num: must be an integer in [1, 256], got 0"),
+        (["-o", "shape.glb", "--steps", "0"], "argument --steps: must be an integer in [1, 1000], got 0"),
+        (
+            ["-o", "shape.glb", "--guidance", "nan"],
+            "argument --guidance: must be a number in [0, 100], got nan",
+        ),
+        (
+            ["-o", "shape.glb", "--guidance", "-2"],
+            "argument --guidance: must be a number in [0, 100], got -2",
+        ),
+        (
+            ["-o", "shape.glb", "--resolution", "3"],
+            "argument --resolution: must be an integer in [16, 1024], got 3",
+        ),
+        (
+            ["-o", "shape.glb", "--seed", "-1"],
+            "argument --seed: must be an integer in [0, 18446744073709551615]",
+        ),
+        (["-o", "shape.glb", "--threshold", "1"], "argument --threshold: must be a number in (0, 1), got 1"),
+        (["-o", "shape.glb", "--faces", "2"], "argument --faces: must be an integer >= 4 or 0, got 2"),
+        (
+            ["-o", "shape.glb", "--steps", "ten"],
+            "argument --steps: must be an integer in [1, 1000], got 'ten'",
+        ),
     ],
 )
 def test_generate_rejects_bad_arguments(pipeline_dir, tmp_path, capsys, extra, message):
@@ -96,3 +120,42 @@ def test_generate_rejects_bad_arguments(pipeline_dir, tmp_path, capsys, extra, m
 def test_generate_needs_a_saved_pipeline(tmp_path, capsys):
     assert generate([PROMPT, "--pipeline", str(tmp_path), "-o", str(tmp_path / "x.glb")]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_default_output_is_reduced_to_the_face_budget_and_faces_0_keeps_all(pipeline_dir, tmp_path, capsys):
+    """At 64^3 the tiny pipeline's shape has more faces than the default budget: `dora generate` writes at most
+    DEFAULT_MAX_FACES faces, and says so; `--faces 0` writes the extraction as it is."""
+    from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
+
+    common = [PROMPT, "--pipeline", str(pipeline_dir), "--steps", str(STEPS), "--seed", str(SEED),
+              "--resolution", "64"]  # fmt: skip
+    assert generate([*common, "-o", str(tmp_path / "budget.glb")]) == 0
+    assert generate([*common, "-o", str(tmp_path / "full.glb"), "--faces", "0"]) == 0
+    out = capsys.readouterr().out
+    budget = trimesh.load(tmp_path / "budget.glb", force="mesh")
+    full = trimesh.load(tmp_path / "full.glb", force="mesh")
+    assert len(full.faces) > DEFAULT_MAX_FACES >= len(budget.faces) > 0.9 * DEFAULT_MAX_FACES
+    assert f"reduced from {len(full.faces)}" in out
+    assert (tmp_path / "budget.glb").stat().st_size < (tmp_path / "full.glb").stat().st_size
+    # The reduced mesh is the same shape: its surface stays within a few grid cells of the full one.
+    distance = np.abs(trimesh.proximity.signed_distance(full, budget.sample(500, seed=0)))
+    assert np.percentile(distance, 95) < 2 * 2.1 / 64
+
+
+def test_prompt_that_is_not_utf8_is_refused_before_loading(tmp_path):
+    """Bytes that are not UTF-8 on the command line (Python hands them over as lone surrogates)."""
+    command = [os.fsencode(sys.executable), b"-m", b"dora_shapegen.pipelines.apps.cli", b"generate", b"a \xff chair",
+               b"--pipeline", os.fsencode(tmp_path), b"-o", os.fsencode(tmp_path / "x.glb")]  # fmt: skip
+    environment = {**os.environ, "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, timeout=120)
+    assert done.returncode == 2
+    assert b"the prompt: it is not valid UTF-8 text (byte 0xff at character 2)" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_empty_prompt_says_it_is_unconditional(pipeline_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dora_shapegen.pipelines.pipeline_text_to_3d"):
+        code = generate(["", "--pipeline", str(pipeline_dir), "-o", str(tmp_path / "x.obj"),
+                         "--steps", str(STEPS), "--resolution", "32"])  # fmt: skip
+    assert code in (0, 1)  # the tiny model's unconditional field may have no surface: that is reported
+    assert "the prompt is empty: generating an unconditional shape" in caplog.text

@@ -204,11 +204,22 @@ BAD_INPUTS = [
     (dict(num_tokens=0), r"`num_tokens` must be a positive integer, got 0"),
     (dict(num_tokens=-4), r"`num_tokens` must be a positive integer, got -4"),
     (dict(num_tokens=MAX_TRAIN_TOKENS + 1), rf"`num_tokens`={MAX_TRAIN_TOKENS + 1} is beyond .*at most {MAX_TRAIN_TOKENS}"),
-    (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive integer, got 0"),
-    (dict(num_inference_steps=-1), r"`num_inference_steps` must be a positive integer, got -1"),
-    (dict(mesh_resolution=0), r"`mesh_resolution` must be a positive integer, got 0"),
-    (dict(mesh_resolution=32.5), r"`mesh_resolution` must be a positive integer, got 32.5"),
-    (dict(mesh_resolution="64"), r"`mesh_resolution` must be a positive integer, got '64'"),
+    (dict(num_inference_steps=0), r"`num_inference_steps` must be an integer in \[1, 1000\], got 0"),
+    (dict(num_inference_steps=-1), r"`num_inference_steps` must be an integer in \[1, 1000\], got -1"),
+    (dict(num_inference_steps=5000), r"`num_inference_steps` must be an integer in \[1, 1000\], got 5000"),
+    (dict(mesh_resolution=0), r"`mesh_resolution` must be an integer in \[16, 1024\], got 0"),
+    (dict(mesh_resolution=3), r"`mesh_resolution` must be an integer in \[16, 1024\], got 3"),
+    (dict(mesh_resolution=32.5), r"`mesh_resolution` must be an integer in \[16, 1024\], got 32.5"),
+    (dict(mesh_resolution="64"), r"`mesh_resolution` must be an integer in \[16, 1024\], got '64'"),
+    (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a number in \[0, 100\], got nan"),
+    (dict(guidance_scale=float("inf")), r"`guidance_scale` must be a number in \[0, 100\], got inf"),
+    (dict(guidance_scale=-3.0), r"`guidance_scale` must be a number in \[0, 100\], got -3.0"),
+    (dict(guidance_scale="5"), r"`guidance_scale` must be a number in \[0, 100\], got '5'"),
+    (dict(mesh_threshold=0.0), r"`mesh_threshold` must be a number in \(0, 1\), got 0.0"),
+    (dict(mesh_threshold=float("nan")), r"`mesh_threshold` must be a number in \(0, 1\), got nan"),
+    (dict(max_faces=0), r"`max_faces` must be an integer in \[4, 2147483647\], got 0"),
+    (dict(prompt="a \udcff chair"), r"`prompt` item 0: it is not valid UTF-8 text \(byte 0xff at character 2\)"),
+    (dict(prompt=["a chair", "\ud800"]), r"`prompt` item 1: .*lone surrogate U\+D800"),
     (dict(num_shapes_per_prompt=0), r"`num_shapes_per_prompt` must be a positive integer"),
     (dict(output_type="mesh"), r"`output_type` must be one of"),
     (dict(latents=torch.zeros(1, NUM_TOKENS + 1, LATENT_CHANNELS)), rf"`latents` must have shape .*\(1, {NUM_TOKENS}, {LATENT_CHANNELS}\), got \(1, {NUM_TOKENS + 1}, {LATENT_CHANNELS}\)"),
@@ -278,3 +289,44 @@ def test_training_preview_samples_exactly_what_the_pipeline_generates(guidance):
     )  # (2, 16, C)
     assert preview.shape == generated.shape
     assert torch.equal(pipe.unnormalize_latents(preview.float()), generated)
+
+
+def test_default_output_is_reduced_to_the_face_budget(pipe):
+    """The pipeline's meshes carry at most DEFAULT_MAX_FACES faces unless ``max_faces=None``."""
+    from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
+
+    pipe = make_tiny_pipeline()
+    center_surface_on(pipe, PROMPT, num_inference_steps=2, generator=seeded(0))
+    kwargs = dict(num_inference_steps=2, mesh_resolution=64, remove_floaters=False)
+    budget = pipe(PROMPT, generator=seeded(0), **kwargs).meshes[0]
+    full = pipe(PROMPT, generator=seeded(0), max_faces=None, **kwargs).meshes[0]
+    assert len(full.faces) > DEFAULT_MAX_FACES >= len(budget.faces)
+    assert budget.metadata["extracted_faces"] == len(full.faces)
+    small = pipe(PROMPT, generator=seeded(0), max_faces=500, **kwargs).meshes[0]
+    assert 0 < len(small.faces) <= 500
+
+
+def test_empty_and_over_long_prompts_are_reported(pipe, caplog):
+    """What the README says: an empty prompt (alone or in a list) is generated unconditionally, a prompt beyond
+    the text encoder's token limit is cut there; both with a warning naming the prompt."""
+    long_prompt = "a chair with " + "very " * 3000 + "long legs"  # ~15,000 characters
+    with caplog.at_level("WARNING", logger="dora_shapegen.pipelines.pipeline_text_to_3d"):
+        out = pipe(["a chair", "", long_prompt], num_inference_steps=1, output_type="latent")
+    assert out.latents.shape[0] == 3
+    assert "prompt 1 is empty: generating an unconditional shape" in caplog.text
+    assert f"prompt 2 ({len(long_prompt)} characters) is longer than the text encoder's" in caplog.text
+    assert "prompt 0" not in caplog.text
+    # The empty prompt gets the unconditional embedding the DiT trained on (caption dropout encodes "").
+    hidden, _, pooled = pipe.encode_prompt(["", "   "], do_classifier_free_guidance=False)
+    unconditional = pipe.text_encoder_wrapper().encode([""])
+    torch.testing.assert_close(pooled, unconditional.pooled.expand(2, -1), rtol=0, atol=1e-5)
+    # Cut at the limit: the long prompt encodes exactly as its first max_length tokens do.
+    limit = pipe.text_encoder_wrapper().max_length
+    kept = pipe.tokenizer.decode(
+        pipe.tokenizer(long_prompt, truncation=True, max_length=limit)["input_ids"], skip_special_tokens=True
+    )
+    assert torch.allclose(
+        pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False)[2],
+        pipe.encode_prompt(kept, do_classifier_free_guidance=False)[2],
+        atol=1e-5,
+    )

@@ -28,6 +28,7 @@ import torch
 import trimesh
 from tqdm import tqdm
 
+from dora_shapegen import cli_types
 from dora_shapegen.config import load_config
 from dora_shapegen.metrics import volume_iou
 from dora_shapegen.vae.bench.data import (
@@ -66,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--tokens", nargs="+", type=int, help="token counts (default: from the config)")
-    parser.add_argument("--resolution", type=int, help="marching-cubes resolution (default: from the config)")
-    parser.add_argument("--limit", type=int, help="only the first N shapes")
-    parser.add_argument("--seed", type=int, help="sampling / noise seed (default: from the config)")
-    parser.add_argument("--num-workers", type=int, default=1, help="processes preparing the ground truth")
+    parser.add_argument(
+        "--tokens", nargs="+", type=cli_types.positive_int, help="token counts (default: from the config)"
+    )
+    parser.add_argument(
+        "--resolution", type=cli_types.resolution, help="marching-cubes resolution (default: from the config)"
+    )
+    parser.add_argument("--limit", type=cli_types.positive_int, help="only the first N shapes")
+    parser.add_argument(
+        "--seed", type=cli_types.seed, help="sampling / noise seed (default: from the config)"
+    )
+    parser.add_argument(
+        "--num-workers", type=cli_types.positive_int, default=1, help="processes preparing the ground truth"
+    )
     parser.add_argument(
         "--device", default="auto", help="torch device for the models (auto: cuda if available)"
     )

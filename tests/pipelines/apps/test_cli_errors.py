@@ -111,3 +111,88 @@ def test_console_entry_prints_one_line_and_exits_1(typo_config, tmp_path):
     )  # fmt: skip
     assert done.returncode == 1
     assert "did you mean 'learning_rate'" in one_error_line(done.stderr)
+
+
+# Every numeric option of every command, with a value outside its meaningful range: refused before any work, by
+# argparse's usage line and a message that says the range.
+NONSENSE = [
+    ("build-dataset", "--num-shapes", "0", "an integer >= 1"),
+    ("build-dataset", "--seed", "-1", "an integer in [0, 18446744073709551615]"),
+    ("build-dataset", "--captions-per-shape", "5", "an integer in [1, 4]"),
+    ("prepare", "--builtin", "-3", "an integer >= 1"),
+    ("prepare", "--workers", "0", "an integer >= 1"),
+    ("prepare", "--seed", "1.5", "an integer in [0, 18446744073709551615]"),
+    ("prepare", "--epsilon", "nan", "a number in (0, 0.25]"),
+    ("prepare", "--epsilon", "0", "a number in (0, 0.25]"),
+    ("prepare", "--n-uniform", "0", "an integer >= 1"),
+    ("prepare", "--n-salient", "-1", "an integer >= 1"),
+    ("prepare", "--n-volume", "0", "an integer >= 1"),
+    ("prepare", "--n-near", "0", "an integer >= 1"),
+    ("prepare", "--n-sharp", "0", "an integer >= 1"),
+    ("prepare", "--sharp-angle-deg", "270", "a number in (0, 180)"),
+    ("prepare", "--num-shards", "0", "an integer >= 1"),
+    ("prepare", "--shard-index", "-1", "an integer >= 0"),
+    ("prepare", "--limit", "0", "an integer >= 1"),
+    ("prepare", "--ray-max-retries", "-1", "an integer >= 0"),
+    ("render-views", "--views", "0", "an integer >= 1"),
+    ("render-views", "--size", "8", "an integer in [32, 2048]"),
+    ("render-views", "--seed", "-1", "an integer in [0, 18446744073709551615]"),
+    ("render-views", "--workers", "0", "an integer >= 1"),
+    ("render-views", "--limit", "0", "an integer >= 1"),
+    ("train-vae", "--max-steps", "0", "an integer >= 1"),
+    ("train-vae", "--max-minutes", "-5", "a number > 0"),
+    ("train-dit", "--max-minutes", "inf", "a number > 0"),
+    ("train-dit", "--seed", "-2", "an integer in [0, 18446744073709551615]"),
+    ("bench", "--tokens", "0", "an integer >= 1"),
+    ("bench", "--resolution", "3", "an integer in [16, 1024]"),
+    ("bench", "--limit", "0", "an integer >= 1"),
+    ("bench", "--seed", "-1", "an integer in [0, 18446744073709551615]"),
+    ("bench", "--num-workers", "0", "an integer >= 1"),
+    ("convert-dora-checkpoint", "--heads", "0", "an integer >= 1"),
+    ("convert-dora-checkpoint", "--epsilon", "-1", "a number in (0, 0.25]"),
+    ("cache-latents", "--num-tokens", "0", "an integer >= 1"),
+    ("cache-latents", "--num-views", "0", "an integer >= 1"),
+    ("cache-latents", "--batch-size", "0", "an integer >= 1"),
+    ("cache-latents", "--max-samples", "0", "an integer >= 1"),
+    ("cache-latents", "--max-bytes", "-1", "an integer >= 1"),
+    ("cache-latents", "--seed", "-1", "an integer in [0, 18446744073709551615]"),
+    ("cache-latents", "--num-workers", "-1", "an integer >= 0"),
+    ("cache-latents", "--n-uniform", "0", "an integer >= 1"),
+    ("cache-latents", "--n-salient", "0", "an integer >= 1"),
+    ("cache-latents", "--limit", "0", "an integer >= 1"),
+    ("assemble-pipeline", "--scheduler-shift", "0", "a number > 0"),
+    ("assemble-pipeline", "--max-tokens", "0", "an integer >= 1"),
+    ("assemble-pipeline", "--num-tokens", "-8", "an integer >= 1"),
+    ("generate", "--guidance", "nan", "a number in [0, 100]"),
+    ("generate", "--resolution", "3", "an integer in [16, 1024]"),
+    ("bench-generation", "--held-out-fraction", "1.5", "a number in (0, 1)"),
+    ("bench-generation", "--prompts-per-category", "0", "an integer >= 1"),
+    ("bench-generation", "--samples-per-prompt", "0", "an integer >= 1"),
+    ("bench-generation", "--steps", "0", "an integer in [1, 1000]"),
+    ("bench-generation", "--guidance", "nan", "a number in [0, 100]"),
+    ("bench-generation", "--guidance-interval", "0.2 1.5", "a number in [0, 1]"),
+    ("bench-generation", "--threshold", "0", "a number in (0, 1)"),
+    ("bench-generation", "--tokens", "0", "an integer >= 1"),
+    ("bench-generation", "--seed", "-1", "an integer in [0, 18446744073709551615]"),
+    ("bench-generation", "--resolution", "3", "an integer in [16, 1024]"),
+    ("bench-generation", "--batch-size", "0", "an integer >= 1"),
+    ("bench-generation", "--points", "0", "an integer >= 1"),
+    ("bench-generation", "--emd-points", "-1", "an integer >= 0"),
+    ("bench-generation", "--judge-k", "0", "an integer >= 1"),
+    ("quickstart", "--vae-minutes", "0", "a number > 0"),
+    ("quickstart", "--dit-minutes", "nan", "a number > 0"),
+    ("quickstart", "--num-shapes", "0", "an integer >= 1"),
+    ("quickstart", "--budget", "0", "a number > 0"),
+    ("demo", "--port", "70000", "an integer in [1, 65535]"),
+    ("demo", "--resolution", "3", "an integer in [16, 1024]"),
+    ("demo", "--max-queue", "0", "an integer in [1, 1000]"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value", "expected"), NONSENSE, ids=lambda x: str(x))
+def test_numeric_options_are_checked_against_their_range(command, option, value, expected, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        code = dora([command, option, *value.split()])
+        raise SystemExit(code)  # `dora generate` returns argparse's code instead of exiting
+    assert stopped.value.code == 2
+    assert f"argument {option}: must be {expected}, got" in capsys.readouterr().err

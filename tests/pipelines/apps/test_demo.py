@@ -64,12 +64,28 @@ def test_generate_handler_writes_a_glb_and_reports_bad_input(tmp_path):
     assert len(mesh.faces) > 0
     with pytest.raises(gr.Error, match="Type a prompt first"):
         handler("   ", 2, 3.0, pipe.default_num_tokens, 5)
-    with pytest.raises(gr.Error, match="beyond what the models support"):
-        handler(PROMPT, 2, 3.0, pipe.token_limit + 1, 5)
+    tokens = pipe.default_num_tokens
+    misuse = [
+        ((PROMPT, 2, 3.0, pipe.token_limit + 1, 5), rf"Latent tokens must be a whole number from 1 to {pipe.token_limit}"),
+        (("x" * 100_000, 2, 3.0, tokens, 5), "The prompt has 100,000 characters; at most 2,000 are accepted"),
+        ((PROMPT, 500, 3.0, tokens, 5), "Steps must be a whole number from 1 to 100, got 500"),
+        ((PROMPT, 2.5, 3.0, tokens, 5), "Steps must be a whole number from 1 to 100, got 2.5"),
+        ((PROMPT, 2, float("nan"), tokens, 5), "Guidance scale must be a number from 1 to 15, got nan"),
+        ((PROMPT, 2, "lots", tokens, 5), "Guidance scale must be a number from 1 to 15, got 'lots'"),
+        ((PROMPT, 2, 3.0, tokens, -1), "Seed must be a whole number from 0 to"),
+        (("a \udcff chair", 2, 3.0, tokens, 5), r"not valid UTF-8 text \(byte 0xff"),
+        ((["a", "list"], 2, 3.0, tokens, 5), "The prompt must be text, got list"),
+    ]  # fmt: skip
+    for arguments, message in misuse:
+        with pytest.raises(gr.Error, match=message):
+            handler(*arguments)
 
 
 def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
     chromium = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
     if chromium is None:
         pytest.skip(f"no Chromium at {CHROMIUM} or on PATH (run `make browser`: apt-get install chromium)")
@@ -82,7 +98,18 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
     )  # fmt: skip
     demo = build_demo(pipe, output_dir=tmp_path / "generated", mesh_resolution=32)
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
+    active, most_at_once, decode = [0], [0], pipe.decode_latents
+
+    def counting_decode(*args, **kwargs):  # how many generations run at the same time
+        active[0] += 1
+        most_at_once[0] = max(most_at_once[0], active[0])
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    pipe.decode_latents = counting_decode
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
                         quiet=True, allowed_paths=[str(tmp_path)])  # fmt: skip
     external_requests: list[str] = []
     try:
@@ -113,6 +140,33 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
                 download_name = downloading.value.suggested_filename
                 with open(downloading.value.path(), "rb") as handle:
                     download_bytes = handle.read()
+
+                # Misuse. A 100k-character prompt, typed in the page: a message, not a crash.
+                page.locator("#prompt textarea").fill("x" * 100_000)
+                page.locator("#generate").click()
+                page.get_by_text("The prompt has 100,000 characters").first.wait_for(timeout=60_000)
+                # Requests from outside the page: concurrent ones are queued (one runs at a time, all are
+                # answered); out-of-range values are named with their control and range.
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                arguments = (PROMPT, DEFAULT_STEPS, DEFAULT_GUIDANCE, pipe.default_num_tokens, DEFAULT_SEED)
+                jobs = [client.submit(*arguments, api_name="/generate") for _ in range(3)]
+                concurrent = [job.result(timeout=300) for job in jobs]
+                refused = []
+                for bad in (
+                    (PROMPT, 10_000, 5.0, 8, 0),
+                    (PROMPT, 2, 40.0, 8, 0),
+                    (PROMPT, 2, 5.0, 8, -7),
+                ):
+                    with pytest.raises(AppError) as caught:
+                        client.predict(*bad, api_name="/generate")
+                    refused.append(str(caught.value))
+                # The server is still up: the page generates again.
+                page.locator("#prompt textarea").fill(PROMPT)
+                with page.expect_response(
+                    lambda response: response.url.split("?")[0].endswith(".glb") and response.status == 200,
+                    timeout=120_000,
+                ):
+                    page.locator("#generate").click()
             finally:
                 browser.close()
     finally:
@@ -124,6 +178,11 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
     assert download_name.endswith(".glb") and download_bytes == model_bytes
     assert list((tmp_path / "generated").glob("*.glb"))
     assert not external_requests, f"the demo page tried to reach the internet: {external_requests}"
+    assert len(concurrent) == 3 and all(str(viewer).endswith(".glb") for viewer, _ in concurrent)
+    assert most_at_once[0] == 1  # the three concurrent requests ran one after the other
+    assert "Steps must be a whole number from 1 to 100, got 10000" in refused[0]
+    assert "Guidance scale must be a number from 1 to 15, got 40.0" in refused[1]
+    assert "Seed must be a whole number from 0 to" in refused[2]
 
 
 def test_image_demo_uploads_an_image_and_reports_bad_ones(tmp_path):
