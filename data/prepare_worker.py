@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from dora_shapegen.config import from_dict
 from dora_shapegen.data.supervision import SALIENT_NOISE_SCALES, UNIFORM_NOISE_SCALES
 from dora_shapegen.errors import DiskFullError, is_disk_full
+from dora_shapegen.seeding import derive_seed
 
 
 @dataclass
@@ -59,7 +59,7 @@ def check_storage(storage: str) -> str:
 
 def shape_seed(seed: int, shape_id: str) -> int:
     """Per-shape seed from the run seed and the shape id: independent of order, workers and sharding."""
-    return zlib.crc32(f"{seed}:{shape_id}".encode()) & 0x7FFFFFFF
+    return derive_seed(seed, "prepare-shape", shape_id)
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], storage: str = "npz") -> None:

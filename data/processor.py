@@ -25,6 +25,7 @@ from dora_shapegen.data.supervision import (
     sample_supervision,
 )
 from dora_shapegen.data.watertight import make_watertight
+from dora_shapegen.seeding import derive_seed
 
 
 def _positive_scales(values: Sequence[float], name: str) -> tuple[float, ...]:
@@ -112,7 +113,7 @@ class MeshProcessor:
             n_sharp=n_sharp,
             truncation=self.tsdf_truncation,
             bounds=self.bounds,
-            seed=seed + 1,
+            seed=derive_seed(seed, "supervision"),
             near_noise_scales=self.near_noise_scales,
             sharp_noise_scales=self.sharp_noise_scales,
         )

@@ -20,6 +20,7 @@ from scipy import ndimage
 from skimage import measure
 
 from dora_shapegen.data.mesh_io import MeshError
+from dora_shapegen.seeding import derive_seed
 
 _BAND = (
     2  # voxels of dilation around the surface cells: covers grid points within ~2 * spacing of the surface
@@ -49,7 +50,9 @@ def unsigned_distance_band(
     # Surface samples at about half the spacing (plus the vertices, so small faces are never missed) mark the
     # cells the surface crosses; the band is those cells dilated.
     num_samples = int(min(4.0 * mesh.area / spacing**2, 5_000_000)) + 1
-    face_index, barycentric = pcu.sample_mesh_random(vertices, faces, num_samples, random_seed=seed + 1)
+    face_index, barycentric = pcu.sample_mesh_random(
+        vertices, faces, num_samples, random_seed=derive_seed(seed, "watertight-band")
+    )
     samples = pcu.interpolate_barycentric_coords(faces, face_index, barycentric, vertices)
     cells = np.floor((np.concatenate([samples, vertices]) - origin) / spacing).astype(np.int64)
     surface = np.zeros(shape, dtype=bool)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dora_shapegen import seeding
 from dora_shapegen.config import from_dict
 from dora_shapegen.data.prepare_worker import shape_seed
 
@@ -235,7 +236,7 @@ def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     }
     mesh = _load_input(item, next(iter(processors.values())))  # normalisation does not depend on epsilon
     level, num_sharp, length = shape_level(mesh, config.levels)
-    rng = np.random.default_rng(seed)
+    rng = seeding.rng(seed, "bench-volume-points")
     volume_points = rng.uniform(-config.bounds, config.bounds, (config.metrics.volume_points, 3)).astype(
         np.float32
     )
@@ -252,7 +253,7 @@ def _ground_truth(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
                 edges,
                 edge_normals,
                 config.metrics.sharp_points,
-                np.random.default_rng(seed + 1),
+                seeding.rng(seed, "bench-sharp-points"),
             )
             sharp_points, _ = project_to_surface(wt, points, normals)  # onto the eps-offset surface
         watertight[key] = wt
