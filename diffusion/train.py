@@ -272,15 +272,16 @@ def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule,
     captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
     from dora_shapegen.diffusion.conditioning import uses_images
     from dora_shapegen.diffusion.train_utils import streaming_batches
+    from dora_shapegen.seeding import derive_seed
 
     def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         if data.in_memory is not None:
             for micro in itertools.count(start):
-                generator = torch.Generator().manual_seed(trainer.step_seed(micro))
+                generator = torch.Generator().manual_seed(trainer.step_seed("dit-batch-picks", micro))
                 yield data.in_memory.epoch_of(micro), data.in_memory.batch(micro, generator)
         else:
             dcfg = config.data
-            seed = config.training.seed * 1_009 + trainer.state["global_step"]
+            seed = derive_seed(config.training.seed, "dit-stream", trainer.state["global_step"])
             for batch in streaming_batches(
                 dcfg.shards,
                 schedule.max_tokens,

@@ -40,6 +40,7 @@ from dora_shapegen.data.latent_shards import (
 )
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
 from dora_shapegen.errors import ConfigError
+from dora_shapegen.seeding import derive_seed
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -193,7 +194,8 @@ class InMemoryBatches:
         if epoch not in self._orders:
             self._orders = {
                 epoch: torch.randperm(
-                    len(self.table), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                    len(self.table),
+                    generator=torch.Generator().manual_seed(derive_seed(self.seed, "dit-epoch-order", epoch)),
                 )
             }
         return self._orders[epoch]

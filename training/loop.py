@@ -40,6 +40,7 @@ import torch
 
 from dora_shapegen.config import save_yaml, to_dict
 from dora_shapegen.errors import ConfigError, DiskFullError, is_disk_full
+from dora_shapegen.seeding import derive_seed
 from dora_shapegen.training.checkpoints import (
     CHECKPOINTS,
     find_checkpoint,
@@ -211,9 +212,9 @@ class Trainer:
     def global_step(self) -> int:
         return self.state["global_step"]
 
-    def step_seed(self, micro_step: int) -> int:
-        """Seed of a micro-step's randomness: distinct per rank, replayed on resume."""
-        return (self.loop.seed * 1_000_003 + micro_step) * 1_009 + self.accelerator.process_index
+    def step_seed(self, purpose: str, micro_step: int) -> int:
+        """Seed of a micro-step's randomness for ``purpose``: distinct per rank, replayed on resume."""
+        return derive_seed(self.loop.seed, purpose, micro_step, self.accelerator.process_index)
 
     # ------------------------------------------------------------------------------------------------- setup
     def prepare(self, model: torch.nn.Module, loader: Any | None = None) -> tuple[Any, Any]:
@@ -303,7 +304,7 @@ class Trainer:
             micro = state["micro_step"]
             num_tokens = schedule.sample(state["global_step"])
             with accelerator.accumulate(self.model):
-                generator = torch.Generator(self.device).manual_seed(self.step_seed(micro))
+                generator = torch.Generator(self.device).manual_seed(self.step_seed("train-step", micro))
                 loss, values = step_fn(batch, StepContext(num_tokens, generator, micro, state["global_step"]))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and loop.max_grad_norm > 0:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dora_shapegen.errors import ConfigError
-from dora_shapegen.seeding import split_indices
+from dora_shapegen.seeding import derive_seed, split_indices
 
 # What data.prepare.PreparedDataset items hold: uniform/salient (N, 6) xyz+normal, supervision (M, ...).
 TENSOR_KEYS = ("uniform", "salient", "sup_points", "sup_occupancy", "sup_tsdf", "sup_group")
@@ -26,10 +26,10 @@ class EpochPermutationSampler(torch.utils.data.Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "vae-epoch-order", self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
         return iter(
-            (item, (self.seed * 100_003 + self.epoch) * 1_000_003 + position)
+            (item, derive_seed(self.seed, "vae-item-draw", self.epoch, position))
             for position, item in enumerate(order)
         )
 

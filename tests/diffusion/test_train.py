@@ -34,7 +34,7 @@ from dora_shapegen.diffusion.flow_matching import (
 )
 from dora_shapegen.diffusion.text_encoder import TextEncoder
 from dora_shapegen.diffusion.train import DiTTrainConfig, main, train
-from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, load_latent_table
+from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, InMemoryBatches, load_latent_table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/dit/tiny.yaml"
@@ -110,6 +110,16 @@ def test_latent_table_reads_the_shards_normalised(shards):
     # normalised with the manifest's statistics: ~zero mean / unit std per channel over the whole cache
     flat = table.latents.reshape(-1, CHANNELS)
     assert flat.mean(0).abs().max() < 1e-2 and (flat.std(0) - 1).abs().max() < 2e-2
+
+
+def test_in_memory_epoch_order_is_seeded_per_epoch_and_shared_by_ranks():
+    table = list(range(40))  # the order needs only the table's length
+
+    def order(seed: int, epoch: int, rank: int = 0) -> list[int]:
+        return InMemoryBatches(table, 4, seed, rank, 2)._order(epoch).tolist()
+
+    assert order(3, 0) == order(3, 0, rank=1) and sorted(order(3, 0)) == table
+    assert order(3, 1) != order(3, 0) and order(4, 0) != order(3, 0)
 
 
 def test_training_loop_lowers_the_loss_on_a_fixed_batch(shards, tmp_path):

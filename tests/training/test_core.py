@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -413,3 +414,18 @@ def test_accelerate_cpu_launch_of_several_processes_is_refused():
     check_cpu_launch({**cpu_launch, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun / --multi_gpu
     check_cpu_launch({**cpu_launch, "OMPI_COMM_WORLD_SIZE": "2"})  # --cpu under mpirun
     check_cpu_launch({})
+
+
+def test_step_seeds_are_distinct_per_purpose_micro_step_and_rank():
+    def step_seed(purpose: str, micro: int, rank: int, run_seed: int = 0) -> int:
+        trainer = SimpleNamespace(
+            loop=SimpleNamespace(seed=run_seed), accelerator=SimpleNamespace(process_index=rank)
+        )
+        return Trainer.step_seed(trainer, purpose, micro)
+
+    assert step_seed("train-step", 7, 1) == step_seed("train-step", 7, 1)  # replayed on resume
+    seeds = {
+        step_seed(p, m, r) for p in ("train-step", "dit-batch-picks") for m in range(50) for r in range(4)
+    }
+    assert len(seeds) == 2 * 50 * 4  # the DiT's batch picks never reuse a step's noise stream
+    assert step_seed("train-step", 0, 0, run_seed=1) != step_seed("train-step", 0, 0)

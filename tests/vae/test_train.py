@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dora_shapegen.config import load_config
 from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss, main, train
-from dora_shapegen.vae.train_data import SeededItems, build_datasets, collate
+from dora_shapegen.vae.train_data import EpochPermutationSampler, SeededItems, build_datasets, collate
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "vae" / "tiny.yaml"
 
@@ -234,3 +234,16 @@ def test_wall_clock_cap_cuts_the_run_loudly(prepared_root, tmp_path, caplog):
     assert summary["stopped_by_time"] and summary["steps"] == 1
     assert "WALL-CLOCK CAP" in caplog.text and "step 1 of 50" in caplog.text
     assert (tmp_path / "run" / "final" / "config.json").exists()  # what was trained is still exported
+
+
+def test_epoch_order_and_item_draws_are_seeded_per_epoch_with_a_seed_per_draw():
+    sampler = EpochPermutationSampler(40, seed=3)
+    first = list(sampler)
+    assert first == list(EpochPermutationSampler(40, seed=3))  # every rank and a resumed run: the same
+    assert sorted(item for item, _ in first) == list(range(40))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [item for item, _ in second] != [item for item, _ in first]
+    assert [item for item, _ in EpochPermutationSampler(40, seed=4)] != [item for item, _ in first]
+    draws = [draw for _, draw in first + second]
+    assert len(set(draws)) == len(draws)  # each position of each epoch draws its own point subsets
