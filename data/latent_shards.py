@@ -48,6 +48,7 @@ from dora_shapegen.data.latent_format import (  # noqa: F401  (re-exported: the 
     to_storage,
 )
 from dora_shapegen.errors import DoraError, disk_full_names
+from dora_shapegen.seeding import derive_seed
 
 SHARD_NAME = re.compile(r"\d{5}-\d{6}\.tar")
 
@@ -340,8 +341,9 @@ def read_shard(
 
 
 def _worker_seed(seed: int, epoch: int) -> int:
+    """The seed of this rank's and data-loader worker's sample shuffle and per-sample picks in ``epoch``."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    return hash((seed, epoch, rank, worker)) & 0x7FFFFFFF
+    return derive_seed(seed, "shard-samples", epoch, rank, worker)
 
 
 class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
@@ -354,7 +356,7 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
 
     Without ``resampled``, shards are split across ranks (``split_by_node``) and then data-loader workers, so an
     epoch sees every sample exactly once (given at least ranks x workers shards); the shard order is shuffled with
-    ``seed`` + epoch, identical on all ranks (call ``set_epoch`` each epoch when workers are not persistent).
+    (``seed``, epoch), identical on all ranks (call ``set_epoch`` each epoch when workers are not persistent).
     With ``resampled`` (multi-node), every rank/worker draws shards with replacement forever: bound an epoch with
     ``.with_epoch(n)``. Corrupt shards raise :class:`CorruptShardError`, or are skipped with a warning when
     ``skip_corrupt`` (without ``verify``, samples read before the damage have already been yielded).
@@ -397,7 +399,9 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
         self.skip_corrupt, self.verify = skip_corrupt, verify
         self.images = images
         if resampled:
-            self.append(wds.ResampledShards(self.urls, seed=seed, deterministic=True))
+            self.append(
+                wds.ResampledShards(self.urls, seed=derive_seed(seed, "shard-resample"), deterministic=True)
+            )
         else:
             self.append(self._shard_urls)
             if split_by_node:
@@ -413,7 +417,9 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
         self.epoch += 1
         urls = list(self.urls)
         if self.shardshuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)  # same order on every rank
+            random.Random(derive_seed(self.seed, "shard-order", self.epoch)).shuffle(
+                urls
+            )  # same order on every rank
         for url in urls:
             yield {"url": url}
 
@@ -429,7 +435,9 @@ class LatentShardDataset(wds.DataPipeline, wds.FluidInterface):
                 warnings.warn(f"skipping corrupt shard: {error}", stacklevel=2)
 
     def _shuffle_and_decode(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = random.Random(_worker_seed(self.seed, self.epoch))
+        # self.epoch is still the previous one here (-1 before the first): _shard_urls advances it once this
+        # stage pulls its first sample.
+        rng = random.Random(_worker_seed(self.seed, self.epoch + 1))
         if self.shuffle_buffer > 1:  # shuffle raw bytes (fp16 is half the size of the decoded float32)
             source = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(source)
         for raw in source:

@@ -26,7 +26,6 @@ and the manifest records the render settings under ``renders``; a shape without 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -51,6 +50,7 @@ from dora_shapegen.data.latent_shards import (
 )
 from dora_shapegen.data.prepare import load_prepared
 from dora_shapegen.errors import disk_full_names
+from dora_shapegen.seeding import derive_seed
 
 PROGRESS_DIR = "progress"
 CONTENT_KEYS = ("num_tokens", "num_views", "dtype", "sample_posterior", "seed")
@@ -94,11 +94,6 @@ def render_settings(prepared_dir: Path, mode: str) -> dict[str, Any] | None:
 
     recorded = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     return {key: recorded.get(key) for key in RENDER_KEYS} | {"folder": str(folder), "format": "png"}
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from the parts that is the same in every process and run (Python's hash() of str is not)."""
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def view_points(
@@ -161,14 +156,14 @@ class PreparedViews(torch.utils.data.Dataset):
                         sample["uniform_points"],
                         sample["uniform_normals"],
                         self.n_uniform,
-                        stable_seed(self.seed, shape_id, view, "uniform"),
+                        derive_seed(self.seed, "cache-uniform-points", shape_id, view),
                         keep_all,
                     ),
                     view_points(
                         sample["salient_points"],
                         sample["salient_normals"],
                         self.n_salient,
-                        stable_seed(self.seed, shape_id, view, "salient"),
+                        derive_seed(self.seed, "cache-salient-points", shape_id, view),
                         keep_all,
                     ),
                 )
@@ -276,7 +271,7 @@ def encode_batch(model: Any, batch: list[dict[str, Any]], config: CacheConfig) -
         config.sample_posterior
     ):  # one generator per row (diffusers' randn_tensor takes a list): batching-proof
         generator = [
-            torch.Generator().manual_seed(stable_seed(config.seed, item["shape_id"], view, "posterior"))
+            torch.Generator().manual_seed(derive_seed(config.seed, "cache-posterior", item["shape_id"], view))
             for item in batch
             for view in range(config.num_views)
         ]

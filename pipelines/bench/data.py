@@ -71,7 +71,7 @@ def _load_prepared(folder: Path, num_points: int, seed: int) -> list[ReferenceSh
                 "skipping unreadable prepared sample %s (%s: %s)", file, type(error).__name__, error
             )
             continue
-        rng = seeding.rng(seed, len(shapes))
+        rng = seeding.rng(seed, "bench-reference-cloud", len(shapes))
         shapes.append(
             ReferenceShape(
                 str(meta.get("shape_id") or file.stem),
@@ -96,7 +96,9 @@ def _load_meshes(spec: str, num_points: int, seed: int) -> list[ReferenceShape]:
                 mesh, item = procedural.mesh, {**item, "caption": procedural.caption}
             else:
                 mesh = load_mesh(item["source"])
-            points, _ = sample_surface(mesh, num_points, seed + len(shapes))
+            points, _ = sample_surface(
+                mesh, num_points, seeding.derive_seed(seed, "bench-reference-cloud", len(shapes))
+            )
             if len(points) == 0:
                 raise ValueError("the mesh has no faces")
         except Exception as error:  # a batch job logs, skips and goes on

@@ -374,7 +374,9 @@ def run_generation_bench(
     clock = time.perf_counter()
     for index, sample in enumerate(samples):
         sample.update(mesh_structure(sample["mesh"]))
-        sample["cloud"] = mesh_cloud(sample["mesh"], config.points, config.seed + index)
+        sample["cloud"] = mesh_cloud(
+            sample["mesh"], config.points, derive_seed(config.seed, "bench-sample-cloud", index)
+        )
     made = [s for s in samples if s["cloud"] is not None]
     generated = CloudSet([s["cloud"] for s in made])
     reference = CloudSet([s.cloud for s in evaluated])

@@ -50,6 +50,7 @@ from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT  # noqa: E402
 from dora_shapegen.diffusion.sampling import sample_latents  # noqa: E402
 from dora_shapegen.diffusion.text_encoder import TextEncoder  # noqa: E402
 from dora_shapegen.diffusion.train_utils import load_latent_table  # noqa: E402
+from dora_shapegen.seeding import derive_seed  # noqa: E402
 
 
 def set_chamfer(queries: torch.Tensor, references: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             chunk = items[start : start + args.batch_size]
             text = encoder.encode([prompt for _, prompt, _ in chunk])
             # One generator per batch, seeded by the batch's first item: identical noise at every guidance scale.
-            generator = torch.Generator().manual_seed(1000 * start + chunk[0][2])
+            generator = torch.Generator().manual_seed(
+                derive_seed(0, "category-accuracy-noise", start, chunk[0][2])
+            )
             batches.append(
                 sample_latents(
                     model, scheduler, text, uncond, num_tokens, args.steps, guidance, generator=generator

@@ -207,3 +207,24 @@ def test_shard_urls_and_manifest_paths(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(read_all(urls, normalize=False)) == 4
+
+
+def test_shard_order_is_shared_by_ranks_and_sample_streams_are_per_rank_and_worker(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    from dora_shapegen.data.latent_shards import _worker_seed
+
+    write_shards(tmp_path, num_shapes=12, max_samples=1)  # 12 shards
+
+    def order(seed: int, epoch: int) -> list[str]:
+        dataset = latent_shard_pipeline(tmp_path, seed=seed)  # one per rank: each computes the order itself
+        dataset.set_epoch(epoch)
+        return [item["url"] for item in dataset._shard_urls()]
+
+    assert order(3, 0) == order(3, 0) and sorted(order(3, 0)) == sorted(order(3, 1))
+    assert order(3, 1) != order(3, 0) and order(4, 0) != order(3, 0)
+    seeds = set()
+    for rank, worker, epoch in [(r, w, e) for r in range(2) for w in range(2) for e in range(2)]:
+        monkeypatch.setattr(wds.utils, "pytorch_worker_info", lambda r=rank, w=worker: (r, 2, w, 2))
+        seeds.add(_worker_seed(3, epoch))
+    assert len(seeds) == 8

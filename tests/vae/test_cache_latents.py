@@ -27,8 +27,9 @@ from dora_shapegen.data.latent_shards import (
 )
 from dora_shapegen.data.prepare import load_prepared
 from dora_shapegen.data.prepare import main as prepare_main
+from dora_shapegen.seeding import derive_seed
 from dora_shapegen.vae import DoraVAE
-from dora_shapegen.vae.cache_latents import main, my_shapes, recover, stable_seed, view_points
+from dora_shapegen.vae.cache_latents import main, my_shapes, recover, view_points
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 N_UNIFORM, N_SALIENT, NUM_TOKENS, CHANNELS = 128, 32, 24, 8
@@ -190,7 +191,7 @@ def test_views_in_bf16_are_independent_point_subsets(workspace, tmp_path):
                     prepared[f"{stream}_points"],
                     prepared[f"{stream}_normals"],
                     count,
-                    stable_seed(7, shape_id, view, stream),
+                    derive_seed(7, f"cache-{stream}-points", shape_id, view),
                     keep_all=False,
                 )[None]
                 for stream, count in (("uniform", N_UNIFORM), ("salient", N_SALIENT))
