@@ -11,6 +11,36 @@ Integer keys (>= 0) enter as they are; a string key enters as the CRC-32 of its 
 processes, machines and Python versions, unlike ``hash()``). SeedSequence mixes the keys, so neighbouring keys give
 unrelated streams, and ``rng(a, b)`` is ``numpy.random.default_rng([a, b])``.
 
+This is the project's only way to derive a seed: no module adds to, multiplies or hashes a seed itself
+(``tests/core/test_seeding.py`` reads the source for it). A derived draw names its purpose in the key after the
+seed it derives from, ``derive_seed(run_seed, "shard-order", epoch)``, so two purposes never share a stream; a
+purpose belongs to one module. Keys are mixed as 32-bit words and numpy pads a short key list with zeros, so
+``(a, b)`` and ``(a, b, 0)`` are the same sequence, as are ``(a, 2**32)`` and ``(a, 0, 1)``: the purpose string
+keeps purposes apart, and the keys after it always have the same count. The purposes:
+
+    prepare           "prepare-shape", shape id          a shape's seed: its surface points use it as it is, its
+                                                         supervision derives "supervision" from it
+                      "watertight-band"                   surface samples marking the remesh's narrow band
+    train-vae         "vae-epoch-order", epoch            the epoch's order of the training shapes (every rank)
+                      "vae-item-draw", epoch, position    the seed of an item's random point subsets
+    train-dit         "dit-epoch-order", epoch            the epoch's order of the cached shapes (every rank)
+                      "dit-batch-picks", micro, rank      each sample's view, caption and render, in memory
+                      "dit-stream", global step           the streamed shards' seed at a (re)start (every rank)
+    both trainings    "train-step", micro, rank           a micro-step's noise, timesteps, dropout, posterior
+    latent shards     "shard-order", epoch                the epoch's shard order (every rank)
+                      "shard-samples", epoch, rank, worker    the shuffle buffer and each sample's picks
+                      "shard-resample"                    webdataset's resampled shard draws (it adds rank, worker)
+    cache-latents     "cache-uniform-points", "cache-salient-points", "cache-posterior"; shape id, view
+    render-views      "render-views", shape id            a shape's condition-image viewpoints
+    bench             "bench-volume-points", "bench-sharp-points" under a shape's "prepare-shape" seed
+    bench-generation  "bench-reference-cloud", index; "bench-sample-cloud", index: the compared point clouds
+    benchmark script  "category-accuracy-noise", batch start, seed (tests/benchmarks/bench_category_accuracy.py)
+
+Four draws are older than the purpose keys and keep their layout, an integer or a prompt after the run seed:
+a procedural shape's parameters ``(seed, index, category)`` (they define the built-in dataset), a step's token
+count ``(seed, step)``, a prepared item's point subsets ``(seed, index, draw)`` and a generation-benchmark
+sample's noise ``(seed, prompt, sample)``.
+
 The split. A shape is held out when the first 8 bytes of the SHA-1 of its id, read as a big-endian fraction of
 2^64, fall below the held-out fraction: the same shapes are held out in every run, on every rank and machine, and
 a larger dataset holds out the same shapes of a smaller one. It is a property of the shape id, not a random draw.
