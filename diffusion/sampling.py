@@ -1,8 +1,9 @@
 """The one classifier-free-guided flow-matching sampler, shared by `dora generate` and the training previews.
 
-``pipelines/pipeline_text_to_3d.py`` (``DoraTextTo3DPipeline.__call__``) and ``diffusion/sampling_preview.py``
-(the previews `dora train-dit` renders) both run the steps below, so a preview shows exactly what
-`dora generate` makes from the same model, prompts, seed, steps, guidance and scheduler:
+The pipelines' denoising loop (``pipelines/denoising.py``, which ``DoraTextTo3DPipeline`` and
+``DoraImageTo3DPipeline`` both call) and ``diffusion/sampling_preview.py`` (the previews `dora train-dit` renders)
+run the steps below, so a preview shows exactly what `dora generate` makes from the same model, prompts, seed, steps,
+guidance and scheduler:
 
 1. :func:`encode_prompts`: one tokenizer call for ``[negatives ; prompts]`` (the unconditional branch is ``""``,
    the prompt the DiT saw on caption dropout), each prompt's rows repeated per shape;

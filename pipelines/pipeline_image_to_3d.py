@@ -1,8 +1,8 @@
 """DoraImageTo3DPipeline: an image (and, for a ``both`` model, a prompt) -> vecset latents -> Dora VAE field -> mesh.
 
 The text pipeline's layout and steps (``DoraTextTo3DPipeline``, which this class extends): ``check_inputs``, the
-conditioning, ``prepare_latents``, the guided sampler of ``diffusion/sampling.py`` (the one `dora train-dit`'s
-previews run), ``decode_latents`` with the same mesh post-processing. What differs is the conditioning:
+conditioning, its denoising loop (``pipelines/denoising.py``, around the guided sampler of ``diffusion/sampling.py``
+that `dora train-dit`'s previews run), ``decode_latents`` with the same mesh post-processing. What differs is the conditioning:
 
 - ``condition="image"``: ``pipe(image)``; the image encoder's tokens are the DiT's context (no text encoder);
 - ``condition="both"``: ``pipe(image, prompt=...)``, ``pipe(image)`` or ``pipe(prompt=...)``: a missing modality is
@@ -29,16 +29,10 @@ from dora_shapegen.diffusion.image_encoder import BORDER_RATIO, DINOV2_IMAGE_SIZ
 from dora_shapegen.diffusion.image_encoder import KINDS as IMAGE_ENCODER_KINDS
 from dora_shapegen.diffusion.modeling_render_encoder import RenderEncoder  # noqa: F401  (diffusers loads imported classes only)
 from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
-from dora_shapegen.diffusion.sampling import (
-    SamplingState,
-    check_guidance_interval,
-    encode_prompts,
-    guided_sample,
-    merge_embeddings,
-    sampling_timesteps,
-)
+from dora_shapegen.diffusion.sampling import check_guidance_interval, encode_prompts, merge_embeddings
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
+from dora_shapegen.pipelines.denoising import denoise
 from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
 from dora_shapegen.pipelines.pipeline_text_to_3d import (
     DoraTextTo3DPipeline,
@@ -256,80 +250,23 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         guidance = self.do_classifier_free_guidance
 
         # 1. Conditioning: the image stream, and the text stream of a "both" model ("" where no prompt).
-        image_embeds = self.encode_image(
-            images, batch_size, guidance, num_shapes_per_prompt, device, image_names
-        ).to(device, dtype)  # (B', L, D), (B', L), (B', D)
-        text_embeds = None
+        streams = {
+            "image": self.encode_image(
+                images, batch_size, guidance, num_shapes_per_prompt, device, image_names
+            ).to(device, dtype)  # (B', L, D), (B', L), (B', D)
+        }
         if self.config.condition == "both":
-            text_embeds = encode_prompts(
+            streams["prompt"] = encode_prompts(
                 self.text_encoder_wrapper(), prompts or [""] * batch_size, negative_prompt, guidance,
                 num_shapes_per_prompt, device,
             ).to(device, dtype)  # fmt: skip
 
-        # 2. Initial noise, 3. timesteps: as the text pipeline.
-        latents = self.prepare_latents(
-            batch_size * num_shapes_per_prompt, num_tokens, dtype, device, generator, latents
-        )  # (B*S, N, C)
-        timesteps = sampling_timesteps(self.scheduler, num_inference_steps, num_tokens, device)
-        self._num_timesteps = len(timesteps)
-        step_generator = generator if isinstance(generator, torch.Generator) else None
-
-        # 4. Denoising: an "image" model reads the image as its primary (and only) stream.
-        if text_embeds is None:
-            state = SamplingState(latents, image_embeds)
-        else:
-            state = SamplingState(latents, text_embeds, image=image_embeds)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-
-            def on_step(step: int, t: torch.Tensor, state: SamplingState) -> None:
-                if callback_on_step_end is not None:
-                    image_now = state.image if state.image is not None else state.conditioning
-                    text_now = state.conditioning if state.image is not None else None
-                    available = {
-                        "latents": state.latents,
-                        "image_embeds": image_now.hidden_states,
-                        "image_attention_mask": image_now.attention_mask,
-                        "pooled_image_embeds": image_now.pooled,
-                    }
-                    if text_now is not None:
-                        available |= {
-                            "prompt_embeds": text_now.hidden_states,
-                            "prompt_attention_mask": text_now.attention_mask,
-                            "pooled_prompt_embeds": text_now.pooled,
-                        }
-                    missing = [name for name in callback_on_step_end_tensor_inputs if name not in available]
-                    if missing:
-                        raise ValueError(f"callback tensor inputs {missing} do not exist for this model")
-                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
-                    state.latents = outputs.pop("latents", state.latents)
-                    image_new = TextEmbeddings(
-                        outputs.pop("image_embeds", image_now.hidden_states),
-                        outputs.pop("image_attention_mask", image_now.attention_mask),
-                        outputs.pop("pooled_image_embeds", image_now.pooled),
-                    )
-                    if text_now is None:
-                        state.conditioning = image_new
-                    else:
-                        state.image = image_new
-                        state.conditioning = TextEmbeddings(
-                            outputs.pop("prompt_embeds", text_now.hidden_states),
-                            outputs.pop("prompt_attention_mask", text_now.attention_mask),
-                            outputs.pop("pooled_prompt_embeds", text_now.pooled),
-                        )
-                progress_bar.update()
-
-            latents = guided_sample(
-                self.transformer,
-                self.scheduler,
-                state,
-                timesteps,
-                self.guidance_scale,
-                generator=step_generator,
-                on_step=on_step,
-                interrupted=lambda: self.interrupt,
-                guidance_interval=guidance_interval,
-            )  # (B*S, N, C)
+        # 2-4. Noise, timesteps and guided steps: the text pipeline's loop (pipelines/denoising.py); an "image"
+        #      model reads the image as its primary (and only) stream. Latents (B*S, N, C).
+        latents = denoise(
+            self, streams, batch_size * num_shapes_per_prompt, num_tokens, num_inference_steps, generator,
+            latents, guidance_interval, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
         # 5. Back to VAE space, then the field -> meshes (the text pipeline's post-processing).
         return self._finish(

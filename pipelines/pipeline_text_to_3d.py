@@ -1,7 +1,8 @@
 """DoraTextTo3DPipeline: text -> vecset latents (ShapeDiT, flow matching) -> Dora VAE field -> mesh.
 
 Follows the diffusers pipeline layout (see StableDiffusion3Pipeline): ``check_inputs``, ``encode_prompt``,
-``prepare_latents``, a denoising loop with a progress bar and ``callback_on_step_end``, ``decode_latents``.
+``prepare_latents``, a denoising loop with a progress bar and ``callback_on_step_end`` (``pipelines/denoising.py``,
+which the image pipeline runs too), ``decode_latents``.
 Components are registered with ``register_modules`` so ``save_pretrained`` / ``from_pretrained`` write and read
 the standard layout (model_index.json + one folder per component). The latent statistics of the cache manifest
 (the DiT was trained on normalised latents) are optional ``__init__`` arguments registered to the config, so they
@@ -31,16 +32,14 @@ from dora_shapegen.data.marching import extract_mesh
 from dora_shapegen.diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.sampling import (
-    SamplingState,
     check_guidance_interval,
     encode_prompts,
-    guided_sample,
     initial_noise,
-    sampling_timesteps,
     uses_guidance,
 )
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, detect_kind
+from dora_shapegen.pipelines.denoising import denoise
 from dora_shapegen.pipelines.limits import (
     DEFAULT_MAX_FACES,
     GUIDANCE_RANGE,
@@ -488,54 +487,14 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         prompt_embeds = prompt_embeds.to(dtype)
         pooled_prompt_embeds = pooled_prompt_embeds.to(dtype)
 
-        # 2. Initial noise
-        latents = self.prepare_latents(
-            batch_size * num_shapes_per_prompt, num_tokens, dtype, device, generator, latents
-        )  # (B*S, N, C)
-
-        # 3. Timesteps (sigma * 1000, from 1 down); dynamic shifting keys the shift on the token count, as Flux
-        #    does on the image sequence length.
-        timesteps = sampling_timesteps(self.scheduler, num_inference_steps, num_tokens, device)
-        self._num_timesteps = len(timesteps)
-        step_generator = generator if isinstance(generator, torch.Generator) else None
-
-        # 4. Denoising loop (diffusion.sampling.guided_sample, the one the training previews run): Euler steps
-        #    along the guided velocity; the callback may replace the latents and the text conditioning.
-        state = SamplingState(
-            latents, TextEmbeddings(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)
-        )
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-
-            def on_step(step: int, t: torch.Tensor, state: SamplingState) -> None:
-                if callback_on_step_end is not None:
-                    text = state.conditioning
-                    available = {
-                        "latents": state.latents,
-                        "prompt_embeds": text.hidden_states,
-                        "prompt_attention_mask": text.attention_mask,
-                        "pooled_prompt_embeds": text.pooled,
-                    }
-                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
-                    state.latents = outputs.pop("latents", state.latents)
-                    state.conditioning = TextEmbeddings(
-                        outputs.pop("prompt_embeds", text.hidden_states),
-                        outputs.pop("prompt_attention_mask", text.attention_mask),
-                        outputs.pop("pooled_prompt_embeds", text.pooled),
-                    )
-                progress_bar.update()
-
-            latents = guided_sample(
-                self.transformer,
-                self.scheduler,
-                state,
-                timesteps,
-                self.guidance_scale,
-                generator=step_generator,
-                on_step=on_step,
-                interrupted=lambda: self.interrupt,
-                guidance_interval=guidance_interval,
-            )  # (B*S, N, C)
+        # 2-4. Initial noise, timesteps and the guided Euler steps (pipelines/denoising.py, around
+        #      diffusion.sampling.guided_sample, the sampler the training previews run); the callback may replace
+        #      the latents and the text conditioning. Latents (B*S, N, C).
+        text = TextEmbeddings(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)
+        latents = denoise(
+            self, {"prompt": text}, batch_size * num_shapes_per_prompt, num_tokens, num_inference_steps,
+            generator, latents, guidance_interval, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
         # 5. Back to VAE space, then the field -> meshes.
         return self._finish(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -108,6 +109,15 @@ def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraIma
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def photo(kind: int = 0, size: int = 80) -> np.ndarray:
+    """(size, size, 3) uint8: a coloured block on white, its shape set by ``kind``."""
+    image = np.full((size, size, 3), 255, np.uint8)
+    height, width = (50, 20) if kind == 0 else (20, 60)
+    top, left = (size - height) // 2, (size - width) // 2
+    image[top : top + height, left : left + width] = (200, 60, 40) if kind == 0 else (40, 90, 200)
+    return image
 
 
 @torch.no_grad()

@@ -17,20 +17,12 @@ from tests.pipelines._tiny_pipeline import (
     center_surface_on,
     make_tiny_image_pipeline,
     make_tiny_pipeline,
+    photo,
 )
 
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def photo(kind: int = 0, size: int = 80) -> np.ndarray:
-    """(size, size, 3) uint8: a coloured block on white, its shape set by ``kind``."""
-    image = np.full((size, size, 3), 255, np.uint8)
-    height, width = (50, 20) if kind == 0 else (20, 60)
-    top, left = (size - height) // 2, (size - width) // 2
-    image[top : top + height, left : left + width] = (200, 60, 40) if kind == 0 else (40, 90, 200)
-    return image
 
 
 @pytest.fixture(scope="module")
