@@ -14,11 +14,12 @@
 "No image" is an empty, fully masked sequence (``ImageEncoder.unconditional``); image dropout zeroes a row's
 tokens, mask and pooled vector, which is the same thing padded. ShapeDiT gives a row without valid tokens no
 cross-attention contribution, so a dropped image and the guidance branch carry no information at all.
+
+How a `dora train-dit` run with images builds, trains and exports its encoder is ``diffusion/train_image.py``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
 
 CONDITIONS = ("text", "image", "both")
+IMAGE_ENCODER_FOLDER = "image_encoder"  # beside the DiT's weights in a trained export (the RenderEncoder)
 
 
 def check_condition(condition: str) -> str:
@@ -119,39 +121,6 @@ def check_dit_fits(model_config: Any, condition: str, text_encoder: Any, image_e
         )
 
 
-class ImageConditioning:
-    """The conditioning side of an image / both run's training step: drop each modality on its own, encode the
-    images (through the trained module, or a frozen encoder without gradients) and run the DiT."""
-
-    def __init__(self, condition: str, image_encoder: Any, unwrapped: nn.Module, training: Any) -> None:
-        self.condition, self.image_encoder, self.unwrapped = condition, image_encoder, unwrapped
-        self.caption_dropout, self.image_dropout = training.caption_dropout, training.image_dropout
-
-    def predict(
-        self,
-        model: nn.Module,
-        batch: dict[str, Any],
-        noisy: torch.Tensor,
-        timesteps: torch.Tensor,
-        generator: torch.Generator,
-        captions: Any,
-    ) -> torch.Tensor:
-        """Velocity (B, k, C) for noisy latents (B, k, C); ``model`` as prepared by the training core."""
-        from dora_shapegen.diffusion.flow_matching import drop_captions
-
-        text = None
-        if self.condition == "both":
-            text = captions(drop_captions(batch["caption"], self.caption_dropout, generator))
-        keep = keep_images(noisy.shape[0], self.image_dropout, generator)  # (B,)
-        images = batch["image"].to(noisy.device)  # (B, H, W, 3) uint8
-        if isinstance(self.unwrapped, ImageConditionedDiT):  # the encoder trains: its forward is the model's
-            return model(noisy, timesteps, images, keep, text)
-        with torch.no_grad():  # a frozen encoder (DINOv2, or a LoRA run's): features only
-            image = drop_images(self.image_encoder(images), keep)
-        inputs = dit_inputs(self.unwrapped, self.condition, text, image)
-        return model(noisy, timesteps, return_dict=False, **inputs)[0]
-
-
 class ImageConditionedDiT(nn.Module):
     """ShapeDiT and the image encoder that trains with it, as the one module the training core optimises.
 
@@ -184,52 +153,3 @@ class ImageConditionedDiT(nn.Module):
         image = drop_images(self.image_encoder(images), keep)  # (B, L, D), (B, L), (B, D)
         inputs = dit_inputs(self.transformer, self.condition, text, image)
         return self.transformer(hidden_states, timestep, return_dict=False, **inputs)[0]  # (B, N, C)
-
-
-# ------------------------------------------------------------------------------------------------ building
-IMAGE_ENCODER_FOLDER = "image_encoder"  # beside the DiT's weights in a trained export (the RenderEncoder)
-
-
-def check_init_condition(config: Any) -> None:
-    """A fine-tuned DiT keeps the conditioning it was trained with: the same ``condition`` and image encoder."""
-    if not config.init_from:
-        return
-    path = Path(config.init_from) / "run_config.yaml"
-    if not path.is_file():
-        return
-    import yaml
-
-    recorded = yaml.safe_load(path.read_text()) or {}
-    before = recorded.get("condition", "text")
-    if before != config.condition:
-        raise ValueError(
-            f"condition={config.condition!r} contradicts init_from {config.init_from} (trained with "
-            f"condition={before!r}); set condition: {before}"
-        )
-    if uses_images(before) and recorded.get("image_encoder", config.image_encoder) != config.image_encoder:
-        raise ValueError(
-            f"image_encoder={config.image_encoder!r} contradicts init_from {config.init_from} (trained with "
-            f"image_encoder={recorded.get('image_encoder')!r}); set image_encoder: {recorded.get('image_encoder')}"
-        )
-
-
-def build_image_encoder(config: Any) -> Any:
-    """The run's image encoder: a fresh RenderEncoder (seed torch first), the init_from run's trained one, or a
-    frozen DINOv2. A LoRA run trains adapters only, so its RenderEncoder is frozen too."""
-    from dora_shapegen.diffusion.image_encoder import ImageEncoder
-
-    trained = Path(config.init_from or "") / IMAGE_ENCODER_FOLDER
-    if config.image_encoder == "render-cnn" and config.init_from:
-        if not (trained / "config.json").is_file():
-            raise FileNotFoundError(f"init_from {config.init_from} has no trained image encoder ({trained})")
-        encoder = ImageEncoder.from_name(f"render-cnn:{trained}")
-    else:
-        encoder = ImageEncoder.from_name(config.image_encoder, config.image_encoder_model, config.image_size)
-    if config.lora.rank > 0:
-        encoder.requires_grad_(False)
-    return encoder
-
-
-def trains_image_encoder(encoder: Any) -> bool:
-    """Whether this run's optimizer updates the image encoder (a RenderEncoder outside a LoRA run)."""
-    return encoder is not None and encoder.trainable and any(p.requires_grad for p in encoder.parameters())

@@ -1,4 +1,5 @@
-"""Periodic training previews: fixed prompts -> sampled latents -> (VAE decode -> meshes -> PNG grid).
+"""Periodic training previews: fixed prompts (or training renders) -> sampled latents -> (VAE decode -> meshes ->
+PNG grid); ``Previews`` is a `dora train-dit` run's set of them (``build_previews``, ``log_preview``).
 
 Uses only the lower stages (``data`` for meshing/rendering, ``vae`` for decoding) and the guided sampler of
 ``diffusion/sampling.py``, the one ``DoraTextTo3DPipeline`` runs: same prompt encoding, noise, scheduler (the one
@@ -11,8 +12,9 @@ Without a VAE the preview still samples and logs statistics of the generated lat
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -27,6 +29,10 @@ from dora_shapegen.diffusion.sampling import (
     uses_guidance,
 )
 from dora_shapegen.diffusion.text_encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from dora_shapegen.diffusion.train import DiTTrainConfig, SamplingConfig
+    from dora_shapegen.training.schedules import TokenSchedule
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -173,3 +179,102 @@ def render_image_preview(
         model, scheduler, state, timesteps, guidance_scale, generator=generator
     )  # (P,N,C)
     return preview_grid(latents, titles, stats, path, vae, mesh_resolution)
+
+
+# ------------------------------------------------------------------------------------------- a run's previews
+@dataclass
+class Previews:
+    """The preview grids of a `dora train-dit` run: text prompts (``render_preview``), or training renders for an
+    image / both run (``render_image_preview``), sampled with the EMA weights."""
+
+    text_encoder: Any
+    prompts: list[str]
+    stats: Any
+    num_tokens: int
+    vae: Any | None  # decode the samples to meshes when given (--vae)
+    folder: Path
+    sampling: SamplingConfig
+    scheduler_shift: float
+    condition: str = "text"
+    image_encoder: Any = None  # image conditions: the run's image encoder (the trained one inside the model)
+    renders: Any = None  # image conditions: (renders (P, H, W, 3), titles) of training shapes
+
+    def render(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
+        """One grid with the EMA weights, ``folder/<tag>.png``; its metrics (None without prompts / renders)."""
+        from dora_shapegen.training.ema import ema_weights
+
+        if self.condition != "text":
+            return self._render_images(model, ema, tag)
+        if not self.prompts:
+            return None
+        s = self.sampling
+        with ema_weights(model, ema):
+            return render_preview(
+                model,
+                self.text_encoder,
+                self.prompts,
+                self.stats,
+                self.folder / f"{tag}.png",
+                self.num_tokens,
+                s.num_inference_steps,
+                s.guidance_scale,
+                self.scheduler_shift,
+                s.seed,
+                self.vae,
+                s.mesh_resolution,
+            )
+
+    def _render_images(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
+        """Image conditions: one shape per training render (``render_image_preview``); None when streaming."""
+        from dora_shapegen.diffusion.conditioning import ImageConditionedDiT
+        from dora_shapegen.training.ema import ema_weights
+
+        if self.renders is None:  # streamed shards: no table to take renders from
+            return None
+        s = self.sampling
+        with ema_weights(model, ema):  # the EMA of the DiT, and of the encoder when it trains
+            transformer = model.transformer if isinstance(model, ImageConditionedDiT) else model
+            return render_image_preview(
+                transformer, self.image_encoder, self.text_encoder, self.condition, *self.renders, self.stats,
+                self.folder / f"{tag}.png", self.num_tokens, s.num_inference_steps, s.guidance_scale,
+                self.scheduler_shift, s.seed, self.vae, s.mesh_resolution,
+            )  # fmt: skip
+
+
+def build_previews(
+    config: DiTTrainConfig,
+    text_encoder: Any,
+    stats: Any,
+    schedule: TokenSchedule,
+    vae_dir: str | None,
+    trainer: Any,
+    image_encoder: Any = None,
+    renders: Any = None,
+) -> Previews:
+    """The run's previews: its prompts (or the first of ``num_prompts`` categories), or for an image / both run its
+    training renders; decoded through the VAE of ``vae_dir`` when given."""
+    scfg, vae = config.sampling, None
+    if vae_dir:
+        from dora_shapegen.vae.modeling_dora_vae import DoraVAE
+
+        vae = DoraVAE.from_pretrained(vae_dir).to(trainer.device).eval()
+    return Previews(
+        text_encoder,
+        list(scfg.prompts) or default_prompts(scfg.num_prompts),
+        stats,
+        scfg.num_tokens or schedule.max_tokens,
+        vae,
+        trainer.output_dir / "samples",
+        scfg,
+        config.training.scheduler_shift,
+        config.condition,
+        image_encoder,
+        renders,
+    )
+
+
+def log_preview(previews: Previews, trainer: Any, tag: str) -> None:
+    """Render one preview grid (``tag``) and log its metrics at the trainer's step."""
+    metrics = previews.render(trainer.unwrapped, trainer.ema, tag)
+    if metrics is not None:
+        trainer.accelerator.log(metrics, step=trainer.state["global_step"])

@@ -1,4 +1,5 @@
-"""`dora train-dit`: train the text-conditioned ShapeDiT on cached VAE latents with accelerate.
+"""`dora train-dit`: train the ShapeDiT on cached VAE latents with accelerate, conditioned on text, an image or
+both (``condition``).
 
 Objective: rectified flow with the conventions of diffusers' ``FlowMatchEulerDiscreteScheduler`` (see
 ``diffusion/flow_matching.py``): ``x_t = (1 - s) x0 + s noise``, target ``v = noise - x0``, s from diffusers'
@@ -8,12 +9,13 @@ a step trains on the prefix ``latents[:, :k]`` with k drawn from the ``schedule:
 ``TokenSchedule``: a function of (seed, step), identical on every rank, as DDP needs equal shapes).
 
 This module is the DiT's part, read top to bottom as the VAE's is: run config, cache and model (``load_cache``,
-``build_model``), data (``build_data``, ``batch_source``), the loss of one micro-batch (``compute_loss``), previews
-and export; ``train`` wires them into the shared training core, ``training/loop.py`` (accelerate, optimizer, EMA,
-budgets, checkpoints, logging). Randomness of a
-micro-step (noise, timesteps, caption dropout, caption/view choice) comes from generators seeded by (seed,
-micro-step, rank), and in-memory batches are a function of the micro-step (see train_utils), so a run resumed from
-a checkpoint reproduces an uninterrupted one. The same script runs one CPU process (fp32) or many GPUs / nodes
+``build_model``), data (``build_data``, ``batch_source``), the loss of one micro-batch (``compute_loss``) and
+export; ``train`` wires them into the shared training core, ``training/loop.py`` (accelerate, optimizer, EMA,
+budgets, checkpoints, logging), with the previews of ``diffusion/sampling_preview.py``. What an image / both run
+does differently at each of these points is in ``diffusion/train_image.py``. Randomness of a micro-step (noise,
+timesteps, caption dropout, caption/view choice) comes from generators seeded by (seed, micro-step, rank), and
+in-memory batches are a function of the micro-step (see train_utils), so a run resumed from a checkpoint
+reproduces an uninterrupted one. The same script runs one CPU process (fp32) or many GPUs / nodes
 (bf16) under ``accelerate launch`` unchanged; see docs/SCALING.md.
 
 Outputs in OUT: ``checkpoints/checkpoint-<step>/`` (accelerate ``save_state``: model, optimizer, LR scheduler,
@@ -156,14 +158,9 @@ def check_compatibility(
             f"{cached} are cached; lower schedule tokens or re-cache with --num-tokens"
         )
     if condition != "text":
-        from dora_shapegen.diffusion.conditioning import check_dit_fits
+        from dora_shapegen.diffusion.train_image import check_image_cache
 
-        if not manifest.get("renders"):
-            raise ValueError(
-                f"{shards}: condition {condition!r} trains on condition images, but this cache has none; run "
-                "`dora render-views PREPARED`, then `dora cache-latents` into a new folder"
-            )
-        check_dit_fits(model_config, condition, encoder, image_encoder)
+        check_image_cache(model_config, manifest, shards, condition, encoder, image_encoder)
         return
     if encoder.hidden_size != model_config.cross_attention_dim:
         raise ConfigError(
@@ -185,8 +182,8 @@ def load_cache(config: DiTTrainConfig, vae_dir: str | None) -> tuple[DiTTrainCon
     """The latent cache's manifest, checked against the previews' VAE; a fine-tuning run's config and the base's
     latent statistics (``diffusion/finetune.py``)."""
     from dora_shapegen.data.latent_shards import load_manifest
-    from dora_shapegen.diffusion.conditioning import check_init_condition
     from dora_shapegen.diffusion.finetune import prepare_finetune
+    from dora_shapegen.diffusion.train_image import check_init_condition
     from dora_shapegen.provenance import check_vae_identity
 
     manifest = load_manifest(config.data.shards)
@@ -207,8 +204,8 @@ def build_model(
     the conditioners. Seed torch first: every rank must build the same weights. With an image encoder that trains
     (the RenderEncoder outside a LoRA run) the two come back as one module, ``ImageConditionedDiT``, so the
     optimizer, DDP, the EMA and checkpoints cover both."""
-    from dora_shapegen.diffusion.conditioning import ImageConditionedDiT, trains_image_encoder
     from dora_shapegen.diffusion.finetune import build_dit
+    from dora_shapegen.diffusion.train_image import with_image_encoder
 
     model = build_dit(config)
     check_compatibility(
@@ -216,9 +213,7 @@ def build_model(
     )
     if config.training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if trains_image_encoder(image_encoder):
-        model = ImageConditionedDiT(model, image_encoder, config.condition)
-    return model
+    return with_image_encoder(model, image_encoder, config.condition)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -352,105 +347,6 @@ def compute_loss(
     return loss, {"loss": loss}
 
 
-# ------------------------------------------------------------------------------------------------ previews
-@dataclass
-class Previews:
-    """Preview grids of decoded samples (``diffusion/sampling_preview.py``: the sampler `dora generate` runs)."""
-
-    text_encoder: Any
-    prompts: list[str]
-    stats: Any
-    num_tokens: int
-    vae: Any | None  # decode the samples to meshes when given (--vae)
-    folder: Path
-    sampling: SamplingConfig
-    scheduler_shift: float
-    condition: str = "text"
-    image_encoder: Any = None  # image conditions: the run's image encoder (the trained one inside the model)
-    renders: Any = None  # image conditions: (renders (P, H, W, 3), titles) of training shapes
-
-    def render(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
-        """One grid with the EMA weights, ``folder/<tag>.png``; its metrics (None without prompts / renders)."""
-        from dora_shapegen.diffusion.sampling_preview import render_preview
-        from dora_shapegen.training.ema import ema_weights
-
-        if self.condition != "text":
-            return self._render_images(model, ema, tag)
-        if not self.prompts:
-            return None
-        s = self.sampling
-        with ema_weights(model, ema):
-            return render_preview(
-                model,
-                self.text_encoder,
-                self.prompts,
-                self.stats,
-                self.folder / f"{tag}.png",
-                self.num_tokens,
-                s.num_inference_steps,
-                s.guidance_scale,
-                self.scheduler_shift,
-                s.seed,
-                self.vae,
-                s.mesh_resolution,
-            )
-
-    def _render_images(self, model: Any, ema: Any, tag: str) -> dict[str, float] | None:
-        """Image conditions: one shape per training render (``render_image_preview``); None when streaming."""
-        from dora_shapegen.diffusion.conditioning import ImageConditionedDiT
-        from dora_shapegen.diffusion.sampling_preview import render_image_preview
-        from dora_shapegen.training.ema import ema_weights
-
-        if self.renders is None:  # streamed shards: no table to take renders from
-            return None
-        s = self.sampling
-        with ema_weights(model, ema):  # the EMA of the DiT, and of the encoder when it trains
-            transformer = model.transformer if isinstance(model, ImageConditionedDiT) else model
-            return render_image_preview(
-                transformer, self.image_encoder, self.text_encoder, self.condition, *self.renders, self.stats,
-                self.folder / f"{tag}.png", self.num_tokens, s.num_inference_steps, s.guidance_scale,
-                self.scheduler_shift, s.seed, self.vae, s.mesh_resolution,
-            )  # fmt: skip
-
-
-def build_previews(
-    config: DiTTrainConfig,
-    text_encoder: Any,
-    stats: Any,
-    schedule: TokenSchedule,
-    vae_dir: str | None,
-    trainer: Any,
-    image_encoder: Any = None,
-    renders: Any = None,
-) -> Previews:
-    from dora_shapegen.diffusion.sampling_preview import default_prompts
-
-    scfg, vae = config.sampling, None
-    if vae_dir:
-        from dora_shapegen.vae.modeling_dora_vae import DoraVAE
-
-        vae = DoraVAE.from_pretrained(vae_dir).to(trainer.device).eval()
-    return Previews(
-        text_encoder,
-        list(scfg.prompts) or default_prompts(scfg.num_prompts),
-        stats,
-        scfg.num_tokens or schedule.max_tokens,
-        vae,
-        trainer.output_dir / "samples",
-        scfg,
-        config.training.scheduler_shift,
-        config.condition,
-        image_encoder,
-        renders,
-    )
-
-
-def log_preview(previews: Previews, trainer: Any, tag: str) -> None:
-    metrics = previews.render(trainer.unwrapped, trainer.ema, tag)
-    if metrics is not None:
-        trainer.accelerator.log(metrics, step=trainer.state["global_step"])
-
-
 # -------------------------------------------------------------------------------------------------- export
 def export_final(
     model: Any, ema: Any, directory: Path, config: DiTTrainConfig, manifest: dict[str, Any]
@@ -458,16 +354,15 @@ def export_final(
     """EMA weights via ``save_pretrained`` + run config + latent statistics + the scheduler, in one folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from dora_shapegen.diffusion.conditioning import IMAGE_ENCODER_FOLDER, ImageConditionedDiT
+    from dora_shapegen.diffusion.conditioning import ImageConditionedDiT
     from dora_shapegen.diffusion.finetune import save_adapter
+    from dora_shapegen.diffusion.train_image import save_image_model
     from dora_shapegen.training.ema import ema_weights
 
     if config.lora.rank > 0:
         save_adapter(model, directory)  # the adapter only: the base stays in init_from
     elif isinstance(model, ImageConditionedDiT):  # the DiT and the image encoder trained with it, both EMA
-        with ema_weights(model, ema):
-            model.transformer.save_pretrained(str(directory))
-            model.image_encoder.model.save_pretrained(str(directory / IMAGE_ENCODER_FOLDER))
+        save_image_model(model, ema, directory)
     else:
         with ema_weights(model, ema):
             model.save_pretrained(str(directory))
@@ -495,15 +390,11 @@ def train(
     vae_dir: str | None = None,
 ) -> TrainResult:
     """Train, checkpoint, preview and export; returns the summary and this process's model."""
-    from dora_shapegen.diffusion.conditioning import (
-        ImageConditioning,
-        build_image_encoder,
-        check_condition,
-        uses_images,
-        uses_text,
-    )
+    from dora_shapegen.diffusion.conditioning import check_condition, uses_images, uses_text
     from dora_shapegen.diffusion.finetune import register_lora_checkpointing
+    from dora_shapegen.diffusion.sampling_preview import build_previews, log_preview
     from dora_shapegen.diffusion.text_encoder import TextEncoder
+    from dora_shapegen.diffusion.train_image import ImageConditioning, build_image_encoder
     from dora_shapegen.provenance import check_resume_provenance
     from dora_shapegen.training.loop import Trainer
 
@@ -524,7 +415,7 @@ def train(
     data = build_data(config, manifest, schedule, text_encoder, trainer)
 
     model, _ = trainer.prepare(model)
-    images = None
+    images = None  # an image / both run's side of the step (diffusion/train_image.py)
     if image_encoder is not None:
         images = ImageConditioning(condition, image_encoder, trainer.unwrapped, tcfg)
     if config.lora.rank > 0:  # checkpoints hold the adapter, not the frozen base
