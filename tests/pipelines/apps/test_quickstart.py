@@ -122,17 +122,36 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
     assert "quickstart.yaml" in capsys.readouterr().err
 
 
+def _calibrate(
+    monkeypatch: pytest.MonkeyPatch,
+    configs: Path,
+    vae_seconds: float,
+    dit_seconds: float,
+    calibrated_share: int,
+    gflops_now: float,
+) -> dict[str, int]:
+    """Calibrate the ETA on a 200 GFLOP/s machine that spent 300 s outside the trainings and the given seconds on
+    1/``calibrated_share`` of the step budgets in ``configs``; this machine's matmul rate is ``gflops_now``.
+    Returns the budgets (VAE and DiT ``max_steps``)."""
+    import dora_shapegen.pipelines.apps.quickstart as quickstart
+
+    steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
+    calibration = quickstart.Calibration(
+        200.0, 300.0, vae_seconds, steps["vae"] // calibrated_share, dit_seconds,
+        steps["dit"] // calibrated_share,
+    )  # fmt: skip
+    monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
+    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: gflops_now)
+    return steps
+
+
 def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_path, monkeypatch):
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
     configs = CONFIG_DIR / "quickstart"
-    steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
-    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240).
-    calibration = quickstart.Calibration(200.0, 300.0, 210.0, steps["vae"] // 2, 240.0, steps["dit"] // 2)
-    monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
-    monkeypatch.setattr(
-        quickstart, "measure_matmul_gflops", lambda: 100.0
-    )  # a machine half as fast right now
+    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240), and
+    # a machine half as fast right now doubles it again.
+    steps = _calibrate(monkeypatch, configs, 210.0, 240.0, calibrated_share=2, gflops_now=100.0)
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message
     assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
@@ -176,10 +195,7 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
-    steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
-    calibration = quickstart.Calibration(200.0, 300.0, 420.0, steps["vae"], 480.0, steps["dit"])
-    monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
-    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: 200.0)
+    _calibrate(monkeypatch, configs, 420.0, 480.0, calibrated_share=1, gflops_now=200.0)
     run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
     # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
     assert "~35 min on a free 2-core machine" in run.eta_message()
