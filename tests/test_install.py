@@ -81,8 +81,16 @@ def wheel(tmp_path_factory) -> Path:
         [*command, "-w", str(work / "dist"), str(source)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (work / "build.log").write_text(done.stdout + done.stderr)  # read by test_the_build_warns_of_nothing
     (built,) = (work / "dist").glob("dora_shapegen-*.whl")
     return built
+
+
+def test_the_build_warns_of_nothing(wheel):
+    """setuptools warns about what pyproject.toml leaves ambiguous or deprecated (a configs/ folder missing from
+    `packages`, the license as a table); the build of the wheel prints no warning."""
+    log = (wheel.parent.parent / "build.log").read_text()
+    assert "Warning" not in log, log[-3000:]
 
 
 def test_wheel_holds_every_module_and_config_under_one_name(wheel):
