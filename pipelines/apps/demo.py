@@ -50,6 +50,31 @@ def _str_to_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+def _sampler_controls(
+    gr: Any, max_steps: int, token_limit: int, default_tokens: int
+) -> tuple[Any, Any, Any, Any]:
+    """The steps, guidance, tokens and seed controls of both pages, made in the caller's column."""
+    steps = gr.Slider(
+        1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
+    )
+    guidance = gr.Slider(
+        *GUIDANCE_SLIDER, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+    )
+    tokens = gr.Slider(1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens")
+    seed = gr.Number(
+        value=DEFAULT_SEED, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"
+    )
+    return steps, guidance, tokens, seed
+
+
+def _result_view(gr: Any) -> tuple[Any, Any]:
+    """The right-hand column of both pages: the 3D viewer and the download button, made in the caller's row."""
+    with gr.Column(scale=2):
+        viewer = gr.Model3D(label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer")
+        download = gr.DownloadButton("Download .glb", elem_id="download")
+    return viewer, download
+
+
 def build_demo(
     pipeline: Any,
     output_dir: str | Path | None = None,
@@ -152,29 +177,10 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPTS[0], lines=2, elem_id="prompt")
-                steps = gr.Slider(
-                    1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
-                )
-                guidance = gr.Slider(
-                    *GUIDANCE_SLIDER,
-                    value=DEFAULT_GUIDANCE,
-                    step=0.5,
-                    label="Guidance scale",
-                    elem_id="guidance",
-                )
-                tokens = gr.Slider(
-                    1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
-                )
-                seed = gr.Number(
-                    value=DEFAULT_SEED, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"
-                )
+                steps, guidance, tokens, seed = _sampler_controls(gr, max_steps, token_limit, default_tokens)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
-            with gr.Column(scale=2):
-                viewer = gr.Model3D(
-                    label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer"
-                )
-                download = gr.DownloadButton("Download .glb", elem_id="download")
+            viewer, download = _result_view(gr)
         inputs = [prompt, steps, guidance, tokens, seed]
         # One generation at a time for both triggers (one concurrency id); the handler checks the raw values
         # itself (preprocess=False) so that an out-of-range value is named with its control and range.
@@ -218,28 +224,9 @@ def _image_demo(
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="numpy", image_mode="RGBA", elem_id="image")
                 prompt = gr.Textbox(label="Prompt (optional)", lines=2, elem_id="prompt", visible=with_prompt)
-                steps = gr.Slider(
-                    1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
-                )
-                guidance = gr.Slider(
-                    *GUIDANCE_SLIDER,
-                    value=DEFAULT_GUIDANCE,
-                    step=0.5,
-                    label="Guidance scale",
-                    elem_id="guidance",
-                )
-                tokens = gr.Slider(
-                    1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens"
-                )
-                seed = gr.Number(
-                    value=DEFAULT_SEED, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"
-                )
+                steps, guidance, tokens, seed = _sampler_controls(gr, max_steps, token_limit, default_tokens)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                viewer = gr.Model3D(
-                    label="Result", clear_color=(1.0, 1.0, 1.0, 1.0), height=480, elem_id="viewer"
-                )
-                download = gr.DownloadButton("Download .glb", elem_id="download")
+            viewer, download = _result_view(gr)
         inputs = [image, prompt, steps, guidance, tokens, seed]
         # The image needs Gradio's preprocessing (upload -> array); the handler still checks every value.
         button.click(
