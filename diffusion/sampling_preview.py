@@ -58,17 +58,34 @@ def sample_preview_latents(
     """One latent set per prompt (P, N, C), in the DiT's normalised space: what
     ``DoraTextTo3DPipeline(prompts, generator=torch.Generator(device).manual_seed(seed), output_type="latent")``
     makes with these settings before it un-normalises."""
+    device = next(model.parameters()).device
+    text = encode_prompts(text_encoder, prompts, guidance=uses_guidance(guidance_scale), device=device)
+    sampling = (num_tokens, num_inference_steps, guidance_scale, shift, seed)
+    return _sample(model, len(prompts), text, None, *sampling)  # (P,N,C)
+
+
+def _sample(
+    model: torch.nn.Module,
+    count: int,
+    conditioning: Any,
+    image: Any,
+    num_tokens: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    shift: float,
+    seed: int,
+) -> torch.Tensor:
+    """The denoising both previews share, as the pipelines run it: seeded noise (P, N, C) -> latents (P, N, C)
+    for ``count`` conditions (``conditioning``, unconditional rows first under guidance; ``image``: the image
+    stream of a ``both`` model, else None)."""
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     # The scheduler diffusion/train.py saves beside the DiT, which `dora assemble-pipeline` picks up.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    text = encode_prompts(text_encoder, prompts, guidance=uses_guidance(guidance_scale), device=device)
     generator = torch.Generator(device).manual_seed(seed)
-    latents = initial_noise(
-        len(prompts), num_tokens, model.config.in_channels, dtype, device, generator
-    )  # (P,N,C)
+    latents = initial_noise(count, num_tokens, model.config.in_channels, dtype, device, generator)  # (P,N,C)
     timesteps = sampling_timesteps(scheduler, num_inference_steps, num_tokens, device)
-    state = SamplingState(latents, text.to(device, dtype))
+    state = SamplingState(latents, conditioning.to(device, dtype), image=image)
     return guided_sample(model, scheduler, state, timesteps, guidance_scale, generator=generator)  # (P,N,C)
 
 
@@ -167,17 +184,12 @@ def render_image_preview(
     if guidance:
         image = merge_embeddings(image_encoder.unconditional(count, device, image.hidden_states.dtype), image)
     image = image.to(device, dtype)
-    text = None
+    sampling = (num_tokens, num_inference_steps, guidance_scale, shift, seed)
     if condition == "both":
-        text = encode_prompts(text_encoder, [""] * count, guidance=guidance, device=device).to(device, dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    generator = torch.Generator(device).manual_seed(seed)
-    latents = initial_noise(count, num_tokens, model.config.in_channels, dtype, device, generator)  # (P,N,C)
-    timesteps = sampling_timesteps(scheduler, num_inference_steps, num_tokens, device)
-    state = SamplingState(latents, image) if text is None else SamplingState(latents, text, image=image)
-    latents = guided_sample(
-        model, scheduler, state, timesteps, guidance_scale, generator=generator
-    )  # (P,N,C)
+        text = encode_prompts(text_encoder, [""] * count, guidance=guidance, device=device)
+        latents = _sample(model, count, text, image, *sampling)  # (P,N,C)
+    else:
+        latents = _sample(model, count, image, None, *sampling)  # (P,N,C)
     return preview_grid(latents, titles, stats, path, vae, mesh_resolution)
 
 
