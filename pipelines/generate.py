@@ -19,7 +19,6 @@ from dora_shapegen.pipelines.limits import (
     GUIDANCE_RANGE,
     MAX_INFERENCE_STEPS,
     MAX_SHAPES,
-    MESH_RESOLUTION_RANGE,
     not_text_problem,
 )
 
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resolution",
-        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        type=cli_types.resolution,
         default=256,
         help="finest grid resolution of mesh extraction, in [16, 1024] (default 256)",
     )

@@ -3,11 +3,13 @@ check, and whether a prompt is text. A module without torch, so the command line
 
 from __future__ import annotations
 
+from dora_shapegen.cli_types import RESOLUTION_RANGE
+
 # Each mesh is reduced to at most this many faces by default, as Hunyuan3D-2's FaceReducer does (40k faces), so a
 # file opens at once in a viewer or a game engine; extraction at 256^3 gives 250k-1M faces (5-18 MB of GLB).
 # ``max_faces=None`` (``--faces 0``) keeps the full resolution.
 DEFAULT_MAX_FACES = 40_000
-MESH_RESOLUTION_RANGE = (16, 1024)  # below 16 cells per axis a shape is a few voxels, often none
+MESH_RESOLUTION_RANGE = RESOLUTION_RANGE  # the marching-cubes grid of every `--resolution` (why: cli_types)
 MAX_INFERENCE_STEPS = 1000  # the flow-matching scheduler's own timestep count
 GUIDANCE_RANGE = (0.0, 100.0)  # <= 1 disables classifier-free guidance; far above ~15 samples break up
 MAX_SHAPES = 256  # shapes per `dora generate`: denoised in one batch, meshed in turn

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dora_shapegen import cli_types
-from dora_shapegen.pipelines.limits import MAX_PROMPT_CHARS, MESH_RESOLUTION_RANGE, not_text_problem
+from dora_shapegen.pipelines.limits import MAX_PROMPT_CHARS, not_text_problem
 
 # Before gradio is imported (lazily, in build_demo): no telemetry and no version check from the server.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", type=_str_to_bool, default=False, help="create a public gradio.live link")
     parser.add_argument(
         "--resolution",
-        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        type=cli_types.resolution,
         default=128,
         help="mesh extraction resolution, in [16, 1024] (default 128)",
     )

@@ -63,7 +63,7 @@ from dora_shapegen.pipelines.bench.metrics import (
     mesh_structure,
     prompt_diversity,
 )
-from dora_shapegen.pipelines.limits import GUIDANCE_RANGE, MAX_INFERENCE_STEPS, MESH_RESOLUTION_RANGE
+from dora_shapegen.pipelines.limits import GUIDANCE_RANGE, MAX_INFERENCE_STEPS
 from dora_shapegen.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=cli_types.seed, default=None, help="random seed (0)")
     parser.add_argument(
         "--resolution",
-        type=cli_types.int_in(*MESH_RESOLUTION_RANGE),
+        type=cli_types.resolution,
         default=None,
         help="mesh extraction grid (96)",
     )
