@@ -24,6 +24,13 @@ def _write_off(path, vertices, faces):
     return path
 
 
+def _prepare_folder(folder, out):
+    """`dora prepare FOLDER --out OUT` at a coarse voxel size and few points; its exit code."""
+    argv = [str(folder), "--out", str(out), "--epsilon", str(8 / 256), "--n-uniform", "64"]
+    argv += ["--n-salient", "16", "--n-volume", "16", "--n-near", "16", "--n-sharp", "8"]
+    return main(argv)
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.obj"
     path.write_bytes(b"")
@@ -146,28 +153,7 @@ def test_batch_logs_every_bad_file_and_goes_on(tmp_path):
     _write_off(folder / "nofaces.off", [[0, 0, 0], [1, 0, 0], [0, 1, 0]], [])
     trimesh.creation.box().export(folder / "good.obj")
     out = tmp_path / "prepared"
-    assert (
-        main(
-            [
-                str(folder),
-                "--out",
-                str(out),
-                "--epsilon",
-                str(8 / 256),
-                "--n-uniform",
-                "64",
-                "--n-salient",
-                "16",
-                "--n-volume",
-                "16",
-                "--n-near",
-                "16",
-                "--n-sharp",
-                "8",
-            ]
-        )
-        == 0
-    )
+    assert _prepare_folder(folder, out) == 0
     failures = {
         row["shape_id"]: row["reason"]
         for row in map(json.loads, (out / "failures.jsonl").read_text().splitlines())
@@ -191,28 +177,7 @@ def test_valid_box_at_extreme_scale_prepares(tmp_path, scale):
     )
     assert mesh.metadata["normalization"]["scale"] == pytest.approx(0.95 / (1.5 * scale))
     out = tmp_path / "prepared"
-    assert (
-        main(
-            [
-                str(folder),
-                "--out",
-                str(out),
-                "--epsilon",
-                str(8 / 256),
-                "--n-uniform",
-                "64",
-                "--n-salient",
-                "16",
-                "--n-volume",
-                "16",
-                "--n-near",
-                "16",
-                "--n-sharp",
-                "8",
-            ]
-        )
-        == 0
-    )
+    assert _prepare_folder(folder, out) == 0
     assert not (out / "failures.jsonl").exists() or not (out / "failures.jsonl").read_text().strip()
     assert [p.name for p in (out / "samples").glob("*.npz")] == ["box.npz"]
 
