@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.data._prepared import prepare_builtin
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HELPER = PROJECT_ROOT / "tests" / "pipelines" / "_multinode_train.py"
 
@@ -97,29 +99,7 @@ def check_ranks(records: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    from dora_shapegen.data.prepare import main as prepare
-
-    root = tmp_path_factory.mktemp("prepared")
-    argv = [
-        "--builtin",
-        "12",
-        "--out",
-        str(root),
-        "--epsilon",
-        "0.03125",
-        "--n-uniform",
-        "512",
-        "--n-salient",
-        "128",
-        "--n-volume",
-        "512",
-        "--n-near",
-        "512",
-        "--n-sharp",
-        "256",
-    ]
-    assert prepare(argv) == 0
-    return str(root)
+    return prepare_builtin(tmp_path_factory.mktemp("prepared"), 12)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from dora_shapegen.config import load_config
 from dora_shapegen.vae.train import VAETrainConfig, build_model, compute_loss, main, train
 from dora_shapegen.vae.train_data import EpochPermutationSampler, SeededItems, build_datasets, collate
+from tests.data._prepared import prepare_builtin
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "vae" / "tiny.yaml"
 
@@ -22,30 +23,8 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "vae" / "tiny.yaml"
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory) -> str:
     """A few built-in procedural shapes prepared coarsely (epsilon 1/32, few points): seconds, not minutes."""
-    from dora_shapegen.data.prepare import main as prepare
-
     root = tmp_path_factory.mktemp("prepared")
-    argv = [
-        "--builtin",
-        "10",
-        "--out",
-        str(root),
-        "--workers",
-        "1",
-        "--epsilon",
-        "0.03125",
-        "--n-uniform",
-        "512",
-        "--n-salient",
-        "128",
-        "--n-volume",
-        "512",
-        "--n-near",
-        "512",
-        "--n-sharp",
-        "256",
-    ]
-    assert prepare(argv) == 0
+    prepare_builtin(root, 10)
     assert len(list((root / "samples").glob("*.npz"))) == 10
     return str(root)
 
