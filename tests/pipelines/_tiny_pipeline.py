@@ -23,6 +23,23 @@ NUM_TOKENS = 32
 MAX_TRAIN_TOKENS = 64
 
 
+def _tiny_vae() -> DoraVAE:
+    """The tiny random VAE of both pipelines (draws from torch's global generator: seed it first)."""
+    return DoraVAE(
+        width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=LATENT_CHANNELS,
+        num_freqs=4, output_type="tsdf", default_num_tokens=NUM_TOKENS, max_train_tokens=MAX_TRAIN_TOKENS,
+        n_uniform=256, n_salient=64,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _randomize_zero_tensors(transformer: ShapeDiT) -> None:
+    """Small random values for the DiT's zero-initialised tensors, so that every part influences the output."""
+    for parameter in transformer.parameters():
+        if not parameter.any():
+            parameter.normal_(0.0, 0.2)
+
+
 def make_tiny_pipeline(seed: int = 0) -> DoraTextTo3DPipeline:
     """A pipeline of tiny random models whose every part influences the output.
 
@@ -31,20 +48,13 @@ def make_tiny_pipeline(seed: int = 0) -> DoraTextTo3DPipeline:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = DoraVAE(
-            width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=LATENT_CHANNELS,
-            num_freqs=4, output_type="tsdf", default_num_tokens=NUM_TOKENS, max_train_tokens=MAX_TRAIN_TOKENS,
-            n_uniform=256, n_salient=64,
-        )  # fmt: skip
+        vae = _tiny_vae()
         encoder = TextEncoder.from_name("tiny-random:bert")
         transformer = ShapeDiT(
             in_channels=LATENT_CHANNELS, width=32, num_layers=2, num_heads=2, mlp_ratio=2.0,
             cross_attention_dim=encoder.hidden_size, pooled_projection_dim=encoder.pooled_size,
         )  # fmt: skip
-        with torch.no_grad():
-            for parameter in transformer.parameters():
-                if not parameter.any():
-                    parameter.normal_(0.0, 0.2)
+        _randomize_zero_tensors(transformer)
         latent_mean = torch.linspace(-0.5, 0.5, LATENT_CHANNELS).tolist()
         latent_std = torch.linspace(0.5, 1.5, LATENT_CHANNELS).tolist()
     pipe = DoraTextTo3DPipeline(
@@ -70,11 +80,7 @@ def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraIma
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = DoraVAE(
-            width=32, heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_channels=LATENT_CHANNELS,
-            num_freqs=4, output_type="tsdf", default_num_tokens=NUM_TOKENS, max_train_tokens=MAX_TRAIN_TOKENS,
-            n_uniform=256, n_salient=64,
-        )  # fmt: skip
+        vae = _tiny_vae()
         if condition == "image":
             image = ImageEncoder.from_name(
                 "render-cnn", {"image_size": 32, "channels": [16, 32], "stem_channels": 8, "hidden_size": 32}
@@ -89,10 +95,7 @@ def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraIma
             in_channels=LATENT_CHANNELS, width=32, num_layers=2, num_heads=2, mlp_ratio=2.0,
             cross_attention_dim=primary.hidden_size, pooled_projection_dim=primary.pooled_size, **extra,
         )  # fmt: skip
-        with torch.no_grad():
-            for parameter in transformer.parameters():
-                if not parameter.any():
-                    parameter.normal_(0.0, 0.2)
+        _randomize_zero_tensors(transformer)
     pipe = DoraImageTo3DPipeline(
         vae=vae.eval(),
         transformer=transformer.eval(),
