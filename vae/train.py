@@ -82,6 +82,10 @@ class TrainingConfig(LoopConfig):
     # of the batch gets latent_noise x |N(0, 1)|, as RAE's noise-augmented decoder: most codes see little noise,
     # so on-manifold detail is not blurred away the way one fixed level blurs thin parts).
     latent_noise_sampling: str = "fixed"
+    # "decoder": train only the decoder (from init_from), the encoder frozen. The codes stay the ones the encoder
+    # gave, so latents cached (and a DiT trained) on the init_from model stay valid for the fine-tuned one; with
+    # latent_noise it teaches the decoder to read the perturbed codes a DiT samples.
+    trainable: str = "all"
 
 
 @dataclass
@@ -188,7 +192,31 @@ def build_model(config: VAETrainConfig) -> Any:
     model = DoraVAE(**config.model)
     if config.init_from:  # config.model is already the folder's (resolve_init_from in train())
         load_init_weights(model, config.init_from)
+    if config.training.trainable == "decoder":
+        freeze_encoder(model)
+    elif config.training.trainable != "all":
+        raise ConfigError(f"training.trainable must be 'all' or 'decoder', got {config.training.trainable!r}")
     return model
+
+
+# Everything up to the posterior (DoraVAE.__init__'s "Encoder." part); the decoder starts at post_kl.
+ENCODER_MODULES = (
+    "uniform_proj",
+    "cross_attn_uniform",
+    "salient_proj",
+    "cross_attn_salient",
+    "encoder_blocks",
+    "encoder_norm_out",
+    "pre_kl",
+)
+
+
+def freeze_encoder(model: Any) -> None:
+    """requires_grad=False on the encoder's parameters (the optimizer takes only trainable ones)."""
+    for name in ENCODER_MODULES:
+        module = getattr(model, name)
+        if module is not None:
+            module.requires_grad_(False)
 
 
 def export_model(

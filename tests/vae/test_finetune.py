@@ -208,3 +208,42 @@ def test_dora_configs_fit_converted_weights(tmp_path):
         assert resolved.model["output_type"] == "tsdf" and resolved.model["gradient_checkpointing"] is True, (
             name
         )
+
+
+def test_decoder_only_finetune_keeps_the_encoder_and_its_codes(prepared_root, pretrained, tmp_path):  # noqa: F811
+    """training.trainable: decoder trains the decoder alone (here on noisy codes), so the codes a cache or a DiT
+    was built on are still the ones the fine-tuned VAE's encoder gives."""
+    from dora_shapegen.errors import ConfigError
+    from dora_shapegen.vae.train import ENCODER_MODULES
+
+    run = tmp_path / "decoder_only"
+    overrides = {
+        "init_from": str(pretrained),
+        "training.trainable": "decoder",
+        "training.latent_noise": 0.5,
+        "training.latent_noise_sampling": "half_normal",
+        "training.max_steps": 3,
+        "training.learning_rate": 1e-2,
+    }
+    train(_config(prepared_root, **overrides), run)
+    before = DoraVAE.from_pretrained(pretrained).state_dict()
+    after = DoraVAE.from_pretrained(run / "final").state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed, "the decoder did not train"
+    assert all(name.split(".")[0] not in ENCODER_MODULES for name in changed), sorted(changed)
+    assert any(name.startswith("decoder_blocks.") for name in changed)
+    assert {name.split(".")[0] for name in before} - set(ENCODER_MODULES), "no decoder parameters"
+
+    cloud = torch.cat(
+        [torch.rand(2, 64, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(2, 64, 3), dim=-1)], -1
+    )
+    encoders = [DoraVAE.from_pretrained(path).eval() for path in (pretrained, run / "final")]
+    with torch.no_grad():
+        codes = [
+            vae.encode({"uniform": cloud, "salient": cloud}, num_tokens=16, sample_posterior=False)
+            for vae in encoders
+        ]
+    assert torch.equal(codes[0], codes[1])
+
+    with pytest.raises(ConfigError, match="training.trainable"):
+        build_model(_config(prepared_root, **{"training.trainable": "encoder"}))
