@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP (only effective when this module is imported first, as `dora train-dit` does): idle
-# OpenMP workers sleep instead of spinning. On a CPU shared with other processes spinning workers stall each other
-# at every op; measured on 2 busy cores (load ~6): a step of batch 32 x 32 tokens took 12-19 s with 2 spinning
-# threads and 0.3 s with PASSIVE. On an idle machine it costs nothing noticeable. Set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from dora_shapegen.runtime import omp_wait_policy_environment  # light: no torch
+
+# Before torch loads OpenMP (only effective when this module is imported first, as `dora train-dit` does): sleeping
+# OpenMP workers when other work shares the cores, spinning ones when they are free (dora_shapegen.runtime).
+os.environ.update(omp_wait_policy_environment())
 
 import argparse
 import itertools

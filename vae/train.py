@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP workers sleep instead of spinning (see pipelines/cli.py): for `python -m dora_shapegen.vae.train` / torchrun,
-# where this module is imported before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from dora_shapegen.runtime import omp_wait_policy_environment  # light: no torch
+
+# OpenMP's wait policy before torch loads it (see dora_shapegen.runtime.omp_wait_policy_environment): for
+# `python -m dora_shapegen.vae.train` / torchrun, where this module is imported before torch.
+os.environ.update(omp_wait_policy_environment())
 
 import argparse
 import json

@@ -17,12 +17,12 @@ import os
 import sys
 
 from dora_shapegen.errors import debug_from_environment, run_reporting_errors  # light: no torch
+from dora_shapegen.runtime import omp_wait_policy_environment  # light: no torch
 
-# Before any stage loads torch (and with it OpenMP): idle OpenMP workers sleep instead of spinning. On a CPU shared
-# with other processes spinning workers stall each other at every op: the quickstart's VAE step (batch 16) took
-# 10-14 s instead of ~1 s on 2 cores with a test suite running beside it. On an idle machine it costs nothing
-# noticeable. diffusion/train.py sets the same for `python -m dora_shapegen.diffusion.train`; set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before any stage loads torch (and with it OpenMP): idle OpenMP workers sleep instead of spinning when other work
+# shares the cores, and spin (faster) when the cores are free; see dora_shapegen.runtime.omp_wait_policy_environment. Set
+# OMP_WAIT_POLICY to override.
+os.environ.update(omp_wait_policy_environment())
 
 # name -> (module, help). The data flow is data -> vae -> (cache) -> diffusion -> pipelines.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see diffusion/train.py
+from dora_shapegen.runtime import omp_wait_policy_environment  # light: no torch
+
+os.environ.update(omp_wait_policy_environment())
 
 import argparse
 import json
