@@ -42,9 +42,10 @@ def omp_wait_policy_environment() -> dict[str, str]:
     Spinning workers (OpenMP's default) are fastest on free cores but stall each other at every op when other work
     shares the cores: the quickstart's VAE step took 10-14 s instead of ~1 s on 2 cores with a test suite beside
     it, and a DiT step of batch 32 12-19 s instead of 0.3 s, with PASSIVE (sleeping workers) restoring both. On
-    free cores PASSIVE costs time instead: 60 quickstart DiT steps took 64 s vs 48 s spinning, 60 VAE steps 74 s vs
+    free cores PASSIVE costs time instead: 60 quickstart DiT steps took 64 s vs 48 s with ACTIVE, 60 VAE steps 74 s vs
     66 s (2 free cores). So: PASSIVE when other tasks are runnable as this process starts (at least half as many as
-    the cores it may use), else nothing (OpenMP's default). A user's OMP_WAIT_POLICY always wins.
+    the cores it may use), else nothing (OpenMP's default, which spins a while before it sleeps). A user's
+    OMP_WAIT_POLICY always wins.
     """
     import os
 
