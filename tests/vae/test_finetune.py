@@ -232,7 +232,6 @@ def test_decoder_only_finetune_keeps_the_encoder_and_its_codes(prepared_root, pr
     assert changed, "the decoder did not train"
     assert all(name.split(".")[0] not in ENCODER_MODULES for name in changed), sorted(changed)
     assert any(name.startswith("decoder_blocks.") for name in changed)
-    assert {name.split(".")[0] for name in before} - set(ENCODER_MODULES), "no decoder parameters"
 
     cloud = torch.cat(
         [torch.rand(2, 64, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(2, 64, 3), dim=-1)], -1
