@@ -31,7 +31,7 @@ from dora_shapegen.diffusion.sampling import (
 from dora_shapegen.diffusion.text_encoder import TextEncoder
 
 if TYPE_CHECKING:
-    from dora_shapegen.diffusion.train import DiTTrainConfig, SamplingConfig
+    from dora_shapegen.diffusion.train_config import DiTTrainConfig, SamplingConfig
     from dora_shapegen.training.schedules import TokenSchedule
 
 logger = logging.getLogger("dora.train_dit")

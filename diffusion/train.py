@@ -8,15 +8,16 @@ with the cache manifest's per-channel statistics. Progressive token lengths: the
 a step trains on the prefix ``latents[:, :k]`` with k drawn from the ``schedule:`` section (the VAE's
 ``TokenSchedule``: a function of (seed, step), identical on every rank, as DDP needs equal shapes).
 
-This module is the DiT's part, read top to bottom as the VAE's is: run config, cache and model (``load_cache``,
-``build_model``), data (``build_data``, ``batch_source``), the loss of one micro-batch (``compute_loss``) and
-export; ``train`` wires them into the shared training core, ``training/loop.py`` (accelerate, optimizer, EMA,
-budgets, checkpoints, logging), with the previews of ``diffusion/sampling_preview.py``. What an image / both run
-does differently at each of these points is in ``diffusion/train_image.py``. Randomness of a micro-step (noise,
-timesteps, caption dropout, caption/view choice) comes from generators seeded by (seed, micro-step, rank), and
-in-memory batches are a function of the micro-step (see train_utils), so a run resumed from a checkpoint
-reproduces an uninterrupted one. The same script runs one CPU process (fp32) or many GPUs / nodes
-(bf16) under ``accelerate launch`` unchanged; see docs/SCALING.md.
+This module is the DiT's part, read top to bottom as the VAE's is: cache and model (``load_cache``,
+``build_model``), the loss of one micro-batch (``compute_loss``) and export; ``train`` wires them, with the run
+config (``diffusion/train_config.py``), the data (``build_data``, ``batch_source`` in ``diffusion/train_utils.py``)
+and the previews of ``diffusion/sampling_preview.py``, into the shared training core, ``training/loop.py``
+(accelerate, optimizer, EMA, budgets, checkpoints, logging). What an image / both run does differently at each of
+these points is in ``diffusion/train_image.py``. Randomness of a micro-step (noise, timesteps, caption dropout,
+caption/view choice) comes from generators seeded by (seed, micro-step, rank), and in-memory batches are a
+function of the micro-step (see train_utils), so a run resumed from a checkpoint reproduces an uninterrupted one.
+The same script runs one CPU process (fp32) or many GPUs / nodes (bf16) under ``accelerate launch`` unchanged;
+see docs/SCALING.md.
 
 Outputs in OUT: ``checkpoints/checkpoint-<step>/`` (accelerate ``save_state``: model, optimizer, LR scheduler,
 RNG, + ema.safetensors/ema.json, train_state.json and config.yaml), ``logs/`` (tensorboard), ``samples/*.png``
@@ -35,97 +36,29 @@ from dora_shapegen.runtime import omp_wait_policy_environment  # light: no torch
 os.environ.update(omp_wait_policy_environment())
 
 import argparse
-import itertools
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dora_shapegen.config import save_yaml, to_dict
-from dora_shapegen.diffusion.finetune import LoraConfig
-from dora_shapegen.diffusion.image_encoder import DEFAULT_IMAGE_ENCODER
-from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
+from dora_shapegen.diffusion.train_config import (  # noqa: F401  (re-exported: the run config's import path before the split)
+    DataConfig,
+    DiTTrainConfig,
+    SamplingConfig,
+    TrainingConfig,
+)
 from dora_shapegen.errors import ConfigError
-from dora_shapegen.training.config import LoopConfig, add_run_arguments, load_run_config
-from dora_shapegen.training.schedules import ScheduleConfig, TokenSchedule
+from dora_shapegen.training.config import add_run_arguments, load_run_config
+from dora_shapegen.training.schedules import TokenSchedule
 
 if TYPE_CHECKING:
-    from dora_shapegen.training.loop import BatchSource, StepContext
+    from dora_shapegen.training.loop import StepContext
 
 logger = logging.getLogger("dora.train_dit")
-
-
-@dataclass
-class DataConfig:
-    shards: str = (
-        "runs/latents"  # latent cache folder (manifest.json + shards) or manifest URL; --shards wins
-    )
-    in_memory: bool = True  # read the whole cache once (small caches); false = stream resampled shards
-    batch_size: int = 32  # per process and micro-step
-    num_workers: int = 2  # streaming only: DataLoader workers
-    shuffle_buffer: int = 1000  # streaming only: samples in webdataset's shuffle buffer
-    # > 0: never train on the shapes of the benchmark's held-out split (shape-id hash, `dora bench-generation`'s
-    # held_out_fraction), so image prompts rendered from them are unseen; 0 = every cached shape
-    held_out_fraction: float = 0.0
-
-
-@dataclass
-class TrainingConfig(LoopConfig):
-    """The ``training:`` section: the core's keys (optimizer, precision, EMA, checkpoints, ...) + the objective."""
-
-    max_steps: int = 2000  # optimizer steps
-    learning_rate: float = 3e-4
-    use_ema: bool = True
-    gradient_checkpointing: bool = False
-    caption_dropout: float = 0.1  # per-sample probability of training on "" (classifier-free guidance)
-    image_dropout: float = 0.1  # condition image | both: per-sample probability of "no image" (guidance)
-    timestep_sampling: str = "logit_normal"  # logit_normal | mode | uniform (diffusers.training_utils)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    scheduler_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, used in training and exported
-    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' SD3 weightings)
-    text_max_length: int = 77
-
-
-@dataclass
-class SamplingConfig:
-    every_steps: int = 0  # preview every N steps (0 = only at the end)
-    final: bool = True  # preview after training
-    prompts: list[str] = field(default_factory=list)  # empty = the first prompt of num_prompts categories
-    num_prompts: int = 8
-    num_tokens: int | None = None  # None = the schedule's largest token count
-    num_inference_steps: int = 25
-    guidance_scale: float = 4.0
-    mesh_resolution: int = 64
-    seed: int = 0
-
-
-@dataclass
-class DiTTrainConfig:
-    condition: str = "text"  # text | image | both (diffusion/conditioning.py)
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # TextEncoder.from_name argument (frozen)
-    # condition image | both: render-cnn (trained with the DiT; offline CPU default) | dinov2:<folder or Hub id>
-    # (frozen) | tiny-random:dinov2 (tests); ImageEncoder.from_name in diffusion/image_encoder.py
-    image_encoder: str = DEFAULT_IMAGE_ENCODER
-    image_encoder_model: dict[str, Any] = field(default_factory=dict)  # RenderEncoder(**...) for render-cnn
-    image_size: int | None = None  # DINOv2 input px (None: 518); the RenderEncoder's is in its model config
-    model: dict[str, Any] = field(default_factory=dict)  # passed unchanged to ShapeDiT(**model)
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    init_from: str | None = None  # fine-tune a trained DiT folder (diffusion/finetune.py); --init-from
-    init_from_sha256: dict[str, str] | None = (
-        None  # recorded by the run: sha256 of that folder's weight files
-    )
-    lora: LoraConfig = field(
-        default_factory=LoraConfig
-    )  # rank > 0: train LoRA adapters only (needs init_from)
 
 
 @dataclass
@@ -214,83 +147,6 @@ def build_model(
     if config.training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return with_image_encoder(model, image_encoder, config.condition)
-
-
-# --------------------------------------------------------------------------------------------------- data
-@dataclass
-class DiTData:
-    """The latents and captions of a run: the table and its batches when the cache fits in memory."""
-
-    stats: Any  # LatentStats: the normalisation of the latents (the manifest's, or init_from's)
-    captions: Any  # CaptionEmbeddingCache: every caption encoded once (None without text conditioning)
-    num_shapes: int
-    in_memory: Any | None  # InMemoryBatches, or None when streaming shards
-    preview_renders: Any | None = (
-        None  # image conditions in memory: (renders (P, H, W, 3), titles) for previews
-    )
-
-
-def build_data(
-    config: DiTTrainConfig, manifest: dict[str, Any], schedule: TokenSchedule, text_encoder: Any, trainer: Any
-) -> DiTData:
-    """Every unique caption is encoded once, up front (in memory) or on first sight (streaming); image conditions
-    also read the condition images (``diffusion/train_utils.py``)."""
-    from dora_shapegen.data.latent_shards import LatentStats
-    from dora_shapegen.diffusion.conditioning import uses_images
-    from dora_shapegen.diffusion.train_utils import (
-        CaptionEmbeddingCache,
-        InMemoryBatches,
-        load_latent_table,
-        preview_renders,
-    )
-
-    dcfg, accelerator = config.data, trainer.accelerator
-    stats = LatentStats.from_manifest(manifest)
-    captions = CaptionEmbeddingCache(text_encoder, trainer.device) if text_encoder is not None else None
-    if not dcfg.in_memory:
-        if captions is not None:
-            captions.precompute([""])
-        return DiTData(stats, captions, int(manifest.get("num_samples", 0)), None)
-    with_images = uses_images(config.condition)
-    table = load_latent_table(dcfg.shards, schedule.max_tokens, stats, with_images, dcfg.held_out_fraction)
-    batches = InMemoryBatches(
-        table, dcfg.batch_size, config.training.seed, accelerator.process_index, accelerator.num_processes
-    )
-    if captions is not None:
-        captions.precompute([c for shape in table.captions for c in shape] + [""])
-    renders = preview_renders(table, config.sampling.num_prompts) if with_images else None
-    return DiTData(stats, captions, len(table), batches, renders)
-
-
-def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule, trainer: Any) -> BatchSource:
-    """(epoch, batch) from a micro-step on: in memory a function of the micro-step (its own generator picks views and
-    captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
-    from dora_shapegen.diffusion.conditioning import uses_images
-    from dora_shapegen.diffusion.train_utils import streaming_batches
-    from dora_shapegen.seeding import derive_seed
-
-    def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        if data.in_memory is not None:
-            for micro in itertools.count(start):
-                generator = torch.Generator().manual_seed(trainer.step_seed("dit-batch-picks", micro))
-                yield data.in_memory.epoch_of(micro), data.in_memory.batch(micro, generator)
-        else:
-            dcfg = config.data
-            seed = derive_seed(config.training.seed, "dit-stream", trainer.state["global_step"])
-            for batch in streaming_batches(
-                dcfg.shards,
-                schedule.max_tokens,
-                data.stats,
-                dcfg.batch_size,
-                seed,
-                dcfg.shuffle_buffer,
-                dcfg.num_workers,
-                uses_images(config.condition),
-                dcfg.held_out_fraction,
-            ):
-                yield 0, batch
-
-    return batches
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -395,6 +251,7 @@ def train(
     from dora_shapegen.diffusion.sampling_preview import build_previews, log_preview
     from dora_shapegen.diffusion.text_encoder import TextEncoder
     from dora_shapegen.diffusion.train_image import ImageConditioning, build_image_encoder
+    from dora_shapegen.diffusion.train_utils import batch_source, build_data
     from dora_shapegen.provenance import check_resume_provenance
     from dora_shapegen.training.loop import Trainer
 

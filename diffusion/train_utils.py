@@ -1,4 +1,5 @@
-"""The data side of `dora train-dit`: latent batches and cached text embeddings (the loop is ``training/loop.py``).
+"""The data side of `dora train-dit`: latent batches and cached text embeddings, and a run's data built from its
+config (``build_data``, ``batch_source``: what ``diffusion/train.py`` plugs into the loop, ``training/loop.py``).
 
 Data comes from the latent cache (WebDataset shards + manifest.json written by ``dora cache-latents``) through
 ``data.latent_shards``, in one of two modes:
@@ -24,11 +25,12 @@ text-encoder forward. Caption dropout maps a caption to ``""``, whose embedding 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,9 +40,15 @@ from dora_shapegen.data.latent_shards import (
     collate_latents,
     latent_shard_pipeline,
 )
+from dora_shapegen.diffusion.conditioning import uses_images
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder
 from dora_shapegen.errors import ConfigError
 from dora_shapegen.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from dora_shapegen.diffusion.train_config import DiTTrainConfig
+    from dora_shapegen.training.loop import BatchSource
+    from dora_shapegen.training.schedules import TokenSchedule
 
 logger = logging.getLogger("dora.train_dit")
 
@@ -275,3 +283,68 @@ def preview_renders(table: LatentTable, count: int) -> tuple[torch.Tensor, list[
         chosen.setdefault(category or table.shape_ids[index], index)
     picked = [chosen[key] for key in sorted(chosen)][:count]
     return table.images[picked, 0], [table.shape_ids[index] for index in picked]  # (P,H,W,3)
+
+
+# --------------------------------------------------------------------------------------------------- a run's data
+@dataclass
+class DiTData:
+    """The latents and captions of a run: the table and its batches when the cache fits in memory."""
+
+    stats: Any  # LatentStats: the normalisation of the latents (the manifest's, or init_from's)
+    captions: Any  # CaptionEmbeddingCache: every caption encoded once (None without text conditioning)
+    num_shapes: int
+    in_memory: Any | None  # InMemoryBatches, or None when streaming shards
+    preview_renders: Any | None = (
+        None  # image conditions in memory: (renders (P, H, W, 3), titles) for previews
+    )
+
+
+def build_data(
+    config: DiTTrainConfig, manifest: dict[str, Any], schedule: TokenSchedule, text_encoder: Any, trainer: Any
+) -> DiTData:
+    """Every unique caption is encoded once, up front (in memory) or on first sight (streaming); image conditions
+    also read the condition images."""
+    dcfg, accelerator = config.data, trainer.accelerator
+    stats = LatentStats.from_manifest(manifest)
+    captions = CaptionEmbeddingCache(text_encoder, trainer.device) if text_encoder is not None else None
+    if not dcfg.in_memory:
+        if captions is not None:
+            captions.precompute([""])
+        return DiTData(stats, captions, int(manifest.get("num_samples", 0)), None)
+    with_images = uses_images(config.condition)
+    table = load_latent_table(dcfg.shards, schedule.max_tokens, stats, with_images, dcfg.held_out_fraction)
+    batches = InMemoryBatches(
+        table, dcfg.batch_size, config.training.seed, accelerator.process_index, accelerator.num_processes
+    )
+    if captions is not None:
+        captions.precompute([c for shape in table.captions for c in shape] + [""])
+    renders = preview_renders(table, config.sampling.num_prompts) if with_images else None
+    return DiTData(stats, captions, len(table), batches, renders)
+
+
+def batch_source(config: DiTTrainConfig, data: DiTData, schedule: TokenSchedule, trainer: Any) -> BatchSource:
+    """(epoch, batch) from a micro-step on: in memory a function of the micro-step (its own generator picks views and
+    captions); streaming re-seeds the resampled stream with the resume step instead of replaying it."""
+
+    def batches(start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        if data.in_memory is not None:
+            for micro in itertools.count(start):
+                generator = torch.Generator().manual_seed(trainer.step_seed("dit-batch-picks", micro))
+                yield data.in_memory.epoch_of(micro), data.in_memory.batch(micro, generator)
+        else:
+            dcfg = config.data
+            seed = derive_seed(config.training.seed, "dit-stream", trainer.state["global_step"])
+            for batch in streaming_batches(
+                dcfg.shards,
+                schedule.max_tokens,
+                data.stats,
+                dcfg.batch_size,
+                seed,
+                dcfg.shuffle_buffer,
+                dcfg.num_workers,
+                uses_images(config.condition),
+                dcfg.held_out_fraction,
+            ):
+                yield 0, batch
+
+    return batches
