@@ -17,7 +17,7 @@ quiet_foreign_warnings()
 
 _EXPORTS = {
     "DoraTextTo3DPipeline": "dora_shapegen.pipelines.pipeline_text_to_3d",
-    "DoraTextTo3DPipelineOutput": "dora_shapegen.pipelines.pipeline_text_to_3d",
+    "DoraTextTo3DPipelineOutput": "dora_shapegen.pipelines.decoding",
     "DoraImageTo3DPipeline": "dora_shapegen.pipelines.pipeline_image_to_3d",
     "load_pipeline": "dora_shapegen.pipelines.loading",
 }

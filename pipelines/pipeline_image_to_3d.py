@@ -32,13 +32,11 @@ from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.sampling import check_guidance_interval, encode_prompts, merge_embeddings
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
+from dora_shapegen.pipelines.checks import check_latent_stats
+from dora_shapegen.pipelines.decoding import DoraTextTo3DPipelineOutput
 from dora_shapegen.pipelines.denoising import denoise
 from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
-from dora_shapegen.pipelines.pipeline_text_to_3d import (
-    DoraTextTo3DPipeline,
-    DoraTextTo3DPipelineOutput,
-    check_latent_stats,
-)
+from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 IMAGE_CONDITIONS = ("image", "both")

@@ -2,7 +2,8 @@
 
 Follows the diffusers pipeline layout (see StableDiffusion3Pipeline): ``check_inputs``, ``encode_prompt``,
 ``prepare_latents``, a denoising loop with a progress bar and ``callback_on_step_end`` (``pipelines/denoising.py``,
-which the image pipeline runs too), ``decode_latents``.
+which the image pipeline runs too), ``decode_latents``; the argument checks (``pipelines/checks.py``) and the mesh
+extraction with the output class (``pipelines/decoding.py``) are shared with the image pipeline the same way.
 Components are registered with ``register_modules`` so ``save_pretrained`` / ``from_pretrained`` write and read
 the standard layout (model_index.json + one folder per component). The latent statistics of the cache manifest
 (the DiT was trained on normalised latents) are optional ``__init__`` arguments registered to the config, so they
@@ -16,19 +17,15 @@ named by a model_index.json), so ``DoraTextTo3DPipeline.from_pretrained`` works 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput
 
 from dora_shapegen.data.latent_shards import LatentStats
-from dora_shapegen.data.marching import extract_mesh
 from dora_shapegen.diffusion.lora_loader import ShapeDiTLoraLoaderMixin
 from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.sampling import (
@@ -39,97 +36,27 @@ from dora_shapegen.diffusion.sampling import (
 )
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, detect_kind
-from dora_shapegen.pipelines.denoising import denoise
-from dora_shapegen.pipelines.limits import (
-    DEFAULT_MAX_FACES,
-    GUIDANCE_RANGE,
-    MAX_INFERENCE_STEPS,
-    MESH_RESOLUTION_RANGE,
-    not_text_problem,
+from dora_shapegen.pipelines.checks import (  # noqa: F401  (OUTPUT_TYPES: re-exported)
+    OUTPUT_TYPES,
+    check_call,
+    check_latent_stats,
+    string_list,
 )
+from dora_shapegen.pipelines.decoding import (  # noqa: F401  (reduce_faces: re-exported)
+    DoraTextTo3DPipelineOutput,
+    decode_meshes,
+    finish,
+    reduce_faces,
+)
+from dora_shapegen.pipelines.denoising import denoise
+from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
-OUTPUT_TYPES = ("trimesh", "latent", "np")
 LEGACY_MODULES = {
     "vae.modeling_dora_vae": "dora_shapegen.vae.modeling_dora_vae",
     "diffusion.modeling_shape_dit": "dora_shapegen.diffusion.modeling_shape_dit",
 }
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DoraTextTo3DPipelineOutput(BaseOutput):
-    """Output of :class:`DoraTextTo3DPipeline`.
-
-    meshes: one entry per generated shape (prompt-major: all shapes of prompt 0, then prompt 1, ...):
-        ``trimesh.Trimesh`` for ``output_type="trimesh"``, ``(vertices (V,3) float32, faces (F,3) int64)`` numpy
-        tuples for ``"np"``, None for ``"latent"``.
-    latents: the generated latents in VAE space (un-normalised with the cache statistics, ready for
-        ``pipe.vae.decode``), (B*num_shapes, N, C); a torch tensor, or a numpy array for ``"np"``.
-    """
-
-    meshes: list[Any] | None
-    latents: torch.Tensor | np.ndarray
-
-
-def _string_list(value: Any, name: str) -> list[str]:
-    """A prompt argument as a non-empty list of strings, or a ValueError naming the argument and the bad item."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise ValueError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}")
-    if len(items) == 0:
-        raise ValueError(f"`{name}` is an empty list: give at least one prompt")
-    for index, item in enumerate(items):
-        if not isinstance(item, str):
-            raise ValueError(f"`{name}` items must be strings; item {index} is a {type(item).__name__}")
-        problem = not_text_problem(item)
-        if problem:
-            raise ValueError(f"`{name}` item {index}: {problem}")
-    return list(items)
-
-
-def _check_range(name: str, value: Any, low: float, high: float, integer: bool) -> None:
-    """``value`` is a (finite) number in [low, high], an integer when ``integer``; else a ValueError with the range."""
-    kind = "an integer" if integer else "a number"
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if integer:
-        is_number = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(float(value)) or not low <= value <= high:
-        low_text, high_text = (int(low), int(high)) if integer else (f"{low:g}", f"{high:g}")
-        raise ValueError(f"`{name}` must be {kind} in [{low_text}, {high_text}], got {value!r}")
-
-
-def reduce_faces(mesh: Any, max_faces: int) -> Any:
-    """``mesh`` with at most ``max_faces`` faces (quadric decimation); ``metadata["extracted_faces"]`` keeps the
-    count before reduction."""
-    from dora_shapegen.pipelines.mesh_post import simplify
-
-    extracted = len(mesh.faces)
-    if extracted > max_faces:
-        metadata = dict(mesh.metadata)
-        mesh = simplify(mesh, max_faces)
-        mesh.metadata.update(metadata)
-    mesh.metadata["extracted_faces"] = extracted
-    return mesh
-
-
-def check_latent_stats(
-    latent_mean: list[float] | None, latent_std: list[float] | None, channels: int
-) -> tuple[list[float] | None, list[float] | None]:
-    """The cache statistics as float lists, or a ValueError when they do not fit each other or the models."""
-    if (latent_mean is None) != (latent_std is None):
-        raise ValueError("latent_mean and latent_std must be given together (both from the cache manifest)")
-    if latent_mean is None:
-        return None, None
-    latent_mean = [float(value) for value in latent_mean]
-    latent_std = [float(value) for value in latent_std]
-    if len(latent_mean) != len(latent_std):
-        raise ValueError(f"latent_mean has {len(latent_mean)} channels but latent_std has {len(latent_std)}")
-    if len(latent_mean) != channels:
-        raise ValueError(f"latent statistics have {len(latent_mean)} channels but the models use {channels}")
-    if min(latent_std) < 0:
-        raise ValueError("latent_std must be non-negative in every channel")
-    return latent_mean, latent_std
 
 
 class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
@@ -293,48 +220,10 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         mesh_threshold: float = 0.5,
         max_faces: int | None = None,
     ) -> None:
-        prompts = _string_list(prompt, "prompt")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            negatives = _string_list(negative_prompt, "negative_prompt")
-            if len(negatives) != len(prompts):
-                raise ValueError(
-                    f"`negative_prompt` has {len(negatives)} items but `prompt` has {len(prompts)}; "
-                    "give one negative prompt per prompt or a single string"
-                )
-        _check_range("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS, integer=True)
-        _check_range("mesh_resolution", mesh_resolution, *MESH_RESOLUTION_RANGE, integer=True)
-        for name, value in (("num_tokens", num_tokens), ("num_shapes_per_prompt", num_shapes_per_prompt)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        _check_range("guidance_scale", guidance_scale, *GUIDANCE_RANGE, integer=False)
-        # The decoded field lies in [0, 1] (0.5 at the surface): a level at 0 or 1 or beyond never meets it.
-        is_level = isinstance(mesh_threshold, (int, float, np.floating)) and not isinstance(
-            mesh_threshold, bool
-        )
-        if not is_level or not 0.0 < mesh_threshold < 1.0:
-            raise ValueError(f"`mesh_threshold` must be a number in (0, 1), got {mesh_threshold!r}")
-        if max_faces is not None:
-            _check_range("max_faces", max_faces, 4, 2**31 - 1, integer=True)
-        limit = self.token_limit
-        if limit is not None and num_tokens > limit:
-            raise ValueError(f"`num_tokens`={num_tokens} is beyond what the models support (at most {limit})")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if latents is not None:
-            expected = (len(prompts) * num_shapes_per_prompt, num_tokens, self.latent_channels)
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(
-                    f"`latents` must have shape (batch*num_shapes_per_prompt, num_tokens, channels) = {expected}, "
-                    f"got {got}"
-                )
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
-                    f"but found {unknown}"
-                )
+        check_call(
+            self, prompt, negative_prompt, num_inference_steps, num_tokens, num_shapes_per_prompt, mesh_resolution,
+            output_type, latents, callback_on_step_end_tensor_inputs, guidance_scale, mesh_threshold, max_faces,
+        )  # fmt: skip
 
     @torch.no_grad()
     def encode_prompt(
@@ -397,21 +286,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
 
         A shape whose field never crosses ``mesh_threshold`` gives an empty ``trimesh.Trimesh``.
         """
-        vae_parameter = next(self.vae.parameters())
-        vae_dtype, vae_device = vae_parameter.dtype, vae_parameter.device
-        meshes = []
-        for index in range(latents.shape[0]):
-            # One item at a time: the field is queried in chunks, so peak memory stays that of one shape.
-            decoded = self.vae.decode(latents[index : index + 1].to(device=vae_device, dtype=vae_dtype))
-
-            def field(query_points: torch.Tensor, decoded=decoded) -> torch.Tensor:
-                return decoded(query_points.to(vae_dtype))[0].float()  # (M, 3) -> (M,)
-
-            meshes.append(extract_mesh(
-                field, resolution=int(mesh_resolution), threshold=float(mesh_threshold), method="hierarchical",
-                remove_floaters=remove_floaters, device=vae_device,
-            ))  # fmt: skip
-        return meshes
+        return decode_meshes(self.vae, latents, mesh_resolution, mesh_threshold, remove_floaters)
 
     # ------------------------------------------------------------------ call
 
@@ -472,7 +347,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             output_type, latents=latents, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             guidance_scale=guidance_scale, mesh_threshold=mesh_threshold, max_faces=max_faces,
         )  # fmt: skip
-        self.report_prompt_handling(_string_list(prompt, "prompt"))
+        self.report_prompt_handling(string_list(prompt, "prompt"))
         self._guidance_scale = float(guidance_scale)
         guidance_interval = check_guidance_interval(guidance_interval)
         self._interrupt = False
@@ -511,27 +386,8 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         return_dict: bool,
         max_faces: int | None = None,
     ) -> DoraTextTo3DPipelineOutput | tuple:
-        """DiT-space latents (B, N, C) -> VAE space -> meshes in the requested output type (the last step of a call),
-        each reduced to at most ``max_faces`` faces (None: as extracted)."""
-        vae_latents = self.unnormalize_latents(latents.float())  # (B*S, N, C)
-        meshes = None
-        if output_type != "latent":
-            meshes = self.decode_latents(
-                vae_latents,
-                mesh_resolution=mesh_resolution,
-                mesh_threshold=mesh_threshold,
-                remove_floaters=remove_floaters,
-            )
-            if max_faces is not None:
-                meshes = [reduce_faces(mesh, max_faces) for mesh in meshes]
-        if output_type == "np":
-            meshes = [
-                (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64))
-                for mesh in meshes
-            ]
-            vae_latents = vae_latents.cpu().numpy()
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (meshes, vae_latents)
-        return DoraTextTo3DPipelineOutput(meshes=meshes, latents=vae_latents)
+        """The last step of a call: DiT-space latents (B, N, C) -> the output (``pipelines/decoding.py``)."""
+        return finish(
+            self, latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict,
+            max_faces,
+        )  # fmt: skip
