@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dora_shapegen.config import save_yaml, to_dict
-from dora_shapegen.diffusion.train_config import (  # noqa: F401  (re-exported: the run config's import path before the split)
+from dora_shapegen.diffusion.train_config import (  # noqa: F401  (re-exported: the config's old import path)
     DataConfig,
     DiTTrainConfig,
     SamplingConfig,
