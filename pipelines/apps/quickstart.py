@@ -74,18 +74,17 @@ class GenerateStage:
 @dataclass(frozen=True)
 class Calibration:
     """What the ETA printed up front scales: a fresh clone's run of the shipped quickstart on a free 2-core machine
-    (2026-12-06, main at d4d829e: VAE 560 steps + validation 562 s, DiT 675 steps 602 s, every other stage 266 s;
-    OpenMP workers were still forced to sleep then, which cost ~10% of the VAE's and ~25% of the DiT's time, so
-    today's default runs faster than this says), while ``measure_matmul_gflops`` read 264 GFLOP/s. The ETA
-    multiplies each training's seconds by its configured steps over the calibrated ones, and everything by the
-    calibrated matmul rate over this machine's rate now (the same half-second measurement on both sides). An ETA,
-    not a promise: each training's progress bar has the real one."""
+    (2026-12-06, main at f8ba17a: VAE 560 steps + validation 513 s, DiT 675 steps 501 s, every other stage 247 s;
+    22 min 17 s for `make quickstart` with its virtual environment), while ``measure_matmul_gflops`` read 299
+    GFLOP/s. The ETA multiplies each training's seconds by its configured steps over the calibrated ones, and
+    everything by the calibrated matmul rate over this machine's rate now (the same half-second measurement on both
+    sides). An ETA, not a promise: each training's progress bar has the real one."""
 
-    matmul_gflops: float = 264.0  # 0 = no calibration: print the step budgets only
-    other_stages_seconds: float = 266.0  # every stage but the two trainings
-    vae_seconds: float = 562.0
+    matmul_gflops: float = 299.0  # 0 = no calibration: print the step budgets only
+    other_stages_seconds: float = 247.0  # every stage but the two trainings
+    vae_seconds: float = 513.0
     vae_steps: int = 560
-    dit_seconds: float = 602.0
+    dit_seconds: float = 501.0
     dit_steps: int = 675
 
 
