@@ -2,8 +2,8 @@
 
 Each shape's mesh is extracted coarse-to-fine from its decoded VAE field (``data.marching``), then reduced to at
 most ``max_faces`` faces; the result is a :class:`DoraTextTo3DPipelineOutput` (or a tuple). ``DoraTextTo3DPipeline``
-and ``DoraImageTo3DPipeline`` run it through their ``decode_latents`` and ``_finish``, as they run
-``pipelines/denoising.py`` for the loop before it.
+and ``DoraImageTo3DPipeline`` call :func:`finish` at the end of ``__call__`` (and :func:`decode_meshes` through
+their ``decode_latents``), as they run ``pipelines/denoising.py`` for the loop before it.
 """
 
 from __future__ import annotations

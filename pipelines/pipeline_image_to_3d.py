@@ -33,7 +33,7 @@ from dora_shapegen.diffusion.sampling import check_guidance_interval, encode_pro
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
 from dora_shapegen.pipelines.checks import check_latent_stats
-from dora_shapegen.pipelines.decoding import DoraTextTo3DPipelineOutput
+from dora_shapegen.pipelines.decoding import DoraTextTo3DPipelineOutput, finish
 from dora_shapegen.pipelines.denoising import denoise
 from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
 from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
@@ -267,6 +267,6 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         )  # fmt: skip
 
         # 5. Back to VAE space, then the field -> meshes (the text pipeline's post-processing).
-        return self._finish(
-            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
-        )
+        return finish(
+            self, latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
+        )  # fmt: skip

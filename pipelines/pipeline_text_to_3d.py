@@ -372,22 +372,6 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         )  # fmt: skip
 
         # 5. Back to VAE space, then the field -> meshes.
-        return self._finish(
-            latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
-        )
-
-    def _finish(
-        self,
-        latents: torch.Tensor,
-        output_type: str,
-        mesh_resolution: int,
-        mesh_threshold: float,
-        remove_floaters: bool,
-        return_dict: bool,
-        max_faces: int | None = None,
-    ) -> DoraTextTo3DPipelineOutput | tuple:
-        """The last step of a call: DiT-space latents (B, N, C) -> the output (``pipelines/decoding.py``)."""
         return finish(
-            self, latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict,
-            max_faces,
+            self, latents, output_type, mesh_resolution, mesh_threshold, remove_floaters, return_dict, max_faces
         )  # fmt: skip
