@@ -411,6 +411,35 @@ def test_local_attention_is_order_free_and_trains_anchors(queries, tmp_path):
         make_model(local_attention=True, locality_sigmas=[0.1])
 
 
+def test_local_attention_in_the_encoder_only(queries, tmp_path):
+    """local_decoder=False: the encoder's cross-attentions are local (they take the FPS points' positions), the
+    query decoder is the plain one, so decoding needs no predicted anchors and forward has no anchor term."""
+    from dora_shapegen.vae.attention import CrossAttentionBlock
+    from dora_shapegen.vae.local_attention import LocalCrossAttentionBlock
+
+    model = make_model(local_attention=True, local_decoder=False, qk_norm=True)
+    assert isinstance(model.cross_attn_uniform, LocalCrossAttentionBlock)
+    assert type(model.cross_attn_decoder) is CrossAttentionBlock and model.anchor_head is None
+    cloud = make_point_cloud()
+    uniform = torch.as_tensor(np.concatenate([cloud.uniform_points, cloud.uniform_normals], 1))[None]
+    salient = torch.as_tensor(np.concatenate([cloud.salient_points, cloud.salient_normals], 1))[None]
+    out = model.train()(uniform=uniform, salient=salient, query_points=queries[None], num_tokens=16)
+    assert "anchor_loss" not in out
+    out["raw"].mean().backward()
+    assert model.cross_attn_uniform.attn.log_locality.grad is not None
+    with torch.no_grad():
+        latents = model.eval().encode(cloud, num_tokens=32)
+        # The encoder is the full local model's (same seed, same parameters up to the decoder): the same code.
+        full_local = make_model(local_attention=True, qk_norm=True)
+        torch.testing.assert_close(latents, full_local.encode(cloud, num_tokens=32))
+        reference = model.decode_at_points(latents, queries, output="raw")
+    model.save_pretrained(tmp_path)
+    loaded = DoraVAE.from_pretrained(tmp_path).eval()
+    assert loaded.config.local_decoder is False and loaded.anchor_head is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode_at_points(latents, queries, output="raw"), reference)
+
+
 def test_local_attention_reports_moving_least_squares_distance():
     """Keys on the plane z = 0 with normals +z: each head's IMLS distance feature is the query's height over its
     length sigma, and the offset's z part likewise (the attended point lies on the plane)."""
