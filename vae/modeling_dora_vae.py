@@ -48,9 +48,9 @@ class DoraVAE(ModelMixin, ConfigMixin):
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
     qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
-    locality_sigmas (distance-aware cross-attention, see local_attention.py; off in Dora) / local_decoder (False: in the
-    encoder only, the query decoder stays plain), the preprocessing the
-    weights were trained with: epsilon, tsdf_truncation, n_uniform, n_salient, and sample_posterior (what
+    locality_sigmas (distance-aware cross-attention, see local_attention.py; off in Dora) / local_decoder
+    (False: in the encoder only, the query decoder stays plain), the preprocessing the weights were trained
+    with: epsilon, tsdf_truncation, n_uniform, n_salient, and sample_posterior (what
     :meth:`encode` does by default: the posterior mean, or a sample as the official Dora test config does, which
     converted weights follow). gradient_checkpointing switches activation checkpointing on for every block.
     """
@@ -105,8 +105,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
         cross_block = CrossAttentionBlock
         if local_attention:  # local attention: the same blocks with a per-head distance term
             cross_block = local.cross_attention_block(heads, locality_sigmas)
-        # local_decoder=False keeps the query decoder plain: the encoder's queries sit at exactly known FPS points,
-        # the decoder's keys at positions the tokens predict, which a generated code gets wrong (see local_attention.py).
+        # local_decoder=False keeps the query decoder plain: the encoder's queries sit at exactly known FPS
+        # points, the decoder's keys at positions the tokens predict, which a generated code gets wrong.
         decoder_block = cross_block if local_attention and local_decoder else CrossAttentionBlock
         self.fourier = FourierEmbedder(num_freqs=num_freqs, include_input=True, include_pi=include_pi)
         point_dim = self.fourier.output_dim(3) + point_feature_dim
