@@ -78,13 +78,17 @@ class Calibration:
     22 min 17 s for `make quickstart` with its virtual environment), while ``measure_matmul_gflops`` read 299
     GFLOP/s. The ETA multiplies each training's seconds by its configured steps over the calibrated ones, and
     everything by the calibrated matmul rate over this machine's rate now (the same half-second measurement on both
-    sides). An ETA, not a promise: each training's progress bar has the real one."""
+    sides). An ETA, not a promise: each training's progress bar has the real one.
+
+    Two stages lost work since that run, subtracted here as measured on one machine back to back: the Dora-bench's
+    latent check at 256 tokens only (108 -> 52 s, so that day's 91.5 s bench took ~44 s: other stages 247 -> 200 s)
+    and the DiT's final preview (~13 s: 501 -> 488 s)."""
 
     matmul_gflops: float = 299.0  # 0 = no calibration: print the step budgets only
-    other_stages_seconds: float = 247.0  # every stage but the two trainings
+    other_stages_seconds: float = 200.0  # every stage but the two trainings
     vae_seconds: float = 513.0
     vae_steps: int = 560
-    dit_seconds: float = 501.0
+    dit_seconds: float = 488.0
     dit_steps: int = 675
 
 
