@@ -17,6 +17,7 @@ import yaml
 
 from dora_shapegen import cli_types
 from dora_shapegen.diffusion import DEFAULT_TEXT_ENCODER
+from dora_shapegen.pipelines.limits import DEFAULT_GUIDANCE_SCALE, GUIDANCE_RANGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default num_tokens at generation (default: the DiT run's sampling/schedule token "
         "count, else the token count of the cached latents)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=cli_types.float_in(*GUIDANCE_RANGE),
+        default=None,
+        help="classifier-free guidance scale generation uses by default, in [0, 100] (default: the DiT run's "
+        f"sampling.guidance_scale, the guidance of its training previews; else {DEFAULT_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--allow-vae-mismatch",
@@ -101,6 +109,20 @@ def _trained_num_tokens(record: dict[str, Any]) -> int | None:
     return None
 
 
+def _trained_guidance_scale(record: dict[str, Any]) -> float | None:
+    """Guidance the DiT run sampled its previews with (sampling.guidance_scale), or None when it records none."""
+    guidance = (record.get("sampling") or {}).get("guidance_scale")
+    if guidance is None:
+        return None
+    from dora_shapegen.pipelines.checks import check_range
+
+    try:
+        check_range("sampling.guidance_scale", guidance, *GUIDANCE_RANGE, integer=False)
+    except ValueError as error:
+        raise ValueError(f"the DiT's run record: {error}; pass --guidance-scale") from None
+    return float(guidance)
+
+
 def _scheduler(transformer_dir: Path, shift: float | None) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -122,9 +144,11 @@ def assemble(
     num_tokens: int | None = None,
     allow_vae_mismatch: bool = False,
     image_encoder: str | None = None,
+    guidance_scale: float | None = None,
 ) -> Any:
     """Build, check and save the pipeline (a DoraImageTo3DPipeline when the DiT run's ``condition`` is ``image``
-    or ``both``); returns it."""
+    or ``both``); returns it. ``guidance_scale``: the pipeline's default guidance (None: the DiT run's
+    ``sampling.guidance_scale``, if its run record has one)."""
     from dora_shapegen.data.latent_shards import LatentStats, load_manifest
     from dora_shapegen.diffusion import ShapeDiT
     from dora_shapegen.diffusion.text_encoder import TextEncoder
@@ -148,10 +172,12 @@ def assemble(
             )
     transformer = ShapeDiT.from_pretrained(transformer_dir)
     record = _run_record(transformer_dir)
+    if guidance_scale is None:
+        guidance_scale = _trained_guidance_scale(record)
     if record.get("condition", "text") != "text":
         pipe = _image_pipeline(
             vae, transformer, transformer_dir, record, stats, info, text_encoder, image_encoder, scheduler_shift,
-            max_tokens, num_tokens,
+            max_tokens, num_tokens, guidance_scale,
         )  # fmt: skip
         pipe.save_pretrained(out_dir)
         return pipe
@@ -191,6 +217,7 @@ def assemble(
         default_num_tokens=num_tokens or _trained_num_tokens(record) or info.get("num_tokens"),
         text_max_length=encoder.max_length,
         text_encoder_kind=encoder.kind,
+        default_guidance_scale=guidance_scale,
     )
     pipe.save_pretrained(out_dir)
     return pipe
@@ -208,6 +235,7 @@ def _image_pipeline(
     scheduler_shift: float | None,
     max_tokens: int | None,
     num_tokens: int | None,
+    guidance_scale: float | None,
 ) -> Any:
     """A DoraImageTo3DPipeline for an image (or image + text) DiT: its image encoder is the trained RenderEncoder
     beside the weights (``final/image_encoder``) or the DINOv2 named in the run config (``--image-encoder`` to
@@ -255,6 +283,7 @@ def _image_pipeline(
         image_size=images.image_size,
         image_border_ratio=images.border_ratio,
         image_encoder_kind=images.kind,
+        default_guidance_scale=guidance_scale,
     )
 
 
@@ -280,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             num_tokens=args.num_tokens,
             allow_vae_mismatch=args.allow_vae_mismatch,
             image_encoder=args.image_encoder,
+            guidance_scale=args.guidance_scale,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"dora assemble-pipeline: {error}", file=sys.stderr)

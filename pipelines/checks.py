@@ -47,6 +47,15 @@ def check_range(name: str, value: Any, low: float, high: float, integer: bool) -
         raise ValueError(f"`{name}` must be {kind} in [{low_text}, {high_text}], got {value!r}")
 
 
+def check_default_guidance_scale(value: float | None) -> float | None:
+    """A pipeline's stored guidance as a float (None: none stored), or a ValueError with the range ``guidance_scale``
+    has, so that a pipeline never stores a default its own calls would refuse."""
+    if value is None:
+        return None
+    check_range("default_guidance_scale", value, *GUIDANCE_RANGE, integer=False)
+    return float(value)
+
+
 def check_latent_stats(
     latent_mean: list[float] | None, latent_std: list[float] | None, channels: int
 ) -> tuple[list[float] | None, list[float] | None]:

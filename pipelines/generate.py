@@ -15,6 +15,7 @@ from typing import Any
 
 from dora_shapegen import cli_types
 from dora_shapegen.pipelines.limits import (
+    DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MAX_FACES,
     GUIDANCE_RANGE,
     MAX_INFERENCE_STEPS,
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--guidance",
         type=cli_types.float_in(*GUIDANCE_RANGE),
-        default=5.0,
-        help="classifier-free guidance scale in [0, 100] (<=1 disables; default 5)",
+        default=None,
+        help="classifier-free guidance scale in [0, 100] (<=1 disables; default: the pipeline's stored "
+        f"guidance, else {DEFAULT_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--tokens",

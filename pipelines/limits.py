@@ -12,6 +12,9 @@ DEFAULT_MAX_FACES = 40_000
 MESH_RESOLUTION_RANGE = RESOLUTION_RANGE  # the marching-cubes grid of every `--resolution` (why: cli_types)
 MAX_INFERENCE_STEPS = 1000  # the flow-matching scheduler's own timestep count
 GUIDANCE_RANGE = (0.0, 100.0)  # <= 1 disables classifier-free guidance; far above ~15 samples break up
+# The guidance of a pipeline that stores none (a folder assembled before pipelines stored one, or one built by hand
+# without it): the pipelines' call default of that time, so such a pipeline samples as it did.
+DEFAULT_GUIDANCE_SCALE = 5.0
 MAX_SHAPES = 256  # shapes per `dora generate`: denoised in one batch, meshed in turn
 MAX_PROMPT_CHARS = 2000  # the demo's limit: the text encoders read 77-512 tokens, a few hundred words at most
 

@@ -32,7 +32,7 @@ from dora_shapegen.diffusion.modeling_shape_dit import ShapeDiT
 from dora_shapegen.diffusion.sampling import check_guidance_interval, encode_prompts, merge_embeddings
 from dora_shapegen.diffusion.text_encoder import KINDS as TEXT_ENCODER_KINDS
 from dora_shapegen.diffusion.text_encoder import TextEmbeddings
-from dora_shapegen.pipelines.checks import check_latent_stats
+from dora_shapegen.pipelines.checks import check_default_guidance_scale, check_latent_stats
 from dora_shapegen.pipelines.decoding import DoraTextTo3DPipelineOutput, finish
 from dora_shapegen.pipelines.denoising import denoise
 from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
@@ -50,8 +50,8 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         image_encoder: the trained ``RenderEncoder`` or a transformers ``Dinov2Model`` /
             ``Dinov2WithRegistersModel`` the DiT was trained with.
         text_encoder, tokenizer: the frozen text encoder of a ``condition="both"`` model; None for ``"image"``.
-        latent_mean, latent_std, max_tokens, default_num_tokens, text_max_length, text_encoder_kind: as the
-            text pipeline.
+        latent_mean, latent_std, max_tokens, default_num_tokens, text_max_length, text_encoder_kind,
+            default_guidance_scale: as the text pipeline.
         condition: ``"image"`` or ``"both"`` (the DiT run's ``condition``).
         image_size: the encoder's input size in px (None: the RenderEncoder's own, 518 for DINOv2).
         image_border_ratio: the recentring margin of input images (the renders were made with it).
@@ -85,6 +85,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         image_size: int | None = None,
         image_border_ratio: float = BORDER_RATIO,
         image_encoder_kind: str | None = None,
+        default_guidance_scale: float | None = None,
     ):
         DiffusionPipeline.__init__(self)
         self.register_modules(
@@ -119,6 +120,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
             image_size=image_size,
             image_border_ratio=image_border_ratio,
             image_encoder_kind=image_encoder_kind,
+            default_guidance_scale=check_default_guidance_scale(default_guidance_scale),
         )
 
     # ------------------------------------------------------------------ model facts
@@ -198,7 +200,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         num_tokens: int | None = None,
         num_shapes_per_prompt: int = 1,
@@ -224,7 +226,8 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
                 in [0, 1]; RGBA cut-outs use their alpha as the object mask.
             prompt, negative_prompt: text for a ``"both"`` model (one prompt per image); refused by ``"image"``.
             image_names: labels for the images in error messages (default: their paths).
-            Everything else: as :meth:`DoraTextTo3DPipeline.__call__` (guidance contrasts with "no image").
+            Everything else: as :meth:`DoraTextTo3DPipeline.__call__` (guidance contrasts with "no image"; its
+                default is ``pipe.default_guidance_scale``).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -234,6 +237,7 @@ class DoraImageTo3DPipeline(DoraTextTo3DPipeline):
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         batch_size = self._batch(images, prompts)
         num_tokens = self.default_num_tokens if num_tokens is None else num_tokens
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(
             prompts if prompts is not None else [""] * batch_size, negative_prompt, num_inference_steps,
             num_tokens, num_shapes_per_prompt, mesh_resolution, output_type, latents=latents,

@@ -39,6 +39,7 @@ from dora_shapegen.diffusion.text_encoder import TextEmbeddings, TextEncoder, de
 from dora_shapegen.pipelines.checks import (  # noqa: F401  (OUTPUT_TYPES: re-exported)
     OUTPUT_TYPES,
     check_call,
+    check_default_guidance_scale,
     check_latent_stats,
     string_list,
 )
@@ -49,7 +50,7 @@ from dora_shapegen.pipelines.decoding import (  # noqa: F401  (reduce_faces: re-
     reduce_faces,
 )
 from dora_shapegen.pipelines.denoising import denoise
-from dora_shapegen.pipelines.limits import DEFAULT_MAX_FACES
+from dora_shapegen.pipelines.limits import DEFAULT_GUIDANCE_SCALE, DEFAULT_MAX_FACES
 from dora_shapegen.vae.modeling_dora_vae import DoraVAE
 
 LEGACY_MODULES = {
@@ -71,6 +72,9 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             generated latents are mapped back with ``x * std + mean`` before decoding. None = identity.
         max_tokens: the largest ``num_tokens`` accepted. None = the VAE's recorded maximum (its config), if any.
         default_num_tokens: ``num_tokens`` used when the call does not give one (the DiT's training length).
+        default_guidance_scale: ``guidance_scale`` used when the call does not give one, in ``GUIDANCE_RANGE``
+            (`dora assemble-pipeline` stores the DiT run's ``sampling.guidance_scale``, the guidance of its
+            training previews). None = ``pipelines.limits.DEFAULT_GUIDANCE_SCALE``.
         text_max_length: tokenizer truncation length, the one used in DiT training.
         text_encoder_kind: how the pooled vector is made (``diffusion.text_encoder.KINDS``); recorded because a
             saved transformers folder loses the sentence-transformers marker (L2-normalised mean pooling).
@@ -97,6 +101,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         default_num_tokens: int | None = None,
         text_max_length: int = 77,
         text_encoder_kind: str | None = None,
+        default_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -119,6 +124,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             default_num_tokens=default_num_tokens,
             text_max_length=text_max_length,
             text_encoder_kind=text_encoder_kind,
+            default_guidance_scale=check_default_guidance_scale(default_guidance_scale),
         )
 
     @classmethod
@@ -151,6 +157,13 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
     def default_num_tokens(self) -> int:
         """The pipeline's ``default_num_tokens`` (the cached latents' count), else the VAE's default."""
         return int(self.config.default_num_tokens or self.vae.config.default_num_tokens)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The pipeline's ``default_guidance_scale`` (its DiT run's preview guidance, when assembled from a run),
+        else ``DEFAULT_GUIDANCE_SCALE`` (a folder saved before pipelines stored one loads with None)."""
+        stored = self.config.default_guidance_scale
+        return DEFAULT_GUIDANCE_SCALE if stored is None else float(stored)
 
     @property
     def guidance_scale(self) -> float:
@@ -216,10 +229,13 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         output_type: str,
         latents: torch.Tensor | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         mesh_threshold: float = 0.5,
         max_faces: int | None = None,
     ) -> None:
+        """The call's arguments checked (``pipelines/checks.py``); ``guidance_scale`` None is the pipeline's
+        default."""
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         check_call(
             self, prompt, negative_prompt, num_inference_steps, num_tokens, num_shapes_per_prompt, mesh_resolution,
             output_type, latents, callback_on_step_end_tensor_inputs, guidance_scale, mesh_threshold, max_faces,
@@ -296,7 +312,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         num_tokens: int | None = None,
         num_shapes_per_prompt: int = 1,
@@ -320,7 +336,8 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
             prompt: one prompt or a list of prompts.
             negative_prompt: the unconditional branch of CFG (default ""); a string or one per prompt.
             num_inference_steps: Euler steps of the flow-matching ODE.
-            guidance_scale: CFG weight ``w`` (``v = v_u + w (v_c - v_u)``); <= 1 disables CFG.
+            guidance_scale: CFG weight ``w`` (``v = v_u + w (v_c - v_u)``); <= 1 disables CFG. Default:
+                ``pipe.default_guidance_scale`` (the guidance the pipeline was assembled with, else 5).
             guidance_interval: ``(low, high)``: guide only at noise levels sigma in this interval (arXiv 2404.07724);
                 None guides every step.
             num_tokens: latent tokens per shape (default: ``pipe.default_num_tokens``); at most ``pipe.token_limit``.
@@ -342,6 +359,7 @@ class DoraTextTo3DPipeline(DiffusionPipeline, ShapeDiTLoraLoaderMixin):
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         num_tokens = self.default_num_tokens if num_tokens is None else num_tokens
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(
             prompt, negative_prompt, num_inference_steps, num_tokens, num_shapes_per_prompt, mesh_resolution,
             output_type, latents=latents, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,

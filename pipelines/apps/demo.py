@@ -33,9 +33,8 @@ from dora_shapegen.pipelines.limits import MAX_PROMPT_CHARS, not_text_problem
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 0
-GUIDANCE_SLIDER = (1.0, 15.0)
+GUIDANCE_SLIDER = (1.0, 15.0)  # widened to hold a pipeline's stored guidance outside it (_guidance_range)
 SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes as a signed value, and JSON carries exactly
 DEFAULT_MAX_QUEUE = 16
 EXAMPLE_PROMPTS = ["a round table with one central leg", "a chair with four legs", "a tall cylindrical vase"]
@@ -50,15 +49,27 @@ def _str_to_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+def _guidance_range(pipeline: Any) -> tuple[float, float]:
+    """The guidance slider's range: ``GUIDANCE_SLIDER``, widened where needed to hold the pipeline's
+    ``default_guidance_scale``, its initial value (so the page starts at the guidance the pipeline was assembled
+    with, whatever it is)."""
+    default = pipeline.default_guidance_scale
+    return min(GUIDANCE_SLIDER[0], default), max(GUIDANCE_SLIDER[1], default)
+
+
 def _sampler_controls(
-    gr: Any, max_steps: int, token_limit: int, default_tokens: int
+    gr: Any, max_steps: int, token_limit: int, default_tokens: int, pipeline: Any
 ) -> tuple[Any, Any, Any, Any]:
     """The steps, guidance, tokens and seed controls of both pages, made in the caller's column."""
     steps = gr.Slider(
         1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps", elem_id="steps"
     )
     guidance = gr.Slider(
-        *GUIDANCE_SLIDER, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance"
+        *_guidance_range(pipeline),
+        value=pipeline.default_guidance_scale,
+        step=0.5,
+        label="Guidance scale",
+        elem_id="guidance",
     )
     tokens = gr.Slider(1, token_limit, value=default_tokens, step=1, label="Latent tokens", elem_id="tokens")
     seed = gr.Number(
@@ -89,8 +100,8 @@ def build_demo(
     Generated .glb files go to ``output_dir`` (default: a fresh folder in the system temp dir, which Gradio may
     serve; pass ``allowed_paths=[output_dir]`` to ``launch`` for a folder elsewhere). ``mesh_resolution`` and
     ``mesh_threshold`` are server-side extraction settings; the token slider goes up to ``max_tokens`` (default:
-    the pipeline's ``token_limit``, else 4x its default token count). At most ``max_queue`` requests wait while
-    one generates.
+    the pipeline's ``token_limit``, else 4x its default token count). The guidance slider starts at the pipeline's
+    ``default_guidance_scale``. At most ``max_queue`` requests wait while one generates.
     """
     import gradio as gr
     import torch
@@ -134,7 +145,7 @@ def build_demo(
         if problem:
             raise gr.Error(f"The prompt: {problem}.")
         steps = number(steps, "Steps", 1, max_steps, integer=True)
-        guidance = number(guidance, "Guidance scale", *GUIDANCE_SLIDER, integer=False)
+        guidance = number(guidance, "Guidance scale", *_guidance_range(pipeline), integer=False)
         tokens = number(tokens, "Latent tokens", 1, token_limit, integer=True)
         seed = number(DEFAULT_SEED if seed is None else seed, "Seed", 0, SEED_MAX, integer=True)
         inputs = {"prompt": prompt} if takes_text_only else {"image": image, "prompt": prompt or None}
@@ -177,7 +188,9 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPTS[0], lines=2, elem_id="prompt")
-                steps, guidance, tokens, seed = _sampler_controls(gr, max_steps, token_limit, default_tokens)
+                steps, guidance, tokens, seed = _sampler_controls(
+                    gr, max_steps, token_limit, default_tokens, pipeline
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
             viewer, download = _result_view(gr)
@@ -224,7 +237,9 @@ def _image_demo(
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="numpy", image_mode="RGBA", elem_id="image")
                 prompt = gr.Textbox(label="Prompt (optional)", lines=2, elem_id="prompt", visible=with_prompt)
-                steps, guidance, tokens, seed = _sampler_controls(gr, max_steps, token_limit, default_tokens)
+                steps, guidance, tokens, seed = _sampler_controls(
+                    gr, max_steps, token_limit, default_tokens, pipeline
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             viewer, download = _result_view(gr)
         inputs = [image, prompt, steps, guidance, tokens, seed]

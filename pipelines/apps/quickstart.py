@@ -66,7 +66,8 @@ class BenchStage:
 class GenerateStage:
     prompts: list[str] = field(default_factory=list)
     steps: int = 25
-    guidance: float = 4.0
+    # None: the pipeline's default_guidance_scale (assembled from dit.yaml's sampling.guidance_scale).
+    guidance: float | None = None
     resolution: int = 96
     seed: int = 0
 

@@ -25,7 +25,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def generate_samples(pipeline_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
-    """One mesh per prompt of ``cfg.prompts`` (a .glb each), a captioned PNG grid and a JSON index."""
+    """One mesh per prompt of ``cfg.prompts`` (a .glb each), a captioned PNG grid and a JSON index, at
+    ``cfg.guidance`` (None: the pipeline's ``default_guidance_scale``)."""
     from dora_shapegen.pipelines.mesh_post import export_mesh, render_grid_png
     from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
 
@@ -59,7 +60,12 @@ def generate_samples(pipeline_dir: Path, out_dir: Path, cfg: Any) -> dict[str, A
         meshes.append(mesh)
     render_grid_png(meshes, out_dir / "grid.png", titles=list(cfg.prompts), columns=4)
     (out_dir / "samples.json").write_text(json.dumps(rows, indent=2))
-    return {"num_samples": len(rows), "non_empty": sum(1 for r in rows if r["path"])}
+    # The guidance the call ran with (cfg.guidance None: the pipeline's stored one), kept in the stage's marker.
+    return {
+        "num_samples": len(rows),
+        "non_empty": sum(1 for r in rows if r["path"]),
+        "guidance": pipeline.guidance_scale,
+    }
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:

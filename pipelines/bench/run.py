@@ -3,7 +3,7 @@ r"""`dora bench-generation`: judge a text- or image-to-3D pipeline's shapes the 
     dora bench-generation --pipeline outputs/quickstart/pipeline --out outputs/quickstart/bench_generation \
         [--reference PREPARED | MESH_FOLDER | INDEX | builtin:N] [--split held-out|train|all] \
         [--prompts captions configs/bench_generation/paraphrases.jsonl renders] [--views-per-shape 1] \
-        [--samples-per-prompt 4] [--steps 25 --guidance 4 --tokens N --seed 0 --resolution 96 --device cpu|cuda] \
+        [--samples-per-prompt 4] [--steps 25 --guidance G --tokens N --seed 0 --resolution 96 --device cpu|cuda] \
         [--config YAML]
 
 For every prompt set (``captions``: training-style captions of the reference shapes, one or more per category; a
@@ -63,7 +63,8 @@ from dora_shapegen.pipelines.bench.metrics import (
     mesh_structure,
     prompt_diversity,
 )
-from dora_shapegen.pipelines.limits import GUIDANCE_RANGE, MAX_INFERENCE_STEPS
+from dora_shapegen.pipelines.checks import check_range
+from dora_shapegen.pipelines.limits import DEFAULT_GUIDANCE_SCALE, GUIDANCE_RANGE, MAX_INFERENCE_STEPS
 from dora_shapegen.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class GenerationBenchConfig:
     prompts_per_category: int = 1
     samples_per_prompt: int = 4
     steps: int = 25
-    guidance: float = 4.0
+    guidance: float | None = None  # None: the pipeline's default_guidance_scale; results record the one used
     guidance_interval: list[float] | None = (
         None  # (low, high) noise levels where guidance applies; None = all
     )
@@ -132,6 +133,8 @@ def check_config(config: GenerationBenchConfig) -> None:
         raise ValueError(
             "prompts: give at least one prompt set ('captions', 'renders' or a .txt / .jsonl file)"
         )
+    if config.guidance is not None:
+        check_range("guidance", config.guidance, *GUIDANCE_RANGE, integer=False)
     check_guidance_interval(config.guidance_interval)
     if not 0.0 < config.threshold < 1.0:
         raise ValueError(f"threshold must lie in (0, 1), the occupancy field's range, got {config.threshold}")
@@ -353,6 +356,8 @@ def run_generation_bench(
 
     clock = time.perf_counter()
     pipe = load_pipeline(pipeline_dir, config.device) if pipeline_dir is not None else pipeline
+    if config.guidance is None:  # the settings written with the results name the guidance the samples had
+        config = dataclasses.replace(config, guidance=pipe.default_guidance_scale)
     requests = [
         {
             "set": name,
@@ -465,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=cli_types.float_in(*GUIDANCE_RANGE),
         default=None,
-        help="classifier-free guidance scale (4.0)",
+        help="classifier-free guidance scale (default: the pipeline's stored guidance, else "
+        f"{DEFAULT_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--tokens", type=cli_types.positive_int, default=None, help="latent tokens (default: the pipeline's)"

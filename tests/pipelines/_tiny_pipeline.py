@@ -40,8 +40,9 @@ def _randomize_zero_tensors(transformer: ShapeDiT) -> None:
             parameter.normal_(0.0, 0.2)
 
 
-def make_tiny_pipeline(seed: int = 0) -> DoraTextTo3DPipeline:
-    """A pipeline of tiny random models whose every part influences the output.
+def make_tiny_pipeline(seed: int = 0, default_guidance_scale: float | None = None) -> DoraTextTo3DPipeline:
+    """A pipeline of tiny random models whose every part influences the output (``default_guidance_scale``: the
+    stored guidance, None as in a folder assembled before pipelines stored one).
 
     ShapeDiT starts as a zero-velocity identity (zero gates and output layer, by design for training); here those
     zero-initialised tensors get small random values so that the prompt, guidance and steps change the result.
@@ -67,12 +68,15 @@ def make_tiny_pipeline(seed: int = 0) -> DoraTextTo3DPipeline:
         latent_std=latent_std,
         text_encoder_kind=encoder.kind,
         text_max_length=encoder.max_length,
+        default_guidance_scale=default_guidance_scale,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraImageTo3DPipeline:
+def make_tiny_image_pipeline(
+    condition: str = "image", seed: int = 0, default_guidance_scale: float | None = None
+) -> DoraImageTo3DPipeline:
     """A DoraImageTo3DPipeline of tiny random models: ``"image"`` with a RenderEncoder (32 px renders), ``"both"``
     with the tiny random DINOv2 (56 px) beside the tiny random BERT text encoder; zero-initialised DiT tensors get
     small random values, as in :func:`make_tiny_pipeline`."""
@@ -109,6 +113,7 @@ def make_tiny_image_pipeline(condition: str = "image", seed: int = 0) -> DoraIma
         condition=condition,
         image_size=image.image_size,
         image_encoder_kind=image.kind,
+        default_guidance_scale=default_guidance_scale,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

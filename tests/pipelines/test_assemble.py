@@ -23,15 +23,21 @@ SHIFT = 2.5
 
 
 def _write_parts(
-    root: Path, channels: int = LATENT_CHANNELS, vae_sha256: str | None = None
+    root: Path,
+    channels: int = LATENT_CHANNELS,
+    vae_sha256: str | None = None,
+    sampling: dict | None = None,
 ) -> dict[str, Path]:
-    """The folders `dora train-vae` / `train-dit` / `cache-latents` produce, from the tiny test models."""
+    """The folders `dora train-vae` / `train-dit` / `cache-latents` produce, from the tiny test models
+    (``sampling``: the run record's sampling section, which older records and this default lack)."""
     tiny = make_tiny_pipeline()
     tiny.vae.save_pretrained(root / "vae")
     # `dora train-dit` exports final/: the weights, run_config.yaml (text encoder, schedule...) and scheduler/.
     tiny.transformer.save_pretrained(root / "dit" / "final")
     run_config = {"text_encoder": "tiny-random:bert", "training": {"text_max_length": 40},
                   "schedule": {"phases": [{"until_step": None, "tokens": [8, TRAINED_TOKENS]}]}}  # fmt: skip
+    if sampling is not None:
+        run_config["sampling"] = sampling
     (root / "dit" / "final" / "run_config.yaml").write_text(yaml.safe_dump(run_config))
     FlowMatchEulerDiscreteScheduler(shift=SHIFT).save_pretrained(root / "dit" / "final" / "scheduler")
     sums = LatentSums()
@@ -62,6 +68,8 @@ def test_assemble_pipeline_round_trip(tmp_path, capsys):
     # From the run config: the text encoder, its max_length, the schedule's largest token count; the scheduler.
     assert pipe.config.text_encoder_kind == "bert" and pipe.config.text_max_length == 40
     assert pipe.default_num_tokens == TRAINED_TOKENS
+    # A run record without sampling.guidance_scale stores no guidance: the pipeline samples at 5, as before.
+    assert pipe.config.default_guidance_scale is None and pipe.default_guidance_scale == 5.0
     assert (
         isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == SHIFT
     )
@@ -91,3 +99,38 @@ def test_assemble_rejects_mismatched_parts(tmp_path, capsys):
     assert dora(["assemble-pipeline", *args, "--manifest", str(tmp_path / "missing.json")]) == 2
     assert "--manifest" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # nothing written on a rejected assembly
+
+
+def _assemble(parts: dict[str, Path], out: Path, *extra: str) -> int:
+    return dora(["assemble-pipeline", "--vae", str(parts["vae"]), "--transformer", str(parts["dit"]),
+                 "--manifest", str(parts["manifest"]), "--out", str(out), *extra])  # fmt: skip
+
+
+def test_the_dit_runs_guidance_is_stored_and_guidance_scale_overrides_it(tmp_path, capsys):
+    parts = _write_parts(tmp_path, sampling={"num_tokens": TRAINED_TOKENS, "guidance_scale": 2.0})
+    assert _assemble(parts, tmp_path / "pipeline") == 0, capsys.readouterr().err
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert index["default_guidance_scale"] == 2.0
+    pipe = DoraTextTo3DPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.default_guidance_scale == 2.0
+    pipe("a chair", num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert pipe.guidance_scale == 2.0  # a call without guidance_scale samples at the stored one
+
+    assert _assemble(parts, tmp_path / "chosen", "--guidance-scale", "3") == 0, capsys.readouterr().err
+    assert DoraTextTo3DPipeline.from_pretrained(tmp_path / "chosen").default_guidance_scale == 3.0
+
+
+def test_guidance_out_of_range_is_a_clear_error(tmp_path, capsys):
+    parts = _write_parts(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        _assemble(parts, tmp_path / "p", "--guidance-scale", "200")
+    assert stopped.value.code == 2
+    assert "argument --guidance-scale: must be a number in [0, 100], got 200" in capsys.readouterr().err
+    broken = _write_parts(tmp_path / "broken", sampling={"guidance_scale": -1.0})
+    assert _assemble(broken, tmp_path / "p") == 2
+    assert (
+        "the DiT's run record: `sampling.guidance_scale` must be a number in [0, 100], got -1.0; pass "
+        "--guidance-scale" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "p").exists()

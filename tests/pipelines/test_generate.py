@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from dora_shapegen.pipelines import DoraTextTo3DPipeline
 from dora_shapegen.pipelines.generate import main as generate
 from tests.pipelines._logs import foreign_warnings
 from tests.pipelines._tiny_pipeline import MAX_TRAIN_TOKENS, center_surface_on, make_tiny_pipeline
@@ -20,7 +23,7 @@ from tests.pipelines._tiny_pipeline import MAX_TRAIN_TOKENS, center_surface_on, 
 PROMPT = "a round table with one central leg"
 SEED = 3
 STEPS = 2
-GUIDANCE = 5.0  # `dora generate`'s default --guidance
+GUIDANCE = 5.0  # `dora generate`'s guidance for a pipeline that stores none, as this one
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -115,6 +118,30 @@ def test_generate_rejects_bad_arguments(pipeline_dir, tmp_path, capsys, extra, m
     assert generate([PROMPT, "--pipeline", str(pipeline_dir), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("shape*"))
+
+
+def test_without_guidance_generate_samples_at_the_pipelines_stored_guidance(
+    pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    stored = tmp_path / "stored"
+    shutil.copytree(pipeline_dir, stored)
+    index = json.loads((stored / "model_index.json").read_text())
+    index["default_guidance_scale"] = 2.0  # what `dora assemble-pipeline` stores from the DiT run's record
+    (stored / "model_index.json").write_text(json.dumps(index))
+    used = []
+    call = DoraTextTo3DPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        result = call(self, *args, **kwargs)
+        used.append(self.guidance_scale)  # the guidance the denoising ran with
+        return result
+
+    monkeypatch.setattr(DoraTextTo3DPipeline, "__call__", recording_call)
+    for folder, extra in ((stored, []), (stored, ["--guidance", "3"]), (pipeline_dir, [])):
+        code = generate([PROMPT, "--pipeline", str(folder), "-o", str(tmp_path / "shape.glb"), "--steps", "1",
+                         "--resolution", "16", *extra])  # fmt: skip
+        assert code in (0, 1), capsys.readouterr().err  # 1: every mesh empty, which the tiny model may give
+    assert used == [2.0, 3.0, GUIDANCE]
 
 
 def test_generate_needs_a_saved_pipeline(tmp_path, capsys):

@@ -41,11 +41,12 @@ def test_train_assemble_generate_from_an_image(tmp_path, capsys):
     pipe = load_pipeline(tmp_path / "pipeline", "cpu")
     assert isinstance(pipe, DoraImageTo3DPipeline)
     pipe.set_progress_bar_config(disable=True)
-    # `dora generate`'s defaults (30 steps, guidance 5, seed 0) draw this shape: make its random field cross 0.5.
+    # assemble-pipeline stored the DiT run's preview guidance (image_tiny.yaml's sampling.guidance_scale).
+    assert pipe.default_guidance_scale == 4.0
+    # `dora generate`'s defaults (the stored guidance, seed 0) draw this shape: make its random field cross 0.5.
     center_surface_on(
-        pipe, str(tmp_path / "photo.png"), num_inference_steps=3, guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        pipe, str(tmp_path / "photo.png"), num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     pipe.vae.save_pretrained(tmp_path / "pipeline" / "vae")
     capsys.readouterr()
     code = dora([

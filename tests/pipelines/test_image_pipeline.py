@@ -77,6 +77,25 @@ def test_guidance_contrasts_with_no_image(pipe):
     assert not pair.attention_mask[0].any() and pair.attention_mask[1].all()  # [no image ; image]
 
 
+def test_stored_guidance_is_the_call_default_and_survives_save(tmp_path):
+    stored = make_tiny_image_pipeline("image", default_guidance_scale=2.0)
+    stored.save_pretrained(tmp_path / "pipe")
+    loaded = load_pipeline(tmp_path / "pipe", "cpu")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, DoraImageTo3DPipeline) and loaded.default_guidance_scale == 2.0
+    by_default = latents_of(loaded, photo(0))
+    assert loaded.guidance_scale == 2.0
+    assert torch.equal(by_default, latents_of(loaded, photo(0), guidance_scale=2.0))
+    assert not torch.allclose(by_default, latents_of(loaded, photo(0), guidance_scale=5.0))
+    with pytest.raises(ValueError, match=r"`default_guidance_scale` must be a number in \[0, 100\], got 200"):
+        DoraImageTo3DPipeline(**loaded.components, default_guidance_scale=200)
+
+
+def test_an_image_pipeline_without_stored_guidance_samples_at_5(pipe):
+    latents_of(pipe, photo(0))
+    assert pipe.default_guidance_scale == 5.0 and pipe.guidance_scale == 5.0
+
+
 def test_batches_of_images_with_several_shapes_each(pipe):
     out = pipe(
         [photo(0), photo(1)], num_shapes_per_prompt=2, num_inference_steps=2, generator=seeded(3),

@@ -10,6 +10,7 @@ import torch
 import trimesh
 
 from dora_shapegen.pipelines import DoraTextTo3DPipeline, DoraTextTo3DPipelineOutput
+from dora_shapegen.pipelines.limits import DEFAULT_GUIDANCE_SCALE
 from tests.pipelines._tiny_pipeline import (
     LATENT_CHANNELS,
     MAX_TRAIN_TOKENS,
@@ -192,6 +193,54 @@ def test_token_limit_comes_from_vae_or_pipeline_config(pipe):
     assert capped.token_limit == 16 and capped.default_num_tokens == 8
     with pytest.raises(ValueError, match=r"num_tokens`=17 .*at most 16"):
         capped(PROMPT, num_tokens=17, num_inference_steps=1, output_type="latent")
+
+
+def test_stored_guidance_is_the_call_default_survives_save_and_an_argument_overrides_it(tmp_path):
+    pipe = make_tiny_pipeline(default_guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["default_guidance_scale"] == 2.0
+    loaded = DoraTextTo3DPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.default_guidance_scale == 2.0
+
+    def latents(**guidance):
+        return loaded(
+            PROMPT, num_inference_steps=2, generator=seeded(4), output_type="latent", **guidance
+        ).latents
+
+    by_default = latents()
+    assert loaded.guidance_scale == 2.0
+    assert torch.equal(by_default, latents(guidance_scale=2.0))
+    assert not torch.allclose(by_default, latents(guidance_scale=5.0))  # not the former fixed default
+    assert loaded.guidance_scale == 5.0
+    latents(guidance_scale=0.0)  # 0 is a value (no guidance), not "unset"
+    assert loaded.guidance_scale == 0.0
+    loaded.register_to_config(default_guidance_scale=0.0)
+    assert loaded.default_guidance_scale == 0.0
+
+
+def test_a_folder_without_stored_guidance_loads_and_samples_at_5(tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    index_path = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    del index["default_guidance_scale"]  # as written before pipelines stored their guidance
+    index_path.write_text(json.dumps(index))
+    loaded = DoraTextTo3DPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.default_guidance_scale == DEFAULT_GUIDANCE_SCALE == 5.0
+    by_default = loaded(PROMPT, num_inference_steps=2, generator=seeded(4), output_type="latent").latents
+    assert loaded.guidance_scale == 5.0
+    explicit = loaded(
+        PROMPT, num_inference_steps=2, guidance_scale=5.0, generator=seeded(4), output_type="latent"
+    ).latents
+    assert torch.equal(by_default, explicit)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 101.0, float("nan"), "2"])
+def test_a_stored_guidance_out_of_range_is_refused(pipe, bad):
+    with pytest.raises(ValueError, match=r"`default_guidance_scale` must be a number in \[0, 100\], got"):
+        DoraTextTo3DPipeline(**pipe.components, default_guidance_scale=bad)
 
 
 BAD_INPUTS = [

@@ -163,6 +163,7 @@ NONSENSE = [
     ("assemble-pipeline", "--scheduler-shift", "0", "a number > 0"),
     ("assemble-pipeline", "--max-tokens", "0", "an integer >= 1"),
     ("assemble-pipeline", "--num-tokens", "-8", "an integer >= 1"),
+    ("assemble-pipeline", "--guidance-scale", "200", "a number in [0, 100]"),
     ("generate", "--guidance", "nan", "a number in [0, 100]"),
     ("generate", "--resolution", "3", "an integer in [16, 1024]"),
     ("bench-generation", "--held-out-fraction", "1.5", "a number in (0, 1)"),

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import socket
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import trimesh
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[demo]')")
 
-from dora_shapegen.pipelines.apps.demo import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, build_demo  # noqa: E402
+from dora_shapegen.pipelines.apps.demo import DEFAULT_SEED, DEFAULT_STEPS, build_demo  # noqa: E402
 from tests.pipelines._tiny_pipeline import center_surface_on, make_tiny_pipeline  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -47,6 +48,29 @@ def test_build_demo_has_the_controls():
     assert {"Textbox", "Slider", "Number", "Button", "Model3D", "DownloadButton"} <= kinds
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
     assert {"Prompt", "Steps", "Guidance scale", "Latent tokens", "Seed"} <= labels
+
+
+def _guidance_slider(demo: Any) -> Any:
+    return next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Guidance scale")
+
+
+def test_the_guidance_slider_starts_at_the_pipelines_stored_guidance():
+    import gradio as gr
+
+    pipe = make_tiny_pipeline(default_guidance_scale=2.0)
+    slider = _guidance_slider(build_demo(pipe, mesh_resolution=32))
+    assert (slider.value, slider.minimum, slider.maximum) == (2.0, 1.0, 15.0)
+    # As a folder saved before pipelines stored their guidance:
+    pipe.register_to_config(default_guidance_scale=None)
+    assert _guidance_slider(build_demo(pipe, mesh_resolution=32)).value == 5.0
+    # A stored guidance outside the usual range widens the slider (and the handler's check) to hold it.
+    pipe.register_to_config(default_guidance_scale=20.0)
+    demo = build_demo(pipe, mesh_resolution=32)
+    slider = _guidance_slider(demo)
+    assert (slider.value, slider.minimum, slider.maximum) == (20.0, 1.0, 20.0)
+    handler = next(function.fn for function in demo.fns.values() if function.api_name == "generate")
+    with pytest.raises(gr.Error, match="Guidance scale must be a number from 1 to 20, got 21"):
+        handler(PROMPT, 2, 21.0, pipe.default_num_tokens, 5)
 
 
 def test_generate_handler_writes_a_glb_and_reports_bad_input(tmp_path):
@@ -93,7 +117,7 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
     pipe = make_tiny_pipeline()
     # The demo's default controls (steps, guidance, seed) generate this shape; make its field cross 0.5.
     center_surface_on(
-        pipe, PROMPT, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
+        pipe, PROMPT, num_inference_steps=DEFAULT_STEPS, guidance_scale=pipe.default_guidance_scale,
         generator=torch.Generator().manual_seed(DEFAULT_SEED),
     )  # fmt: skip
     demo = build_demo(pipe, output_dir=tmp_path / "generated", mesh_resolution=32)
@@ -148,7 +172,8 @@ def test_demo_in_headless_chromium_serves_a_glb(tmp_path):
                 # Requests from outside the page: concurrent ones are queued (one runs at a time, all are
                 # answered); out-of-range values are named with their control and range.
                 client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                arguments = (PROMPT, DEFAULT_STEPS, DEFAULT_GUIDANCE, pipe.default_num_tokens, DEFAULT_SEED)
+                guidance, tokens = pipe.default_guidance_scale, pipe.default_num_tokens
+                arguments = (PROMPT, DEFAULT_STEPS, guidance, tokens, DEFAULT_SEED)
                 jobs = [client.submit(*arguments, api_name="/generate") for _ in range(3)]
                 concurrent = [job.result(timeout=300) for job in jobs]
                 refused = []

@@ -14,6 +14,8 @@ from dora_shapegen.config import CONFIG_DIR, load_yaml
 from dora_shapegen.pipelines.apps.quickstart import main
 from tests.pipelines._logs import foreign_warnings
 
+QUICKSTART_DIT = CONFIG_DIR / "quickstart" / "dit.yaml"
+
 
 def _write(path: Path, values: dict) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False))
@@ -56,6 +58,8 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
 
     dit = yaml.safe_load((CONFIG_DIR / "dit" / "tiny.yaml").read_text())
     dit["model"]["in_channels"] = vae["model"]["latent_channels"]
+    # The guidance the shipped quickstart's pipeline stores, which its generate and bench stages then sample at.
+    dit["sampling"]["guidance_scale"] = load_yaml(QUICKSTART_DIT)["sampling"]["guidance_scale"]
     _write(folder / "dit.yaml", dit)
     return folder
 
@@ -76,7 +80,9 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
     manifest = json.loads((out / "latents" / "manifest.json").read_text())
     assert manifest["num_samples"] == 14
     assert (out / "dit" / "final" / "config.json").exists()
-    assert (out / "pipeline" / "model_index.json").exists()
+    # The pipeline stores dit.yaml's guidance; the generate and bench-generation stages sampled at it and say so.
+    assert json.loads((out / "pipeline" / "model_index.json").read_text())["default_guidance_scale"] == 1.5
+    assert json.loads((out / ".stages" / "generate.json").read_text())["guidance"] == 1.5
     samples = json.loads((out / "samples" / "samples.json").read_text())
     assert [row["prompt"] for row in samples] == ["a chair", "a gear with twelve teeth"]
     for row in samples:
@@ -87,6 +93,7 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
     assert "## Stages" in report and "## Samples" in report and "## Generation" in report
     generation = json.loads((out / "bench_generation" / "results.json").read_text())
     assert set(generation["sets"]) == {"captions", "paraphrases"}
+    assert generation["settings"]["guidance"] == 1.5 and "guidance 1.5," in report
     per_prompt = yaml.safe_load((configs / "bench_generation.yaml").read_text())["samples_per_prompt"]
     assert (
         generation["sets"]["captions"]["overall"]["num_samples"] == 14 * per_prompt
@@ -113,6 +120,17 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
     log = capfd.readouterr().out
     assert log.count("already done") == 9
     assert (out / "vae" / "final" / "config.json").stat().st_mtime_ns == before
+
+
+def test_the_shipped_quickstart_samples_at_its_dits_guidance():
+    """One place sets the quickstart's guidance: dit.yaml's sampling.guidance_scale, which assemble-pipeline
+    stores; the generate and bench-generation stages leave it to the pipeline."""
+    from dora_shapegen.pipelines.apps.quickstart import load_quickstart_config
+
+    configs = CONFIG_DIR / "quickstart"
+    assert load_yaml(QUICKSTART_DIT)["sampling"]["guidance_scale"] == 1.5
+    assert load_quickstart_config(configs).generate.guidance is None
+    assert "guidance" not in load_yaml(configs / "bench_generation.yaml")
 
 
 def test_missing_config_is_a_clear_error(tmp_path, capsys):

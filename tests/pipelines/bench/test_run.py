@@ -207,6 +207,28 @@ def test_empty_sample_is_counted_not_crashed_on(pipeline_dir, tmp_path):
     assert (tmp_path / "out" / "contact_sheet_two.png").is_file()
 
 
+def test_guidance_defaults_to_the_pipelines_and_the_results_name_the_one_used(pipeline_dir, tmp_path):
+    from dora_shapegen.pipelines.bench.run import GenerationBenchConfig
+    from dora_shapegen.pipelines.pipeline_text_to_3d import DoraTextTo3DPipeline
+
+    assert GenerationBenchConfig().guidance is None
+    pipe = DoraTextTo3DPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(default_guidance_scale=2.0)  # as assembled from a DiT run that previewed at 2
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a chair\n")
+    small = dict(reference="builtin:14", prompts=[str(prompts)], samples_per_prompt=1, steps=1, resolution=16,
+                 points=64, emd_points=0)  # fmt: skip
+    results = run_generation_bench(pipe, tmp_path / "out", **small)
+    assert results["settings"]["guidance"] == 2.0 and pipe.guidance_scale == 2.0
+    assert "guidance 2.0," in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["guidance"] == 2.0
+    chosen = run_generation_bench(pipe, None, guidance=3.0, **small)
+    assert chosen["settings"]["guidance"] == 3.0 and pipe.guidance_scale == 3.0
+    with pytest.raises(ValueError, match=r"`guidance` must be a number in \[0, 100\], got 200"):
+        run_generation_bench(pipe, None, guidance=200.0, **small)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 def test_paraphrases_cover_every_category_and_share_no_caption_template():
     rows = [json.loads(line) for line in DEFAULT_PARAPHRASES.read_text().splitlines() if line.strip()]
