@@ -50,6 +50,8 @@ class ShapeDiTOutput(BaseOutput):
 
 
 TEXT_CONTEXTS = ("tokens", "pooled", "pooled+tokens")
+PREDICTION_TYPES = ("velocity", "sample")
+NUM_TRAIN_TIMESTEPS = 1000  # timestep = sigma * 1000, FlowMatchEulerDiscreteScheduler's default
 
 
 class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -72,6 +74,13 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             ``cross_attention_dim`` and appended to the context; None = no second stream.
         image_pooled_projection_dim: size of that stream's pooled vector, added to the timestep embedding; None
             disables it.
+        prediction_type: what the network's last layer predicts. ``"velocity"`` (noise - x0) as usual;
+            ``"sample"``: the clean latents x0 (x-prediction, Li & He, arXiv 2511.13720), turned into the velocity
+            ``(x_t - x0_hat) / max(sigma, min_sigma)`` inside ``forward``, so every caller (the training loss,
+            the schedulers, guidance) still sees a velocity. A network that outputs clean latents only has to
+            model the data, a low-dimensional set, not the full-dimensional noise.
+        min_sigma: the divisor's floor for ``"sample"`` (0.05 as in that paper), so that the velocity of a nearly
+            clean input does not blow up the network's error.
 
     ``PeftAdapterMixin`` gives diffusers' LoRA methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
     ``fuse_lora``); see ``diffusion/finetune.py``.
@@ -97,8 +106,14 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         text_context: str = "tokens",
         image_embed_dim: int | None = None,
         image_pooled_projection_dim: int | None = None,
+        prediction_type: str = "velocity",
+        min_sigma: float = 0.05,
     ) -> None:
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"ShapeDiT: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if not 0.0 < min_sigma <= 1.0:
+            raise ValueError(f"ShapeDiT: min_sigma must lie in (0, 1], got {min_sigma}")
         if text_context not in TEXT_CONTEXTS:
             raise ValueError(f"ShapeDiT: text_context must be one of {TEXT_CONTEXTS}, got {text_context!r}")
         if text_context != "tokens" and pooled_projection_dim is None:
@@ -201,6 +216,14 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 "ShapeDiT: image_pooled_projections given but the model has image_pooled_projection_dim=None"
             )
         return embedding
+
+    def _sample_to_velocity(
+        self, noisy: torch.Tensor, clean: torch.Tensor, timestep: torch.Tensor | float, batch_size: int
+    ) -> torch.Tensor:
+        """x_t = (1 - sigma) x0 + sigma noise, so v = noise - x0 = (x_t - x0) / sigma."""
+        timestep = torch.as_tensor(timestep, device=noisy.device, dtype=torch.float32).expand(batch_size)  # (B,)
+        sigmas = (timestep / NUM_TRAIN_TIMESTEPS).clamp(min=self.config.min_sigma)  # (B,)
+        return (noisy - clean) / sigmas.to(noisy.dtype)[:, None, None]  # (B,N,C)
 
     def _append_image_context(
         self,
@@ -313,6 +336,8 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         shift, scale = (self.out_scale_shift_table[None] + conditioning[:, None]).unbind(1)  # (B,W) each
         hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (B,N,W)
         output = self.proj_out(hidden)  # (B,N,C)
+        if self.config.prediction_type == "sample":
+            output = self._sample_to_velocity(hidden_states, output, timestep, batch_size)  # (B,N,C)
         if not return_dict:
             return (output,)
         return ShapeDiTOutput(sample=output)

@@ -46,7 +46,7 @@ class DoraVAE(ModelMixin, ConfigMixin):
     Config args: width, heads, num_encoder_layers (self-attention layers after the cross-attention),
     num_decoder_layers, latent_channels, mlp_ratio, num_freqs / include_pi (Fourier features), point_feature_dim
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
-    qkv_bias, qk_norm, layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
+    qkv_bias, qk_norm, qk_norm_scale (the attention logits' initial scale with qk-norm), layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
     locality_sigmas (distance-aware cross-attention, see local_attention.py; off in Dora) / local_decoder
     (False: in the encoder only, the query decoder stays plain), the preprocessing the weights were trained
@@ -73,6 +73,7 @@ class DoraVAE(ModelMixin, ConfigMixin):
         salient_token_fraction: float = 0.5,
         qkv_bias: bool = False,
         qk_norm: bool = False,
+        qk_norm_scale: float = 1.0,
         layer_norm_eps: float = 1e-5,
         output_type: str = "tsdf",
         default_num_tokens: int = 2048,
@@ -139,6 +140,21 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        if qk_norm_scale <= 0:
+            raise ValueError(f"qk_norm_scale must be positive, got {qk_norm_scale}")
+        if qk_norm and qk_norm_scale != 1.0:
+            self._scale_qk_norms(qk_norm_scale)
+
+    def _scale_qk_norms(self, scale: float) -> None:
+        """Start every query and key RMSNorm weight at sqrt(scale), so the attention logits start ``scale`` times
+        larger (they stay learnable). Normalised queries and keys bound a logit by sqrt(head_dim), ~5.7 here: a
+        softmax over 512 tokens that cannot get sharper than that spreads a query over much of the shape, and a
+        thin part, covered by a few tokens, blurs away; the weights barely move in a few hundred steps (1.03
+        after the quickstart's 520)."""
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                if name.endswith(("norm_q.weight", "norm_k.weight")):
+                    parameter.fill_(math.sqrt(scale))
 
     # ----------------------------------------------------------------------------------------------- inputs
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:

@@ -207,3 +207,40 @@ def test_configs_build(name):
     with torch.device("meta"):  # no memory for the big ones
         model = ShapeDiT(**config["model"])
     assert model.config.num_layers == config["model"]["num_layers"]
+
+
+def test_sample_prediction_returns_the_velocity_of_its_clean_estimate():
+    """x-prediction: the network's output is x0_hat and forward returns (x_t - x0_hat) / max(sigma, min_sigma),
+    the velocity noise - x0 whenever x0_hat is right, so schedulers and the training loss need no change."""
+    velocity_model = randomize(make_model())
+    sample_model = make_model(prediction_type="sample", min_sigma=0.05)
+    sample_model.load_state_dict(velocity_model.state_dict())
+    latents, _, text, mask, pooled = make_inputs()
+    timestep = torch.tensor([500.0, 10.0])  # sigma 0.5, and 0.01 below the floor
+    with torch.no_grad():
+        clean_estimate = velocity_model(latents, timestep, text, mask, pooled).sample  # the shared last layer
+        velocity = sample_model(latents, timestep, text, mask, pooled).sample
+    torch.testing.assert_close(velocity[0], (latents[0] - clean_estimate[0]) / 0.5)
+    torch.testing.assert_close(velocity[1], (latents[1] - clean_estimate[1]) / 0.05)
+    # A perfect clean estimate gives exactly the rectified-flow target.
+    clean, noise = torch.randn(2, 16, CHANNELS), torch.randn(2, 16, CHANNELS)
+    sigmas = torch.tensor([0.3, 0.9])
+    noisy = (1 - sigmas[:, None, None]) * clean + sigmas[:, None, None] * noise
+    target = sample_model._sample_to_velocity(noisy, clean, sigmas * 1000, 2)
+    torch.testing.assert_close(target, noise - clean)
+
+
+def test_prediction_type_is_checked_and_stored(tmp_path):
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_model(prediction_type="epsilon")
+    with pytest.raises(ValueError, match="min_sigma"):
+        make_model(prediction_type="sample", min_sigma=0.0)
+    model = randomize(make_model(prediction_type="sample"))
+    model.save_pretrained(tmp_path)
+    loaded = ShapeDiT.from_pretrained(tmp_path).eval()
+    assert loaded.config.prediction_type == "sample"
+    latents, timestep, text, mask, pooled = make_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(latents, timestep, text, mask, pooled).sample, model(latents, timestep, text, mask, pooled).sample
+        )
