@@ -4,7 +4,8 @@ The latents of the shape VAE are an unordered set of tokens (B, N, C), and any p
 shape, so the denoiser has no positional embedding at all: every layer is per-token or attention, which makes the
 model permutation-equivariant over tokens and lets it run on any N (Dora's README recommends exactly this for
 diffusion on its latents). Timesteps follow ``FlowMatchEulerDiscreteScheduler`` (float t in [0, 1000], t = 1000 *
-sigma) and the network predicts the rectified-flow velocity (noise - x0); see ``diffusion/flow_matching.py``. Its
+sigma) and ``forward`` returns the rectified-flow velocity (noise - x0), predicted directly or, with
+``prediction_type="sample"``, derived from a predicted clean sample; see ``diffusion/flow_matching.py``. Its
 blocks (attention with QK-norm, the PixArt block with the long skip) are in ``diffusion/attention.py``.
 
 Conditioning:
@@ -111,7 +112,9 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"ShapeDiT: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+            raise ValueError(
+                f"ShapeDiT: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
         if not 0.0 < min_sigma <= 1.0:
             raise ValueError(f"ShapeDiT: min_sigma must lie in (0, 1], got {min_sigma}")
         if text_context not in TEXT_CONTEXTS:
@@ -221,7 +224,9 @@ class ShapeDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self, noisy: torch.Tensor, clean: torch.Tensor, timestep: torch.Tensor | float, batch_size: int
     ) -> torch.Tensor:
         """x_t = (1 - sigma) x0 + sigma noise, so v = noise - x0 = (x_t - x0) / sigma."""
-        timestep = torch.as_tensor(timestep, device=noisy.device, dtype=torch.float32).expand(batch_size)  # (B,)
+        timestep = torch.as_tensor(timestep, device=noisy.device, dtype=torch.float32).expand(
+            batch_size
+        )  # (B,)
         sigmas = (timestep / NUM_TRAIN_TIMESTEPS).clamp(min=self.config.min_sigma)  # (B,)
         return (noisy - clean) / sigmas.to(noisy.dtype)[:, None, None]  # (B,N,C)
 

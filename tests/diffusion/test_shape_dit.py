@@ -242,5 +242,6 @@ def test_prediction_type_is_checked_and_stored(tmp_path):
     latents, timestep, text, mask, pooled = make_inputs()
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(latents, timestep, text, mask, pooled).sample, model(latents, timestep, text, mask, pooled).sample
+            loaded(latents, timestep, text, mask, pooled).sample,
+            model(latents, timestep, text, mask, pooled).sample,
         )

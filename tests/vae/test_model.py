@@ -475,7 +475,9 @@ def test_qk_norm_scale_sharpens_the_initial_attention(queries, tmp_path):
     """qk_norm_scale s starts every query / key RMSNorm at sqrt(s): the normalised queries and keys have RMS
     sqrt(s), so each attention logit starts s times what it would be, and the weights stay trainable."""
     plain, scaled = make_model(qk_norm=True), make_model(qk_norm=True, qk_norm_scale=4.0)
-    names = [name for name, _ in scaled.named_parameters() if name.endswith(("norm_q.weight", "norm_k.weight"))]
+    names = [
+        name for name, _ in scaled.named_parameters() if name.endswith(("norm_q.weight", "norm_k.weight"))
+    ]
     assert len(names) >= 2 * (3 + TINY["num_encoder_layers"] + TINY["num_decoder_layers"])  # every attention
     for name, parameter in scaled.named_parameters():
         if name in names:
@@ -483,16 +485,23 @@ def test_qk_norm_scale_sharpens_the_initial_attention(queries, tmp_path):
             assert parameter.requires_grad
     tokens = torch.randn(1, 16, TINY["width"])
     attention_plain, attention_scaled = plain.decoder_blocks[0].attn, scaled.decoder_blocks[0].attn
-    attention_scaled.load_state_dict({**attention_plain.state_dict(), **{
-        key: value for key, value in attention_scaled.state_dict().items() if "norm" in key
-    }})
+    attention_scaled.load_state_dict(
+        {
+            **attention_plain.state_dict(),
+            **{key: value for key, value in attention_scaled.state_dict().items() if "norm" in key},
+        }
+    )
     query_plain, key_plain, _ = attention_plain._project(tokens, None)
     query_scaled, key_scaled, _ = attention_scaled._project(tokens, None)
-    torch.testing.assert_close(query_scaled @ key_scaled.transpose(-1, -2), 4 * (query_plain @ key_plain.transpose(-1, -2)))
+    torch.testing.assert_close(
+        query_scaled @ key_scaled.transpose(-1, -2), 4 * (query_plain @ key_plain.transpose(-1, -2))
+    )
     scaled.save_pretrained(tmp_path)
     loaded = DoraVAE.from_pretrained(tmp_path).eval()
     assert loaded.config.qk_norm_scale == 4.0
     latents = scaled.encode(make_point_cloud(), num_tokens=16)
-    torch.testing.assert_close(loaded.decode_at_points(latents, queries), scaled.decode_at_points(latents, queries))
+    torch.testing.assert_close(
+        loaded.decode_at_points(latents, queries), scaled.decode_at_points(latents, queries)
+    )
     with pytest.raises(ValueError, match="qk_norm_scale"):
         make_model(qk_norm=True, qk_norm_scale=0.0)
