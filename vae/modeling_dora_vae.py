@@ -46,7 +46,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
     Config args: width, heads, num_encoder_layers (self-attention layers after the cross-attention),
     num_decoder_layers, latent_channels, mlp_ratio, num_freqs / include_pi (Fourier features), point_feature_dim
     (3 = normals), use_salient, salient_token_fraction (share of tokens taken from the salient stream),
-    qkv_bias, qk_norm, qk_norm_scale (the attention logits' initial scale with qk-norm), layer_norm_eps, output_type ("occupancy" logits or "tsdf"), default_num_tokens,
+    qkv_bias, qk_norm, qk_norm_scale (the attention logits' initial scale with qk-norm), layer_norm_eps,
+    output_type ("occupancy" logits or "tsdf"), default_num_tokens,
     max_train_tokens, num_query_layers (query cross-attention blocks; Dora has 1), local_attention /
     locality_sigmas (distance-aware cross-attention, see local_attention.py; off in Dora) / local_decoder
     (False: in the encoder only, the query decoder stays plain), the preprocessing the weights were trained
@@ -95,6 +96,8 @@ class DoraVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if num_query_layers < 1:
             raise ValueError(f"num_query_layers must be at least 1, got {num_query_layers}")
+        if qk_norm_scale <= 0:
+            raise ValueError(f"qk_norm_scale must be positive, got {qk_norm_scale}")
         if not 0.0 <= salient_token_fraction <= 1.0:
             raise ValueError(f"salient_token_fraction must lie in [0, 1], got {salient_token_fraction}")
         blocks = {
@@ -140,8 +143,6 @@ class DoraVAE(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
-        if qk_norm_scale <= 0:
-            raise ValueError(f"qk_norm_scale must be positive, got {qk_norm_scale}")
         if qk_norm and qk_norm_scale != 1.0:
             self._scale_qk_norms(qk_norm_scale)
 
