@@ -395,13 +395,14 @@ class DoraVAE(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------- training
     def forward(
         self,
-        uniform: torch.Tensor,
+        uniform: torch.Tensor | None = None,
         salient: torch.Tensor | None = None,
         query_points: torch.Tensor | None = None,
         num_tokens: int | None = None,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
         latent_noise: float | torch.Tensor = 0.0,
+        latents: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training pass: dict(raw=(B, M) logits or TSDF at query_points (B, M, 3), kl=(B,), latents=(B, N, C)
         as decoded, mean, logvar, and with local attention anchor_loss=(B,), the squared error of each token's
@@ -409,11 +410,24 @@ class DoraVAE(ModelMixin, ConfigMixin):
         pass. ``latent_noise`` > 0 decodes ``latents + latent_noise * std * N(0, 1)`` (std per channel over the
         batch, no gradient): a decoder that must read slightly wrong codes tolerates the errors of a generated one,
         and a relative scale cannot be escaped by growing the latents (the posterior's own noise can be shrunk).
-        A (B,) tensor gives each code its own level."""
+        A (B,) tensor gives each code its own level.
+
+        ``latents`` (B, N, C) given: decode these codes and skip the encoder (a decoder fine-tune on codes a DiT
+        made, ``data.codes`` of `dora train-vae`); the result then has no kl, mean, logvar or anchor_loss."""
         if query_points is None:
             raise ValueError("forward needs query_points (B, M, 3)")
-        posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
-        latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
+        posterior = None
+        if latents is None:
+            if uniform is None:
+                raise ValueError("forward needs a point cloud (uniform) or latents to decode")
+            posterior = self.encode_posterior({"uniform": uniform, "salient": salient}, num_tokens)
+            latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, N, C)
+        else:
+            if latents.dim() != 3 or latents.shape[-1] != self.config.latent_channels:
+                raise ValueError(
+                    f"latents must have shape (B, N, {self.config.latent_channels}), got {tuple(latents.shape)}"
+                )
+            latents = latents.to(device=self.device, dtype=self.dtype)  # (B, N, C)
         # A tensor of levels (one per code) always perturbs; a float only when positive (no host sync either way).
         if isinstance(latent_noise, torch.Tensor) or latent_noise > 0:
             spread = latents.detach().flatten(0, 1).std(0)  # (C,)
@@ -431,13 +445,10 @@ class DoraVAE(ModelMixin, ConfigMixin):
             points = points[None].expand(tokens.shape[0], -1, -1)  # (B, M, 3)
         anchors = self.token_anchors(tokens)  # (B, N, 6) or None
         raw = self._query_raw(tokens, points, anchors)  # (B, M)
-        out = {
-            "raw": raw,
-            "kl": posterior.kl(),
-            "latents": latents,
-            "mean": posterior.mean,
-            "logvar": posterior.logvar,
-        }
+        out = {"raw": raw, "latents": latents}
+        if posterior is None:  # given codes: nothing of the encoder to regularise
+            return out
+        out |= {"kl": posterior.kl(), "mean": posterior.mean, "logvar": posterior.logvar}
         if anchors is not None:  # local attention
             out["anchor_loss"] = local.anchor_loss(anchors, posterior.positions)  # (B,)
         return out

@@ -63,6 +63,11 @@ class DataConfig:
     batch_size: int = 8  # per process
     num_workers: int = 0
     cache_in_memory: bool = False  # keep decoded samples in RAM (small data sets: no npz decode per step)
+    # A `dora sample-codes` folder: train the decoder on the codes a DiT made from each training shape's cached
+    # code (needs init_from and training.trainable: decoder); --codes wins. clean_code_fraction of the draws
+    # decode the clean cached code instead, so reconstruction is kept.
+    codes: str | None = None
+    clean_code_fraction: float = 0.25
 
 
 @dataclass
@@ -158,6 +163,7 @@ def compute_loss(
         sample_posterior=training.sample_posterior,
         generator=generator,
         latent_noise=latent_noise,
+        latents=batch.get("codes"),  # (B, N, C) codes a DiT made (data.codes), decoded instead of encoding
     )
     raw = out["raw"].float()  # (B, M)
     if output_type == "occupancy":
@@ -171,14 +177,15 @@ def compute_loss(
         "volume": masked_mean(per_point, group == 0),
         "near": masked_mean(per_point, group == 1),
         "sharp": masked_mean(per_point, group == 2),
-        "kl": out["kl"].float().mean(),
     }
     loss = (
         training.volume_weight * parts["volume"]
         + training.near_weight * parts["near"]
         + training.sharp_weight * parts["sharp"]
-        + training.kl_weight * parts["kl"]
     )
+    if "kl" in out:  # not when decoding given codes (the encoder is frozen then)
+        parts["kl"] = out["kl"].float().mean()
+        loss = loss + training.kl_weight * parts["kl"]
     if "anchor_loss" in out:  # local attention: each token learns where it sits (its FPS point)
         parts["anchor"] = out["anchor_loss"].float().mean()
         loss = loss + training.anchor_weight * parts["anchor"]
@@ -221,6 +228,57 @@ def freeze_encoder(model: Any) -> None:
             module.requires_grad_(False)
 
 
+def with_codes(config: VAETrainConfig, train_set: Any, train_idx: list[int]) -> tuple[Any, list[int]]:
+    """The training set with ``data.codes`` attached (see CodedItems), and the training shapes that have codes;
+    a ConfigError when the codes cannot belong to this run."""
+    from dora_shapegen.vae.train_data import CodedItems, CodeTable, shape_ids_of
+
+    if config.training.trainable != "decoder" or not config.init_from:
+        raise ConfigError(
+            "data.codes trains the decoder on codes made in a frozen encoder's latent space: it needs "
+            "--init-from (that VAE) and training.trainable: decoder"
+        )
+    if not 0.0 <= config.data.clean_code_fraction <= 1.0:
+        raise ConfigError(
+            f"data.clean_code_fraction must be in [0, 1], got {config.data.clean_code_fraction}"
+        )
+    table = CodeTable(config.data.codes)
+    made_with = table.info.get("vae_weights_sha256")
+    if made_with and config.init_from_sha256 and made_with != config.init_from_sha256:
+        raise ConfigError(
+            f"data.codes {config.data.codes}: made in the latent space of a VAE with weights {made_with}, but "
+            f"--init-from {config.init_from} has {config.init_from_sha256}"
+        )
+    channels = config.model.get("latent_channels")  # the init_from folder's (resolve_init_from)
+    if channels is not None and table.codes.shape[-1] != int(channels):
+        raise ConfigError(
+            f"data.codes {config.data.codes}: codes of {table.codes.shape[-1]} channels, but the VAE of --init-from "
+            f"{config.init_from} has {channels} latent channels"
+        )
+    shape_ids = shape_ids_of(train_set)
+    covered = [index for index in train_idx if table.covers(shape_ids[index])]
+    if not covered:
+        raise ConfigError(
+            f"data.codes {config.data.codes}: no code for any training shape of {config.data.root}"
+        )
+    if len(covered) < len(train_idx):
+        logger.warning(
+            "data.codes %s: %d of %d training shapes have no code and are left out (first: %s)",
+            config.data.codes,
+            len(train_idx) - len(covered),
+            len(train_idx),
+            next(shape_ids[i] for i in train_idx if not table.covers(shape_ids[i])),
+        )
+    logger.info(
+        "decoder trained on %d codes (%d shapes; %.0f%% of draws clean) from %s",
+        len(table.codes),
+        len(covered),
+        100 * config.data.clean_code_fraction,
+        config.data.codes,
+    )
+    return CodedItems(train_set, table, config.data.clean_code_fraction), covered
+
+
 def export_model(
     model: Any, ema: Any, use_ema: bool, directory: Path, config: VAETrainConfig, metrics: dict[str, Any]
 ) -> None:
@@ -261,6 +319,8 @@ def train(
     model = build_model(config)
     output_type = model.config.output_type
     train_set, val_set, train_idx, val_idx = build_datasets(config, data_root or config.data.root)
+    if config.data.codes:
+        train_set, train_idx = with_codes(config, train_set, train_idx)
     loader = torch.utils.data.DataLoader(
         SeededItems(train_set, train_idx),
         batch_size=config.data.batch_size,
@@ -382,12 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune: start from this save_pretrained VAE folder (its config is the model's)",
     )
     parser.add_argument("--data", default=None, help="prepared data folder (overrides data.root)")
+    parser.add_argument(
+        "--codes",
+        default=None,
+        help="a `dora sample-codes` folder: fine-tune the decoder on the codes a DiT made (overrides data.codes)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config, output_dir = load_run_config(VAETrainConfig, args, {"data.root": args.data})
+    config, output_dir = load_run_config(
+        VAETrainConfig, args, {"data.root": args.data, "data.codes": args.codes}
+    )
     summary = train(config, output_dir, resume=args.resume, max_minutes=args.max_minutes)
     print(json.dumps(summary, indent=2))
     return 0
