@@ -133,6 +133,20 @@ def _scheduler(transformer_dir: Path, shift: float | None) -> Any:
     return FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift)
 
 
+def decoder_fine_tune_of(vae_dir: Path, weights_sha256: Any) -> bool:
+    """Whether ``vae_dir`` is a decoder-only fine-tune (`dora train-vae --init-from` with ``training.trainable:
+    decoder``) of the VAE with these weights: its encoder is that VAE's, so latents cached with it stay valid."""
+    path = vae_dir / "run_config.yaml"
+    if not path.is_file():
+        return False
+    record = yaml.safe_load(path.read_text()) or {}
+    # No recorded weights (a cache without a VAE identity) match no run, not even one that records none.
+    if not weights_sha256 or not isinstance(record, dict):
+        return False
+    trainable = (record.get("training") or {}).get("trainable")
+    return trainable == "decoder" and record.get("init_from_sha256") == weights_sha256
+
+
 def assemble(
     vae_dir: str | Path,
     transformer_dir: str | Path,
@@ -165,7 +179,7 @@ def assemble(
         from dora_shapegen.vae.cache_latents import vae_identity
 
         actual = vae_identity(Path(vae_dir), vae)["weights_sha256"]
-        if actual != recorded:
+        if actual != recorded and not decoder_fine_tune_of(Path(vae_dir), recorded):
             raise ValueError(
                 f"{manifest_path}: the cached latents (and the DiT trained on them) come from a VAE with weights "
                 f"{recorded}, but --vae {vae_dir} has {actual}; pass the same VAE (or --allow-vae-mismatch)"

@@ -66,6 +66,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "dora_shapegen.pipelines.assemble",
         "assemble VAE + DiT + text encoder into a diffusers pipeline",
     ),
+    "sample-codes": (
+        "dora_shapegen.pipelines.sample_codes",
+        "the codes a pipeline's DiT makes from each training shape, for a decoder fine-tune (train-vae --codes)",
+    ),
     "generate": ("dora_shapegen.pipelines.generate", "text -> mesh file(s) + preview PNG"),
     "bench-generation": (
         "dora_shapegen.pipelines.bench.run",
