@@ -9,6 +9,10 @@ Stages (each one is the same `dora <command>` a user would run by hand, with its
     5 cache-latents   frozen VAE -> WebDataset shards          OUT/latents/manifest.json
     6 train-dit       small text-conditioned DiT               OUT/dit/final/
     7 assemble        diffusers pipeline                       OUT/pipeline/
+      with ``refine: {enabled: true}`` in quickstart.yaml (the shipped default), three more:
+      sample-codes    the DiT's own codes of the training shapes OUT/codes/
+      refine-decoder  decoder fine-tuned on them (encoder frozen) OUT/vae_refined/final/
+      assemble-refined  the pipeline again, with that decoder  OUT/pipeline/
     8 generate        meshes for a few prompts + PNG grid      OUT/samples/  and  OUT/report.md
     9 bench-generation  1-NNA/COV/MMD, text following, structure  OUT/bench_generation/results.md
 
@@ -56,6 +60,14 @@ class TrainStage:
 
 
 @dataclass
+class RefineStage:
+    # The decoder fine-tune on the DiT's own codes (sample-codes, then train-vae with vae_refine.yaml, then the
+    # pipeline assembled again with the refined VAE). Off for a config folder that does not ask for it.
+    enabled: bool = False
+    max_minutes: float | None = None  # safety cap of the fine-tune, as TrainStage's
+
+
+@dataclass
 class BenchStage:
     limit: int = 6
     tokens: list[int] = field(default_factory=lambda: [256, 512, 1024])
@@ -91,6 +103,13 @@ class Calibration:
     vae_steps: int = 560
     dit_seconds: float = 488.0
     dit_steps: int = 675
+    # The decoder refinement, measured on a slower machine (2026-12-07: sample-codes 102.8 s + assemble-refined 6.0 s,
+    # refine-decoder 300 steps 132.9 s) and scaled by that day's VAE training against this calibration's (520
+    # steps in 608.7 s there, 513 x 520 / 560 = 476 s here: x0.78).
+    codes_seconds: float = 85.0  # sample-codes (codes_variants codes per shape) + assemble-refined
+    codes_variants: int = 3
+    refine_seconds: float = 104.0  # refine-decoder at refine_steps
+    refine_steps: int = 300
 
 
 CALIBRATION = Calibration()
@@ -106,6 +125,7 @@ class QuickstartConfig:
     vae: TrainStage = field(default_factory=TrainStage)
     bench: BenchStage = field(default_factory=BenchStage)
     dit: TrainStage = field(default_factory=TrainStage)
+    refine: RefineStage = field(default_factory=RefineStage)
     generate: GenerateStage = field(default_factory=GenerateStage)
 
 
@@ -350,11 +370,11 @@ class Quickstart:
         )
         return {}
 
-    def assemble(self) -> dict[str, Any]:
+    def assemble(self, vae: str = "vae") -> dict[str, Any]:
         self._dora(
             "assemble-pipeline",
             "--vae",
-            str(self.out / "vae" / "final"),
+            str(self.out / vae / "final"),
             "--transformer",
             str(self.out / "dit" / "final"),
             "--manifest",
@@ -363,6 +383,36 @@ class Quickstart:
             str(self.out / "pipeline"),
         )
         return {}
+
+    def sample_codes(self) -> dict[str, Any]:
+        self._dora(
+            "sample-codes",
+            "--pipeline",
+            str(self.out / "pipeline"),
+            "--shards",
+            str(self.out / "latents"),
+            "--out",
+            str(self.out / "codes"),
+            "--config",
+            str(_stage_yaml(self.config_dir, "sample_codes")),
+        )
+        info = read_json(self.out / "codes" / "codes.json")
+        return {key: info.get(key) for key in ("num_codes", "num_shapes", "distance_by_sigma")}
+
+    def refine_decoder(self) -> dict[str, Any]:
+        self._train(
+            "train-vae",
+            "vae_refine",
+            self.out / "vae_refined",
+            self.config.refine.max_minutes,
+            "--data",
+            str(self.out / "prepared"),
+            "--init-from",
+            str(self.out / "vae" / "final"),
+            "--codes",
+            str(self.out / "codes"),
+        )
+        return read_json(self.out / "vae_refined" / "final" / "metrics.json")
 
     def generate(self) -> dict[str, Any]:
         # In-process: one pipeline load serves every prompt (a `dora generate` per prompt would reload it).
@@ -394,7 +444,7 @@ class Quickstart:
             name: scale_stage_config(load_yaml(_stage_yaml(self.config_dir, name)), self.budget)["training"][
                 "max_steps"
             ]
-            for name in ("vae", "dit")
+            for name in ("vae", "dit") + (("vae_refine",) if self.config.refine.enabled else ())
         }
         budget = f"budgets: VAE {steps['vae']} steps, DiT {steps['dit']} steps"
         if self.budget != 1.0:
@@ -406,6 +456,11 @@ class Quickstart:
             + calibration.vae_seconds * steps["vae"] / calibration.vae_steps
             + calibration.dit_seconds * steps["dit"] / calibration.dit_steps
         )
+        if self.config.refine.enabled:  # the codes cost by their count, the fine-tune by its steps
+            variants = int(load_yaml(_stage_yaml(self.config_dir, "sample_codes")).get("variants", 1))
+            seconds += calibration.codes_seconds * variants / max(calibration.codes_variants, 1)
+            seconds += calibration.refine_seconds * steps["vae_refine"] / calibration.refine_steps
+            budget += f", decoder refinement {steps['vae_refine']} steps"
         if calibration.matmul_gflops <= 0 or seconds <= 0:
             return budget
         rate = measure_matmul_gflops()
@@ -426,6 +481,15 @@ class Quickstart:
             ("cache-latents", self.cache_latents),
             ("train-dit", self.train_dit),
             ("assemble-pipeline", self.assemble),
+            *(
+                [
+                    ("sample-codes", self.sample_codes),
+                    ("refine-decoder", self.refine_decoder),
+                    ("assemble-refined", lambda: self.assemble("vae_refined")),
+                ]
+                if self.config.refine.enabled
+                else []
+            ),
             ("generate", self.generate),
             ("bench-generation", self.bench_generation),
         ]

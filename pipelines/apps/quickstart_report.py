@@ -132,6 +132,29 @@ def write_report(out: Path, stage_times: dict[str, float]) -> Path:
             "",
         ]
 
+    codes = read_json(out / "codes" / "codes.json")
+    refined = read_json(out / "vae_refined" / "summary.json")
+    if codes or refined:
+        lines += ["## Decoder refined on the DiT's own codes", ""]
+        if codes:
+            distances = ", ".join(
+                f"sigma {sigma}: {figures['rms_distance_std']:.2f}"
+                for sigma, figures in (codes.get("distance_by_sigma") or {}).items()
+            )
+            lines += [
+                f"{codes.get('num_codes')} codes of {codes.get('num_shapes')} training shapes; how far the DiT's "
+                f"codes land from their source (RMS, latent std): {distances}",
+                "",
+            ]
+        if refined:
+            lines += [
+                *_cut_warning(refined),
+                f"Steps: {refined.get('steps')} (decoder only); held-out reconstruction after:",
+                "",
+                _format_metrics(refined.get("final", {})),
+                "",
+            ]
+
     samples = out / "samples" / "samples.json"
     if samples.exists():
         rows = json.loads(samples.read_text())

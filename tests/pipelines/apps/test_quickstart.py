@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import trimesh
 import yaml
 
@@ -61,6 +62,13 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
     # The guidance the shipped quickstart's pipeline stores, which its generate and bench stages then sample at.
     dit["sampling"]["guidance_scale"] = load_yaml(QUICKSTART_DIT)["sampling"]["guidance_scale"]
     _write(folder / "dit.yaml", dit)
+
+    refine = yaml.safe_load((folder / "vae_refine.yaml").read_text())
+    refine["training"].update(max_steps=3, warmup_steps=1, checkpoint_every=0)
+    _write(folder / "vae_refine.yaml", refine)
+    codes = yaml.safe_load((folder / "sample_codes.yaml").read_text())
+    codes.update(variants=1, num_inference_steps=2)
+    _write(folder / "sample_codes.yaml", codes)
     return folder
 
 
@@ -108,17 +116,31 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
             "cache-latents",
             "train-dit",
             "assemble-pipeline",
+            "sample-codes",
+            "refine-decoder",
+            "assemble-refined",
             "generate",
             "bench-generation",
         ]
     )
+    # The shipped quickstart refines the decoder on the DiT's codes: the pipeline carries the refined VAE.
+    codes = json.loads((out / "codes" / "codes.json").read_text())
+    assert codes["num_shapes"] >= 1 and codes["num_codes"] == 2 * codes["num_shapes"]
+    refined = out / "vae_refined" / "final"
+    assert yaml.safe_load((refined / "run_config.yaml").read_text())["training"]["trainable"] == "decoder"
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(out / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(refined / "diffusion_pytorch_model.safetensors"))
+    assert shipped.keys() == tuned.keys() and all(torch.equal(shipped[k], tuned[k]) for k in tuned)
+    assert "## Decoder refined on the DiT's own codes" in report
 
     # A second run finds every stage done and redoes nothing.
     capfd.readouterr()
     before = (out / "vae" / "final" / "config.json").stat().st_mtime_ns
     assert main(["--out", str(out), "--configs", str(configs)]) == 0
     log = capfd.readouterr().out
-    assert log.count("already done") == 9
+    assert log.count("already done") == 12
     assert (out / "vae" / "final" / "config.json").stat().st_mtime_ns == before
 
 
@@ -154,9 +176,13 @@ def _calibrate(
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
     steps = {name: load_yaml(configs / f"{name}.yaml")["training"]["max_steps"] for name in ("vae", "dit")}
+    steps["vae_refine"] = load_yaml(configs / "vae_refine.yaml")["training"]["max_steps"]
+    # The decoder refinement: 60 s of sampling codes (no step count) and 60 s of fine-tuning.
     calibration = quickstart.Calibration(
         200.0, 300.0, vae_seconds, steps["vae"] // calibrated_share, dit_seconds,
-        steps["dit"] // calibrated_share,
+        steps["dit"] // calibrated_share, codes_seconds=60.0,
+        codes_variants=load_yaml(configs / "sample_codes.yaml")["variants"], refine_seconds=60.0,
+        refine_steps=steps["vae_refine"] // calibrated_share,
     )  # fmt: skip
     monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
     monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: gflops_now)
@@ -167,12 +193,13 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
     configs = CONFIG_DIR / "quickstart"
-    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240), and
-    # a machine half as fast right now doubles it again.
+    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 60 + 2 x 210 + 2 x 240
+    # + 2 x 60: the sampled codes are a fixed cost), and a machine half as fast right now doubles it again.
     steps = _calibrate(monkeypatch, configs, 210.0, 240.0, calibrated_share=2, gflops_now=100.0)
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message
-    assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
+    assert f"decoder refinement {steps['vae_refine']} steps" in message
+    assert "~23 min on a free 2-core machine" in message and "ETA ~46 min" in message
 
     # Without a calibration only the budgets are printed (no guessed time).
     monkeypatch.setattr(quickstart, "CALIBRATION", quickstart.Calibration(matmul_gflops=0.0))
@@ -215,8 +242,8 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
     _calibrate(monkeypatch, configs, 420.0, 480.0, calibrated_share=1, gflops_now=200.0)
     run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
-    # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
-    assert "~35 min on a free 2-core machine" in run.eta_message()
+    # 300 s + 60 s + 2 x (420 + 480 + 60) s = 38 min: only the trainings scale.
+    assert "~38 min on a free 2-core machine" in run.eta_message()
 
     original = load_yaml(configs / "dit.yaml")  # dit.yaml lists what differs from its base
     scaled = yaml.safe_load(run.training_config("dit").read_text())
@@ -235,3 +262,109 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
         quickstart.scale_stage_config(original, 0.0)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--budget", "-1"])
+
+
+BASE_STAGES = [
+    "build-dataset",
+    "prepare",
+    "train-vae",
+    "bench",
+    "cache-latents",
+    "train-dit",
+    "assemble-pipeline",
+    "generate",
+    "bench-generation",
+]
+REFINE_STAGES = ["sample-codes", "refine-decoder", "assemble-refined"]
+
+
+def _planned(configs: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, list[tuple]]:
+    """The quickstart of ``configs`` and the (index, total, name, action) of every stage its run() goes through,
+    none of them run (no report, no ETA measurement)."""
+    import dora_shapegen.pipelines.apps.quickstart as quickstart
+    import dora_shapegen.pipelines.apps.quickstart_report as quickstart_report
+
+    run = quickstart.Quickstart(out, configs)
+    planned: list[tuple] = []
+    monkeypatch.setattr(run, "_run_stage", lambda *stage: planned.append(stage))
+    monkeypatch.setattr(run, "eta_message", lambda: "")
+    monkeypatch.setattr(quickstart_report, "write_report", lambda folder, times: folder / "report.md")
+    run.run()
+    return run, planned
+
+
+def _with_refine(folder: Path, refine: dict | None = None) -> Path:
+    """The shipped quickstart configs with quickstart.yaml's ``refine`` section set to ``refine`` (None: no such
+    section, as in a config folder written before the refinement stages)."""
+    shutil.copytree(CONFIG_DIR / "quickstart", folder)
+    orchestration = yaml.safe_load((folder / "quickstart.yaml").read_text())
+    orchestration.pop("refine", None)
+    if refine is not None:
+        orchestration["refine"] = refine
+    _write(folder / "quickstart.yaml", orchestration)
+    return folder
+
+
+def test_the_decoder_refinement_stages_run_only_when_enabled(tmp_path, monkeypatch):
+    from dora_shapegen.pipelines.apps.quickstart import load_quickstart_config
+
+    for name, refine in (("absent", None), ("disabled", {"enabled": False})):
+        configs = _with_refine(tmp_path / name, refine)
+        assert load_quickstart_config(configs).refine.enabled is False
+        _, planned = _planned(configs, tmp_path / f"out_{name}", monkeypatch)
+        assert [stage[2] for stage in planned] == BASE_STAGES, name
+        assert [(stage[0], stage[1]) for stage in planned] == [(i, 9) for i in range(1, 10)]
+
+    configs = _with_refine(tmp_path / "enabled", {"enabled": True, "max_minutes": 3.0})
+    _, planned = _planned(configs, tmp_path / "out_enabled", monkeypatch)
+    names = [stage[2] for stage in planned]
+    at = names.index("assemble-pipeline") + 1
+    assert (
+        names == BASE_STAGES[:at] + REFINE_STAGES + BASE_STAGES[at:]
+    )  # before generate: it samples the refined
+    assert [(stage[0], stage[1]) for stage in planned] == [(i, 12) for i in range(1, 13)]
+
+
+def test_the_refinement_stages_run_sample_codes_a_decoder_fine_tune_and_assemble_it(tmp_path, monkeypatch):
+    configs = _with_refine(tmp_path / "configs", {"enabled": True, "max_minutes": 3.0})
+    out = tmp_path / "out"
+    run, planned = _planned(configs, out, monkeypatch)
+    commands: list[list[str]] = []
+    monkeypatch.setattr(run, "_dora", lambda *args: commands.append(list(args)))
+    actions = {stage[2]: stage[3] for stage in planned}
+    (out / "codes").mkdir(parents=True)
+    (out / "codes" / "codes.json").write_text(
+        json.dumps(
+            {"num_codes": 8, "num_shapes": 2, "distance_by_sigma": {"0.500": {}}, "shape_ids": ["a", "b"]}
+        )
+    )
+    (out / "vae_refined" / "final").mkdir(parents=True)
+    (out / "vae_refined" / "final" / "metrics.json").write_text(json.dumps({"iou@32": 0.5}))
+
+    assert actions["sample-codes"]() == {"num_codes": 8, "num_shapes": 2, "distance_by_sigma": {"0.500": {}}}
+    assert actions["refine-decoder"]() == {"iou@32": 0.5}
+    actions["assemble-refined"]()
+    sample, refine, assemble = commands
+    assert sample == ["sample-codes", "--pipeline", str(out / "pipeline"), "--shards", str(out / "latents"),
+                      "--out", str(out / "codes"), "--config", str(configs / "sample_codes.yaml")]  # fmt: skip
+    assert refine == ["train-vae", "--config", str(configs / "vae_refine.yaml"), "--output-dir",
+                      str(out / "vae_refined"), "--max-minutes", "3.0", "--data", str(out / "prepared"),
+                      "--init-from", str(out / "vae" / "final"), "--codes", str(out / "codes")]  # fmt: skip
+    assert assemble[:3] == ["assemble-pipeline", "--vae", str(out / "vae_refined" / "final")]
+    assert assemble[assemble.index("--out") + 1] == str(out / "pipeline")  # generate samples the refined VAE
+
+
+def test_the_shipped_refinement_configs_load():
+    from dora_shapegen.config import load_config
+    from dora_shapegen.pipelines.sample_codes import SampleCodesConfig, check_config
+    from dora_shapegen.vae.train import VAETrainConfig
+
+    configs = CONFIG_DIR / "quickstart"
+    refine = load_config(VAETrainConfig, configs / "vae_refine.yaml")
+    vae = load_config(VAETrainConfig, configs / "vae.yaml")
+    assert refine.training.trainable == "decoder" and 0.0 <= refine.data.clean_code_fraction <= 1.0
+    assert refine.model == vae.model  # the VAE the fine-tune starts from (--init-from OUT/vae/final)
+    codes = load_config(SampleCodesConfig, configs / "sample_codes.yaml")
+    check_config(codes)
+    # sample-codes leaves out the VAE's held-out shapes: the same split as the VAE's validation.
+    assert codes.held_out_fraction == vae.data.val_fraction
