@@ -9,7 +9,7 @@ Stages (each one is the same `dora <command>` a user would run by hand, with its
     5 cache-latents   frozen VAE -> WebDataset shards          OUT/latents/manifest.json
     6 train-dit       small text-conditioned DiT               OUT/dit/final/
     7 assemble        diffusers pipeline                       OUT/pipeline/
-      with ``refine: {enabled: true}`` in quickstart.yaml (the shipped default), three more:
+      with ``refine: {enabled: true}`` in quickstart.yaml (off in the shipped one), three more:
       sample-codes    the DiT's own codes of the training shapes OUT/codes/
       refine-decoder  decoder fine-tuned on them (encoder frozen) OUT/vae_refined/final/
       assemble-refined  the pipeline again, with that decoder  OUT/pipeline/

@@ -31,6 +31,7 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
     orchestration["dit"]["max_minutes"] = 2.0
     orchestration["bench"] = {"limit": 2, "tokens": [16, 32], "resolution": 24}
     orchestration["generate"].update(steps=2, resolution=24, prompts=["a chair", "a gear with twelve teeth"])
+    orchestration["refine"] = {"enabled": True}  # the opt-in decoder refinement runs end to end here too
     _write(folder / "quickstart.yaml", orchestration)
 
     prepare = yaml.safe_load((folder / "prepare.yaml").read_text())
@@ -123,7 +124,7 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
             "bench-generation",
         ]
     )
-    # The shipped quickstart refines the decoder on the DiT's codes: the pipeline carries the refined VAE.
+    # With the refinement on, the pipeline carries the decoder refined on the DiT's codes.
     codes = json.loads((out / "codes" / "codes.json").read_text())
     assert codes["num_shapes"] >= 1 and codes["num_codes"] == 2 * codes["num_shapes"]
     refined = out / "vae_refined" / "final"
@@ -193,11 +194,16 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
     configs = CONFIG_DIR / "quickstart"
-    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 60 + 2 x 210 + 2 x 240
-    # + 2 x 60: the sampled codes are a fixed cost), and a machine half as fast right now doubles it again.
+    # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240), and
+    # a machine half as fast right now doubles it again.
     steps = _calibrate(monkeypatch, configs, 210.0, 240.0, calibrated_share=2, gflops_now=100.0)
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
-    assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message
+    assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message and "refinement" not in message
+    assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
+
+    # With the decoder refinement on: + 60 s of sampling codes (by their count, not steps) + 2 x 60 s of fine-tuning.
+    refined = quickstart.Quickstart(tmp_path / "out", _with_refine(tmp_path / "refined", {"enabled": True}))
+    message = refined.eta_message()
     assert f"decoder refinement {steps['vae_refine']} steps" in message
     assert "~23 min on a free 2-core machine" in message and "ETA ~46 min" in message
 
@@ -242,8 +248,8 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
     _calibrate(monkeypatch, configs, 420.0, 480.0, calibrated_share=1, gflops_now=200.0)
     run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
-    # 300 s + 60 s + 2 x (420 + 480 + 60) s = 38 min: only the trainings scale.
-    assert "~38 min on a free 2-core machine" in run.eta_message()
+    # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
+    assert "~35 min on a free 2-core machine" in run.eta_message()
 
     original = load_yaml(configs / "dit.yaml")  # dit.yaml lists what differs from its base
     scaled = yaml.safe_load(run.training_config("dit").read_text())
