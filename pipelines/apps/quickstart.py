@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -86,33 +87,44 @@ class GenerateStage:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the ETA printed up front scales: a fresh clone's run of the shipped quickstart on a free 2-core machine
-    (2026-12-06, main at f8ba17a: VAE 560 steps + validation 513 s, DiT 675 steps 501 s, every other stage 247 s;
-    22 min 17 s for `make quickstart` with its virtual environment), while ``measure_matmul_gflops`` read 299
-    GFLOP/s. The ETA multiplies each training's seconds by its configured steps over the calibrated ones, and
-    everything by the calibrated matmul rate over this machine's rate now (the same half-second measurement on both
-    sides). An ETA, not a promise: each training's progress bar has the real one.
+    """What the ETA printed up front scales: the shipped recipe's stage times on one free 2-core machine, measured
+    with ``measure_training_rate`` read on that machine at the same time. The ETA multiplies each training's seconds
+    by its configured steps over the calibrated ones, and everything by the calibrated rate over this machine's rate
+    now. An ETA, not a promise: each training's progress bar has the real one.
 
-    Two stages lost work since that run, subtracted here as measured on one machine back to back: the Dora-bench's
-    latent check at 256 tokens only (108 -> 52 s, so that day's 91.5 s bench took ~44 s: other stages 247 -> 200 s)
-    and the DiT's final preview (~13 s: 501 -> 488 s)."""
+    Measured on 2026-12-07 (main at 5cef97f) on a free 2-core machine reading 5.6 passes/s (147-186 GFLOP/s fp32
+    matmul in the same minute): `dora quickstart --budget 4` trained the VAE's 2080 steps in 2306 s and the DiT's
+    2480 in 2062 s; every other stage took 219 s (prepare 60 s, Dora-bench 47 s, bench-generation 66 s). At 1x that
+    is ~22 min; the same machine's `make quickstart` of the shipped recipe took 24 min 9 s the day before, when it
+    read slower. The decoder refinement's stages were measured there too (sample-codes 103 s + assemble-refined 6 s,
+    300 refine-decoder steps 133 s, scaled by that day's VAE speed against this one's: x0.95)."""
 
-    matmul_gflops: float = 299.0  # 0 = no calibration: print the step budgets only
-    other_stages_seconds: float = 200.0  # every stage but the two trainings
-    vae_seconds: float = 513.0
-    vae_steps: int = 560
-    dit_seconds: float = 488.0
-    dit_steps: int = 675
-    # The decoder refinement, measured on a slower machine (2026-12-07: sample-codes 102.8 s + assemble-refined 6.0 s,
-    # refine-decoder 300 steps 132.9 s) and scaled by that day's VAE training against this calibration's (520
-    # steps in 608.7 s there, 513 x 520 / 560 = 476 s here: x0.78).
-    codes_seconds: float = 85.0  # sample-codes (codes_variants codes per shape) + assemble-refined
+    training_rate: float = (
+        0.0  # block passes per second (measure_training_rate); 0 = no ETA, the budgets only
+    )
+    other_stages_seconds: float = 0.0  # every stage but the trainings
+    vae_seconds: float = 0.0
+    vae_steps: int = 1
+    dit_seconds: float = 0.0
+    dit_steps: int = 1
+    codes_seconds: float = 0.0  # sample-codes (codes_variants codes per shape) + assemble-refined
     codes_variants: int = 3
-    refine_seconds: float = 104.0  # refine-decoder at refine_steps
+    refine_seconds: float = 0.0  # refine-decoder at refine_steps
     refine_steps: int = 300
 
 
-CALIBRATION = Calibration()
+CALIBRATION = Calibration(
+    training_rate=5.6,
+    other_stages_seconds=219.0,
+    vae_seconds=2306.0,
+    vae_steps=2080,
+    dit_seconds=2062.0,
+    dit_steps=2480,
+    codes_seconds=103.0,
+    codes_variants=3,
+    refine_seconds=126.0,
+    refine_steps=300,
+)
 # Keys of quickstart.yaml that held the calibration before it moved here: still accepted (and ignored) so that a
 # copied config folder keeps working.
 _FORMER_CALIBRATION_KEYS = ("calibration", "vae.calibrated_seconds", "dit.calibrated_seconds")
@@ -439,7 +451,7 @@ class Quickstart:
         }
 
     def eta_message(self) -> str:
-        """Step budgets and the expected time, from the calibration scaled by this machine's matmul rate now."""
+        """Step budgets and the expected time, from the calibration scaled by this machine's training rate now."""
         steps = {
             name: scale_stage_config(load_yaml(_stage_yaml(self.config_dir, name)), self.budget)["training"][
                 "max_steps"
@@ -461,13 +473,13 @@ class Quickstart:
             seconds += calibration.codes_seconds * variants / max(calibration.codes_variants, 1)
             seconds += calibration.refine_seconds * steps["vae_refine"] / calibration.refine_steps
             budget += f", decoder refinement {steps['vae_refine']} steps"
-        if calibration.matmul_gflops <= 0 or seconds <= 0:
+        if calibration.training_rate <= 0 or seconds <= 0:
             return budget
-        rate = measure_matmul_gflops()
-        expected = seconds * calibration.matmul_gflops / rate
+        rate = measure_training_rate()
+        expected = seconds * calibration.training_rate / rate
         return (
-            f"{budget}; ~{seconds / 60:.0f} min on a free 2-core machine ({calibration.matmul_gflops:.0f} GFLOP/s "
-            f"fp32 matmul); this machine does {rate:.0f} GFLOP/s now: ETA ~{expected / 60:.0f} min (later on a busy "
+            f"{budget}; ~{seconds / 60:.0f} min on the calibration's free 2-core machine ({calibration.training_rate:.1f} "
+            f"block passes/s); this machine does {rate:.1f} now: ETA ~{expected / 60:.0f} min (later on a busy "
             f"machine, with the same steps and results)"
         )
 
@@ -507,16 +519,33 @@ class Quickstart:
         return report
 
 
-def measure_matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
-    """This machine's fp32 matmul rate right now (half a second): what the training stages' speed scales with."""
+def measure_training_rate(repeats: int = 5) -> float:
+    """This machine's speed right now at the work the trainings do (about a second): forward and backward passes
+    of two transformer blocks of the quickstart models' size (width 128, 4 heads, MLP 512, SDPA) over a (8, 512,
+    128) batch, in passes per second (the median pass).
+
+    Not the fp32 matmul rate the ETA used before: a CPU with half the matmul rate trained the quickstart only ~1.3x
+    slower, not 2x (small-width models spend much of a step outside the large matrix products), so the ETA read
+    36 minutes for a 24-minute run."""
     import torch
 
-    left, right = torch.randn(size, size), torch.randn(size, size)
-    left @ right  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    return 2.0 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.nn.Sequential(
+        *(
+            torch.nn.TransformerEncoderLayer(
+                128, 4, 512, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(2)
+        )
+    )
+    tokens = torch.randn(8, 512, 128, generator=generator)  # (B, N, C)
+    seconds = []
+    for index in range(repeats + 1):  # the first pass warms up
+        started = time.perf_counter()
+        blocks(tokens).square().mean().backward()
+        if index:
+            seconds.append(time.perf_counter() - started)
+    return 1.0 / statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,10 +154,10 @@ def _calibrate(
     vae_seconds: float,
     dit_seconds: float,
     calibrated_share: int,
-    gflops_now: float,
+    rate_now: float,
 ) -> dict[str, int]:
-    """Calibrate the ETA on a 200 GFLOP/s machine that spent 300 s outside the trainings and the given seconds on
-    1/``calibrated_share`` of the step budgets in ``configs``; this machine's matmul rate is ``gflops_now``.
+    """Calibrate the ETA on a machine doing 2 block passes per second that spent 300 s outside the trainings and the
+    given seconds on 1/``calibrated_share`` of the step budgets in ``configs``; this machine's rate is ``rate_now``.
     Returns the budgets (VAE and DiT ``max_steps``)."""
     import dora_shapegen.pipelines.apps.quickstart as quickstart
 
@@ -165,13 +165,13 @@ def _calibrate(
     steps["vae_refine"] = load_yaml(configs / "vae_refine.yaml")["training"]["max_steps"]
     # The decoder refinement: 60 s of sampling codes (no step count) and 60 s of fine-tuning.
     calibration = quickstart.Calibration(
-        200.0, 300.0, vae_seconds, steps["vae"] // calibrated_share, dit_seconds,
+        2.0, 300.0, vae_seconds, steps["vae"] // calibrated_share, dit_seconds,
         steps["dit"] // calibrated_share, codes_seconds=60.0,
         codes_variants=load_yaml(configs / "sample_codes.yaml")["variants"], refine_seconds=60.0,
         refine_steps=steps["vae_refine"] // calibrated_share,
     )  # fmt: skip
     monkeypatch.setattr(quickstart, "CALIBRATION", calibration)
-    monkeypatch.setattr(quickstart, "measure_matmul_gflops", lambda: gflops_now)
+    monkeypatch.setattr(quickstart, "measure_training_rate", lambda: rate_now)
     return steps
 
 
@@ -181,21 +181,34 @@ def test_quickstart_prints_step_budgets_and_an_eta_scaled_by_this_machine(tmp_pa
     configs = CONFIG_DIR / "quickstart"
     # Calibrated at half the shipped budgets: the ETA doubles the training seconds (300 + 2 x 210 + 2 x 240), and
     # a machine half as fast right now doubles it again.
-    steps = _calibrate(monkeypatch, configs, 210.0, 240.0, calibrated_share=2, gflops_now=100.0)
+    steps = _calibrate(monkeypatch, configs, 210.0, 240.0, calibrated_share=2, rate_now=1.0)
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert f"VAE {steps['vae']} steps, DiT {steps['dit']} steps" in message and "refinement" not in message
-    assert "~20 min on a free 2-core machine" in message and "ETA ~40 min" in message
+    assert "~20 min on the calibration's free 2-core machine" in message and "ETA ~40 min" in message
 
     # With the decoder refinement on: + 60 s of sampling codes (by their count, not steps) + 2 x 60 s of fine-tuning.
     refined = quickstart.Quickstart(tmp_path / "out", _with_refine(tmp_path / "refined", {"enabled": True}))
     message = refined.eta_message()
     assert f"decoder refinement {steps['vae_refine']} steps" in message
-    assert "~23 min on a free 2-core machine" in message and "ETA ~46 min" in message
+    assert "~23 min on the calibration's free 2-core machine" in message and "ETA ~46 min" in message
 
     # Without a calibration only the budgets are printed (no guessed time).
-    monkeypatch.setattr(quickstart, "CALIBRATION", quickstart.Calibration(matmul_gflops=0.0))
+    monkeypatch.setattr(quickstart, "CALIBRATION", quickstart.Calibration(training_rate=0.0))
     message = quickstart.Quickstart(tmp_path / "out", configs).eta_message()
     assert "ETA" not in message and f"VAE {steps['vae']} steps" in message
+
+
+def test_the_training_rate_is_measured_on_transformer_blocks_in_about_a_second():
+    import time
+
+    from dora_shapegen.pipelines.apps.quickstart import measure_training_rate
+
+    started = time.perf_counter()
+    rate = measure_training_rate(repeats=2)
+    # Passes per second of real forward and backward work: positive and finite, and the measurement itself short
+    # (three passes; a 2-core machine does several per second).
+    assert 0.0 < rate < float("inf")
+    assert time.perf_counter() - started < 3.0 / rate + 10.0
 
 
 def test_a_config_folder_with_the_former_calibration_keys_still_loads(tmp_path, capsys):
@@ -231,10 +244,10 @@ def test_budget_multiplies_every_step_count_and_the_eta(tmp_path, monkeypatch):
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR / "quickstart", configs)
-    _calibrate(monkeypatch, configs, 420.0, 480.0, calibrated_share=1, gflops_now=200.0)
+    _calibrate(monkeypatch, configs, 420.0, 480.0, calibrated_share=1, rate_now=2.0)
     run = quickstart.Quickstart(tmp_path / "out", configs, budget=2)
     # 300 s + 2 x (420 + 480) s = 35 min: only the trainings scale.
-    assert "~35 min on a free 2-core machine" in run.eta_message()
+    assert "~35 min on the calibration's free 2-core machine" in run.eta_message()
 
     original = load_yaml(configs / "dit.yaml")  # dit.yaml lists what differs from its base
     scaled = yaml.safe_load(run.training_config("dit").read_text())
