@@ -95,36 +95,23 @@ class Calibration:
     Measured on 2026-12-07 (main at 5cef97f) on a free 2-core machine reading 5.6 passes/s (147-186 GFLOP/s fp32
     matmul in the same minute): `dora quickstart --budget 4` trained the VAE's 2080 steps in 2306 s and the DiT's
     2480 in 2062 s; every other stage took 219 s (prepare 60 s, Dora-bench 47 s, bench-generation 66 s). At 1x that
-    is ~22 min; the same machine's `make quickstart` of the shipped recipe took 24 min 9 s the day before, when it
+    is ~22 min; the same machine's `make quickstart` of the shipped recipe took 24 min 9 s earlier that day, when it
     read slower. The decoder refinement's stages were measured there too (sample-codes 103 s + assemble-refined 6 s,
     300 refine-decoder steps 133 s, scaled by that day's VAE speed against this one's: x0.95)."""
 
-    training_rate: float = (
-        0.0  # block passes per second (measure_training_rate); 0 = no ETA, the budgets only
-    )
-    other_stages_seconds: float = 0.0  # every stage but the trainings
-    vae_seconds: float = 0.0
-    vae_steps: int = 1
-    dit_seconds: float = 0.0
-    dit_steps: int = 1
-    codes_seconds: float = 0.0  # sample-codes (codes_variants codes per shape) + assemble-refined
+    training_rate: float = 5.6  # block passes/s (measure_training_rate); 0 = no ETA, the budgets only
+    other_stages_seconds: float = 219.0  # every stage but the trainings
+    vae_seconds: float = 2306.0
+    vae_steps: int = 2080
+    dit_seconds: float = 2062.0
+    dit_steps: int = 2480
+    codes_seconds: float = 103.0  # sample-codes (codes_variants codes per shape) + assemble-refined
     codes_variants: int = 3
-    refine_seconds: float = 0.0  # refine-decoder at refine_steps
+    refine_seconds: float = 126.0  # refine-decoder at refine_steps
     refine_steps: int = 300
 
 
-CALIBRATION = Calibration(
-    training_rate=5.6,
-    other_stages_seconds=219.0,
-    vae_seconds=2306.0,
-    vae_steps=2080,
-    dit_seconds=2062.0,
-    dit_steps=2480,
-    codes_seconds=103.0,
-    codes_variants=3,
-    refine_seconds=126.0,
-    refine_steps=300,
-)
+CALIBRATION = Calibration()
 # Keys of quickstart.yaml that held the calibration before it moved here: still accepted (and ignored) so that a
 # copied config folder keeps working.
 _FORMER_CALIBRATION_KEYS = ("calibration", "vae.calibrated_seconds", "dit.calibrated_seconds")
