@@ -29,6 +29,7 @@ from dora_shapegen.diffusion.sampling import (
     uses_guidance,
 )
 from dora_shapegen.diffusion.text_encoder import TextEncoder
+from dora_shapegen.diffusion.train_config import sampling_shift
 
 if TYPE_CHECKING:
     from dora_shapegen.diffusion.train_config import DiTTrainConfig, SamplingConfig
@@ -278,7 +279,7 @@ def build_previews(
         vae,
         trainer.output_dir / "samples",
         scfg,
-        config.training.scheduler_shift,
+        sampling_shift(config),
         config.condition,
         image_encoder,
         renders,

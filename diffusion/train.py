@@ -50,6 +50,7 @@ from dora_shapegen.diffusion.train_config import (  # noqa: F401  (re-exported: 
     DiTTrainConfig,
     SamplingConfig,
     TrainingConfig,
+    sampling_shift,
 )
 from dora_shapegen.errors import ConfigError
 from dora_shapegen.training.config import add_run_arguments, load_run_config
@@ -232,7 +233,9 @@ def export_final(
         "shards": manifest.get("base_url"),
     }
     (directory / "latent_stats.json").write_text(json.dumps(stats, indent=2))
-    FlowMatchEulerDiscreteScheduler(shift=config.training.scheduler_shift).save_pretrained(
+    # The sampling shift (sampling.scheduler_shift, else the training one): `dora assemble-pipeline` takes this
+    # scheduler, so the pipeline samples as the run's previews did.
+    FlowMatchEulerDiscreteScheduler(shift=sampling_shift(config)).save_pretrained(
         str(directory / "scheduler")
     )
 
@@ -259,6 +262,7 @@ def train(
     tcfg = config.training
     trainer = Trainer(tcfg, output_dir, "dit", logger, max_minutes)
     config, manifest = load_cache(config, vae_dir)
+    sampling_shift(config)  # a bad shift fails here, not at the export after training
     schedule = TokenSchedule(config.schedule, seed=tcfg.seed)
     condition = check_condition(config.condition)
     text_encoder = None

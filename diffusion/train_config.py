@@ -10,6 +10,7 @@ from typing import Any
 from dora_shapegen.diffusion.finetune import LoraConfig
 from dora_shapegen.diffusion.image_encoder import DEFAULT_IMAGE_ENCODER
 from dora_shapegen.diffusion.text_encoder import DEFAULT_TEXT_ENCODER
+from dora_shapegen.errors import ConfigError
 from dora_shapegen.training.config import LoopConfig
 from dora_shapegen.training.schedules import ScheduleConfig
 
@@ -42,7 +43,7 @@ class TrainingConfig(LoopConfig):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    scheduler_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, used in training and exported
+    scheduler_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift of the training noise levels
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' SD3 weightings)
     text_max_length: int = 77
 
@@ -56,6 +57,10 @@ class SamplingConfig:
     num_tokens: int | None = None  # None = the schedule's largest token count
     num_inference_steps: int = 25
     guidance_scale: float = 4.0
+    # FlowMatchEulerDiscreteScheduler shift for sampling: the previews and the scheduler exported with the model, which
+    # `dora assemble-pipeline` gives the pipeline. None = training.scheduler_shift. A shift > 1 spends more of a short
+    # schedule at high noise, where the layout is decided, without changing what the model learns.
+    scheduler_shift: float | None = None
     mesh_resolution: int = 64
     seed: int = 0
 
@@ -81,3 +86,13 @@ class DiTTrainConfig:
     lora: LoraConfig = field(
         default_factory=LoraConfig
     )  # rank > 0: train LoRA adapters only (needs init_from)
+
+
+def sampling_shift(config: DiTTrainConfig) -> float:
+    """The scheduler shift samples are drawn with: ``sampling.scheduler_shift``, else the training one."""
+    key, shift = "sampling.scheduler_shift", config.sampling.scheduler_shift
+    if shift is None:
+        key, shift = "training.scheduler_shift", config.training.scheduler_shift
+    if not 0.0 < float(shift) < float("inf"):
+        raise ConfigError(f"{key} must be a positive number (1 = no shift), got {shift!r}")
+    return float(shift)

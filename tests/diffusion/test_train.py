@@ -35,6 +35,8 @@ from dora_shapegen.diffusion.flow_matching import (
 from dora_shapegen.diffusion.text_encoder import TextEncoder
 from dora_shapegen.diffusion.train import DiTTrainConfig, main, train
 from dora_shapegen.diffusion.train_utils import CaptionEmbeddingCache, InMemoryBatches, load_latent_table
+from dora_shapegen.errors import ConfigError
+from dora_shapegen.pipelines.assemble import _scheduler
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/dit/tiny.yaml"
@@ -252,6 +254,28 @@ def test_incompatible_cache_gives_a_clear_error(shards, tmp_path):
     config = tiny_config(shards, **{"schedule.phases": [{"until_step": None, "tokens": [64]}]})
     with pytest.raises(ValueError, match="only 32 are cached"):
         train(config, tmp_path / "bad2")
+
+
+def test_sampling_shift_goes_to_the_exported_scheduler_and_the_pipeline(shards, tmp_path):
+    # sampling.scheduler_shift changes how samples are drawn, not what the model learns: the run trains exactly as
+    # one without it, and its exported scheduler (what `dora assemble-pipeline` gives the pipeline) has the shift.
+    plain = train(tiny_config(shards, **{"training.max_steps": 1}), tmp_path / "plain")
+    shifted = train(
+        tiny_config(shards, **{"training.max_steps": 1, "sampling.scheduler_shift": 3.0}),
+        tmp_path / "shifted",
+    )
+    for name, tensor in plain.model.state_dict().items():
+        torch.testing.assert_close(shifted.model.state_dict()[name], tensor)
+
+    def exported_shift(run: Path) -> float:
+        return json.loads((run / "final" / "scheduler" / "scheduler_config.json").read_text())["shift"]
+
+    assert exported_shift(tmp_path / "plain") == 1.0 and exported_shift(tmp_path / "shifted") == 3.0
+    assert _scheduler(tmp_path / "shifted" / "final", None).config.shift == 3.0
+    assert _scheduler(tmp_path / "shifted" / "final", 2.0).config.shift == 2.0  # --scheduler-shift wins
+    with pytest.raises(ConfigError, match="sampling.scheduler_shift must be a positive number"):
+        train(tiny_config(shards, **{"sampling.scheduler_shift": 0.0}), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "final").exists()
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
