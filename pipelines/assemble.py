@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler-shift",
         type=cli_types.positive_float,
         default=None,
-        help="FlowMatchEulerDiscreteScheduler shift (default: the DiT's recorded scheduler, else 1.0)",
+        help="FlowMatchEulerDiscreteScheduler shift (default: the scheduler the DiT run exported, with its "
+        "sampling.scheduler_shift; else 1.0)",
     )
     parser.add_argument(
         "--max-tokens",

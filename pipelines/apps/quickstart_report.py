@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dora_shapegen.pipelines.bench.report import scheduler_note
 from dora_shapegen.report import format_figure, markdown_table
 
 
@@ -188,7 +189,8 @@ def _generation_section(out: Path) -> list[str]:
         "## Generation",
         "",
         f"`dora bench-generation`: {settings.get('samples_per_prompt')} sample(s) per prompt, "
-        f"{settings.get('steps')} steps, guidance {settings.get('guidance')}, {settings.get('resolution')}³, "
+        f"{settings.get('steps')} steps, guidance {settings.get('guidance')}{scheduler_note(results)}, "
+        f"{settings.get('resolution')}³, "
         f"{settings.get('points')} points per shape; reference: the {results['reference']['num_shapes']} "
         f"{results['reference']['split']} shapes.",
     ]

@@ -271,6 +271,12 @@ def _source_header(first: str, thresholds: list[float]) -> list[str]:
     )
 
 
+def scheduler_note(results: dict[str, Any]) -> str:
+    """The ", scheduler shift S" of a header line, for results that record their sampler (older results.json files do not)."""
+    shift = (results.get("scheduler") or {}).get("shift")
+    return "" if shift is None else f", scheduler shift {shift:g}"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     settings, reference = results["settings"], results["reference"]
     distances = ["CD"] + (["EMD"] if settings["emd_points"] else [])
@@ -278,7 +284,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "# Generation benchmark",
         "",
         f"Pipeline `{results['pipeline']}`; {settings['samples_per_prompt']} samples per prompt, "
-        f"{settings['steps']} steps, guidance {settings['guidance']}, tokens {settings['tokens'] or 'default'}, "
+        f"{settings['steps']} steps, guidance {settings['guidance']}{scheduler_note(results)}, "
+        f"tokens {settings['tokens'] or 'default'}, "
         f"extraction {settings['resolution']}³, seed {settings['seed']}. Reference: `{results['reference_source']}`, "
         f"{reference['split']} split, {reference['num_shapes']} shapes "
         f"({', '.join(f'{k} {v}' for k, v in reference['per_category'].items())}).",

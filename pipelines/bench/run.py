@@ -410,6 +410,8 @@ def run_generation_bench(
         pipeline=str(pipeline_dir) if pipeline_dir else "(in memory)",
         reference_source=reference_source,
         settings=dataclasses.asdict(config),
+        # The sampler is part of what was measured: the scheduler's shift places the steps (sampling.scheduler_shift).
+        scheduler={"class": type(pipe.scheduler).__name__, "shift": pipe.scheduler.config.get("shift")},
         seconds={k: round(v, 1) for k, v in timings.items()},
     )
     if out is not None:

@@ -60,8 +60,10 @@ def _tiny_quickstart_configs(folder: Path) -> Path:
 
     dit = yaml.safe_load((CONFIG_DIR / "dit" / "tiny.yaml").read_text())
     dit["model"]["in_channels"] = vae["model"]["latent_channels"]
-    # The guidance the shipped quickstart's pipeline stores, which its generate and bench stages then sample at.
-    dit["sampling"]["guidance_scale"] = load_yaml(QUICKSTART_DIT)["sampling"]["guidance_scale"]
+    # The guidance and scheduler shift the shipped quickstart's pipeline stores, which its generate and bench stages
+    # then sample with.
+    for key in ("guidance_scale", "scheduler_shift"):
+        dit["sampling"][key] = load_yaml(QUICKSTART_DIT)["sampling"][key]
     _write(folder / "dit.yaml", dit)
 
     refine = yaml.safe_load((folder / "vae_refine.yaml").read_text())
@@ -102,7 +104,10 @@ def test_shortened_quickstart_runs_every_stage_and_resumes(tmp_path, capfd):
     assert "## Stages" in report and "## Samples" in report and "## Generation" in report
     generation = json.loads((out / "bench_generation" / "results.json").read_text())
     assert set(generation["sets"]) == {"captions", "paraphrases"}
-    assert generation["settings"]["guidance"] == 1.5 and "guidance 1.5," in report
+    assert generation["settings"]["guidance"] == 1.5 and "guidance 1.5, scheduler shift 3," in report
+    # dit.yaml's sampling.scheduler_shift reached the pipeline (exported with the DiT) and the benchmark sampled with it.
+    assert json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    assert generation["scheduler"]["shift"] == 3.0
     per_prompt = yaml.safe_load((configs / "bench_generation.yaml").read_text())["samples_per_prompt"]
     assert (
         generation["sets"]["captions"]["overall"]["num_samples"] == 14 * per_prompt

@@ -221,7 +221,15 @@ def test_guidance_defaults_to_the_pipelines_and_the_results_name_the_one_used(pi
                  points=64, emd_points=0)  # fmt: skip
     results = run_generation_bench(pipe, tmp_path / "out", **small)
     assert results["settings"]["guidance"] == 2.0 and pipe.guidance_scale == 2.0
-    assert "guidance 2.0," in (tmp_path / "out" / "results.md").read_text()
+    # The sampler is recorded beside the guidance: the pipeline's scheduler and its shift.
+    assert results["scheduler"] == {
+        "class": "FlowMatchEulerDiscreteScheduler",
+        "shift": pipe.scheduler.config.shift,
+    }
+    assert (
+        f"guidance 2.0, scheduler shift {pipe.scheduler.config.shift:g},"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["guidance"] == 2.0
     chosen = run_generation_bench(pipe, None, guidance=3.0, **small)
     assert chosen["settings"]["guidance"] == 3.0 and pipe.guidance_scale == 3.0
