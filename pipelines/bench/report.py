@@ -272,7 +272,7 @@ def _source_header(first: str, thresholds: list[float]) -> list[str]:
 
 
 def scheduler_note(results: dict[str, Any]) -> str:
-    """The ", scheduler shift S" of a header line, for results that record their sampler (older results.json files do not)."""
+    """The ", scheduler shift S" of a header line, for results that record their sampler (older ones do not)."""
     shift = (results.get("scheduler") or {}).get("shift")
     return "" if shift is None else f", scheduler shift {shift:g}"
 
